@@ -1,0 +1,49 @@
+# splinet_cuda: `make test` and `make bench` set everything up from a fresh machine.
+#   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
+#   make bench       venv + deps + build + benchmark suite (table, results, plot)
+#   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
+# On a GPU box with a CUDA torch already installed: make test SYSTEM_TORCH=1
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_REQ   ?= torch==2.13.0
+SYSTEM_TORCH ?= 0
+MAX_JOBS    ?= 2
+VPY         := $(VENV)/bin/python
+DEPS_STAMP  := $(VENV)/.deps-installed
+
+.PHONY: setup build test bench bench-pytest cuda-check clean
+
+$(VPY):
+ifeq ($(SYSTEM_TORCH),1)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	$(PYTHON) -m venv $(VENV)
+endif
+
+$(DEPS_STAMP): requirements-dev.txt | $(VPY)
+	$(VPY) -m pip install --quiet --upgrade pip
+ifneq ($(SYSTEM_TORCH),1)
+	$(VPY) -m pip install --quiet "$(TORCH_REQ)"
+endif
+	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(DEPS_STAMP)
+
+build: setup
+	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+cuda-check: setup
+	$(VPY) tools/cuda_check.py
+
+test: build cuda-check
+	$(VPY) -m pytest tests -q
+
+bench: build
+	$(VPY) -m bench
+
+bench-pytest: build
+	$(VPY) -m pytest bench -q
+
+clean:
+	rm -rf build *.egg-info splinet_cuda/*.so

@@ -1,0 +1,24 @@
+"""splinet_cuda: fused kernels for spline-weighted neural-ODE layers (SpliNet).
+
+A SpliNet layer integrates dx/dt = scale * act(W(t) x + b(t)) over t in [0, 1], where
+W(t) and b(t) are B-splines in time (Guenther, Pazner, Qi; SPEC.md).
+"""
+from . import _ext, reference
+from ._basis import basis_grid, bspline_basis
+from ._dispatch import available_backends, spline_ode, spline_ode_conv
+from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spline_ode",
+    "spline_ode_conv",
+    "bspline_basis",
+    "basis_grid",
+    "available_backends",
+    "reference",
+    "SplineODE",
+    "SplineODEConv1d",
+    "SplineODEConv2d",
+    "SplineODEConv3d",
+]

@@ -1,0 +1,132 @@
+"""The public functional API and the one place where a backend is chosen (SPEC 2).
+
+Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _ext, reference
+from ._validate import Scale, check_conv, check_dense
+
+__all__ = ["spline_ode", "spline_ode_conv", "available_backends", "register_backend"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+# How to get each fused backend, for the error raised when it is named but not built.
+_BUILD_HINTS = {
+    "cpu": "the fused C++ kernels of splinet_cuda._C; build them with `pip install --no-build-isolation .` "
+    "(or `make build`)",
+    "cuda": "the CUDA extension; build it on a machine with a CUDA toolkit and a CUDA build of PyTorch with "
+    "`FORCE_CUDA=1 pip install --no-build-isolation .`",
+    "triton": "Triton kernels on CUDA tensors; `pip install 'triton>=3.6'` with a CUDA build of PyTorch",
+}
+
+
+class Backend(NamedTuple):
+    dense: Optional[Callable]
+    conv: Optional[Callable]
+    device_types: Tuple[str, ...]
+
+
+# Fused backends register themselves here when their kernels are importable;
+# "auto" prefers them in this order on the tensors' device.
+_REGISTRY: Dict[str, Backend] = {}
+_AUTO_ORDER = ("cuda", "triton", "cpu")
+
+
+def register_backend(name: str, *, dense: Optional[Callable], conv: Optional[Callable],
+                     device_types: Tuple[str, ...]) -> None:
+    """Makes a fused backend selectable (called by the backend modules at import)."""
+    if name not in BACKENDS or name in ("auto", "reference"):
+        raise ValueError(f"cannot register backend {name!r}")
+    _REGISTRY[name] = Backend(dense, conv, device_types)
+
+
+def available_backends() -> List[str]:
+    """The backends usable in this installation, e.g. ``["reference", "cpu"]``."""
+    return ["reference"] + [name for name in ("cpu", "triton", "cuda") if name in _REGISTRY]
+
+
+def _select(backend, kind: str, device: torch.device) -> Callable:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "reference":
+        return getattr(reference, kind)
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            impl = _REGISTRY.get(name)
+            if impl is not None and device.type in impl.device_types and getattr(impl, kind) is not None:
+                return getattr(impl, kind)
+        return getattr(reference, kind)
+    impl = _REGISTRY.get(backend)
+    if impl is None or getattr(impl, kind) is None:
+        why = f"backend {backend!r} is not available for {kind} in this installation"
+        load = f" (splinet_cuda._C failed to load: {_ext.LOAD_ERROR})" if _ext.LOAD_ERROR is not None else ""
+        raise RuntimeError(f"{why}{load}; it needs {_BUILD_HINTS[backend]}. Available: {available_backends()}")
+    if device.type not in impl.device_types:
+        raise ValueError(f"backend {backend!r} runs on {list(impl.device_types)} tensors, but x is on {device}")
+    return getattr(impl, kind)
+
+
+def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
+               steps: int, degree: int, activation: str = "tanh", scheme: str = "euler",
+               variant: str = "standard", gamma: float = 0.0, backend: str = "auto",
+               return_trajectory: bool = False) -> torch.Tensor:
+    """Integrates a dense SpliNet layer, dx/dt = scale * f(x, W(t), b(t)) on t in [0, 1].
+
+    W(t) = sum_j B_j(t) weight[j] and b(t) = sum_j B_j(t) bias[j] are B-splines of degree
+    ``degree`` on L = n - degree uniform knot intervals (paper eqs. 12-15); the ODE
+    (paper eq. 24, T = scale) is discretised with ``steps`` steps of ``scheme``.
+    Gradients are exact for the discrete forward pass (paper eqs. 17-23).
+
+    Args:
+        x: (B, m) initial state.
+        weight: (n, m, m) coefficient matrices, (out, in) like nn.Linear.
+        bias: (n, m) coefficient vectors, or None.
+        scale: lam, a float or a 0-dim tensor (learnable when it requires grad).
+        steps: N >= 1. degree: d >= 0, with n > d.
+        activation: "identity", "relu", "tanh", "sigmoid" or "softplus".
+        scheme: "euler", "midpoint", "rk4" or "rk4_38".
+        variant: "standard" act(x W^T + b), "symmetric" -act(x W^T + b) W, or
+            "antisymmetric" act(x A^T + b) with A = W - W^T - gamma I.
+        backend: "auto" (fastest built backend for x's device), "reference", "cpu",
+            "triton" or "cuda".
+        return_trajectory: return all N + 1 states instead of the last one.
+
+    Returns:
+        x_N (B, m), or the trajectory (N + 1, B, m).
+    """
+    check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                scheme=scheme, variant=variant, gamma=gamma)
+    fn = _select(backend, "spline_ode", x.device)
+    return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
+              variant=variant, gamma=gamma, return_trajectory=return_trajectory)
+
+
+def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
+                    steps: int, degree: int, activation: str = "relu", scheme: str = "euler",
+                    variant: str = "standard", gamma: float = 0.0, backend: str = "auto",
+                    return_trajectory: bool = False) -> torch.Tensor:
+    """Integrates a convolutional SpliNet layer (1 to 3 spatial dims), like :func:`spline_ode`.
+
+    f is act(conv(x, K(t)) + b(t)) ("standard") or -conv_transpose(act(conv(x, K(t)) + b(t)), K(t))
+    ("symmetric", Ruthotto-Haber's parabolic layer), stride 1 and "same" zero padding.
+
+    Args:
+        x: (B, C, *spatial) initial state, 1 to 3 spatial dims.
+        weight: (n, C, C, *kernel) coefficient filters, odd kernel sizes.
+        bias: (n, C) or None. Other arguments as in :func:`spline_ode` (``gamma`` unused).
+
+    Returns:
+        x_N like x, or the trajectory (N + 1, *x.shape).
+    """
+    check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+               scheme=scheme, variant=variant, gamma=gamma)
+    fn = _select(backend, "spline_ode_conv", x.device)
+    return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
+              variant=variant, gamma=gamma, return_trajectory=return_trajectory)

@@ -1,0 +1,30 @@
+"""Loads the compiled operator library (splinet_cuda._C) and the fake implementations.
+
+The package works without it (the reference backend is pure PyTorch); what is missing
+is reported by :func:`splinet_cuda.available_backends` and by the errors of backends
+that need it.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    LOAD_ERROR = None
+except ImportError as exc:  # not built, or built against another torch
+    LOAD_ERROR = exc
+
+
+def has_op(name: str) -> bool:
+    """Whether ``torch.ops.splinet_cuda.<name>`` is registered."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel(f"splinet_cuda::{name}")
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether the op has an implementation for ``dispatch_key`` ("CPU", "CUDA")."""
+    return has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"splinet_cuda::{name}", dispatch_key)
+
+
+if LOAD_ERROR is None:
+    from . import _ops  # noqa: F401,E402  (fake implementations for torch.compile)

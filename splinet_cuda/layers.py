@@ -1,0 +1,151 @@
+"""nn.Module wrappers of the SpliNet layers (SPEC 2).
+
+Legend: m width, C channels, n = L + d coefficients, d degree, N steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._dispatch import spline_ode, spline_ode_conv
+from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg
+from ._schemes import TABLEAUS
+
+__all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d"]
+
+
+class _SplineODEBase(nn.Module):
+    def _setup(self, weight_shape, bias_shape, fan_in: int, knots: int, degree: int, steps: int,
+               activation: str, scheme: str, variant: str, variants, scale: float, learn_scale: bool,
+               gamma: float, bias: bool, init_amplitude: Optional[float], backend: str, device, dtype) -> None:
+        self.knots = _int_arg("knots", knots, 1)
+        self.degree = _int_arg("degree", degree, 0)
+        self.steps = _int_arg("steps", steps, 1)
+        self.activation = _choice("activation", activation, ACTIVATIONS)
+        self.scheme = _choice("scheme", scheme, TABLEAUS)
+        self.variant = _choice("variant", variant, variants)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        self.gamma = float(gamma)
+        self.backend = backend
+        self.init_amplitude = 1.0 / math.sqrt(fan_in) if init_amplitude is None else float(init_amplitude)
+        factory = {"device": device, "dtype": dtype}
+        n = self.knots + self.degree
+        self.weight = nn.Parameter(torch.empty((n,) + tuple(weight_shape), **factory))
+        self.bias = nn.Parameter(torch.empty((n,) + tuple(bias_shape), **factory)) if bias else None
+        scale_t = torch.tensor(float(scale), **factory)
+        if learn_scale:
+            self.scale = nn.Parameter(scale_t)
+        else:
+            self.register_buffer("scale", scale_t)
+        self.reset_parameters()
+
+    @property
+    def learn_scale(self) -> bool:
+        return isinstance(self.scale, nn.Parameter)
+
+    def reset_parameters(self) -> None:
+        """Every coefficient uniform in [-a, a], a = ``init_amplitude`` (default
+        1/sqrt(fan_in)): the paper initialises with small random amplitudes and searches
+        a in [1e-3, 1] (its section 4.2)."""
+        a = self.init_amplitude
+        nn.init.uniform_(self.weight, -a, a)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -a, a)
+
+    def _kwargs(self) -> dict:
+        return dict(steps=self.steps, degree=self.degree, activation=self.activation, scheme=self.scheme,
+                    variant=self.variant, gamma=self.gamma, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = (f"knots={self.knots}, degree={self.degree}, steps={self.steps}, activation={self.activation!r}, "
+             f"scheme={self.scheme!r}, variant={self.variant!r}, scale={float(self.scale):g}, "
+             f"learn_scale={self.learn_scale}, bias={self.bias is not None}, backend={self.backend!r}")
+        return s + (f", gamma={self.gamma:g}" if self.variant == "antisymmetric" else "")
+
+
+class SplineODE(_SplineODEBase):
+    """Dense SpliNet layer: integrates dx/dt = scale * f(x, W(t), b(t)) over t in [0, 1]
+    with B-spline weights W(t) = sum_j B_j(t) weight[j] (paper eqs. 12-15, 24).
+
+    Args:
+        width: m, the state size. knots: L, uniform knot intervals on [0, 1].
+        degree: d, the B-spline degree (n = L + d coefficient matrices). steps: N.
+        activation, scheme, variant, gamma, backend: as in :func:`splinet_cuda.spline_ode`.
+        scale: lam, the time scale (paper eq. 24). learn_scale: make it a Parameter.
+        bias: learn bias coefficients. init_amplitude: see :meth:`reset_parameters`.
+
+    Shapes: input (B, m) -> output (B, m). Parameters: ``weight`` (n, m, m),
+    ``bias`` (n, m), ``scale`` (0-dim; a buffer unless ``learn_scale``).
+    """
+
+    def __init__(self, width: int, knots: int, degree: int, steps: int, activation: str = "tanh",
+                 scheme: str = "euler", variant: str = "standard", scale: float = 1.0,
+                 learn_scale: bool = False, backend: str = "auto", *, gamma: float = 0.0, bias: bool = True,
+                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.width = _int_arg("width", width, 1)
+        self._setup((width, width), (width,), width, knots, degree, steps, activation, scheme, variant,
+                    VARIANTS, scale, learn_scale, gamma, bias, init_amplitude, backend, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs())
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, " + super().extra_repr()
+
+
+class _SplineODEConvNd(_SplineODEBase):
+    _dims = 0
+
+    def __init__(self, channels: int, kernel_size: Union[int, Sequence[int]], knots: int, degree: int,
+                 steps: int, activation: str = "relu", scheme: str = "euler", variant: str = "standard",
+                 scale: float = 1.0, learn_scale: bool = False, backend: str = "auto", *, bias: bool = True,
+                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.channels = _int_arg("channels", channels, 1)
+        ks = (kernel_size,) * self._dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(ks) != self._dims or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"kernel_size must be a positive int or {self._dims} of them, got {kernel_size!r}")
+        if any(k % 2 == 0 for k in ks):
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size!r}")
+        self.kernel_size = ks
+        fan_in = channels * math.prod(ks)
+        self._setup((channels, channels) + ks, (channels,), fan_in, knots, degree, steps, activation, scheme,
+                    variant, CONV_VARIANTS, scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._dims + 2:
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, C, {self._dims} spatial dims), "
+                             f"got {tuple(x.shape)}")
+        return spline_ode_conv(x, self.weight, self.bias, self.scale, **self._kwargs())
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
+
+
+class SplineODEConv1d(_SplineODEConvNd):
+    """Convolutional SpliNet layer over 1 spatial dim: x (B, C, W) -> (B, C, W).
+
+    Integrates dx/dt = scale * f(x, K(t), b(t)) with B-spline filters K(t) (n, C, C, k);
+    arguments as in :class:`SplineODE` plus ``channels`` and an odd ``kernel_size``.
+    (The paper's Indian Pines case: 220 channels, kernel width 3.)"""
+
+    _dims = 1
+
+
+class SplineODEConv2d(_SplineODEConvNd):
+    """Convolutional SpliNet layer over 2 spatial dims: x (B, C, H, W) -> (B, C, H, W).
+    Arguments as in :class:`SplineODEConv1d`."""
+
+    _dims = 2
+
+
+class SplineODEConv3d(_SplineODEConvNd):
+    """Convolutional SpliNet layer over 3 spatial dims: x (B, C, D, H, W) -> same shape.
+    Arguments as in :class:`SplineODEConv1d`."""
+
+    _dims = 3

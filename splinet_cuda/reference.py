@@ -1,0 +1,125 @@
+"""Pure-PyTorch SpliNet layers: the oracle for the fused backends and the baseline of
+every benchmark. Written for clarity, the way a user would write it: at every stage
+time blend the d + 1 nonzero coefficients (paper eq. 14), apply the layer, and let
+autograd do the backward.
+
+Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._basis import basis_grid
+from ._schemes import get_tableau
+from ._validate import Config, Scale, check_conv, check_dense
+
+__all__ = ["spline_ode", "spline_ode_conv", "ACTIVATION_FNS"]
+
+ACTIVATION_FNS = {
+    "identity": lambda a: a,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+}
+
+_CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d), 3: (F.conv3d, F.conv_transpose3d)}
+
+
+def _check_backend(backend) -> None:
+    if backend not in ("reference", "auto"):
+        raise ValueError(f"splinet_cuda.reference takes backend='reference' (or 'auto'), got {backend!r}")
+
+
+def _integrate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale,
+               cfg: Config, rhs: Callable, return_trajectory: bool) -> torch.Tensor:
+    """Explicit Runge-Kutta integration of dx/dt = scale * rhs(x, W(t), b(t)) on [0, 1]
+    (paper eq. 24), N steps of h = 1 / N; W(t), b(t) are B-splines (eqs. 12, 14, 15)."""
+    tab = get_tableau(cfg.scheme)
+    h = 1.0 / cfg.steps
+    k_idx, w = basis_grid(cfg.steps, cfg.knots, cfg.degree, cfg.scheme)
+    k_idx = k_idx.tolist()
+    w = w.to(dtype=x.dtype, device=x.device)
+
+    def blend(coef: Optional[torch.Tensor], i: int, s: int) -> Optional[torch.Tensor]:
+        # W(t) = sum_r b_r(u) * weight[k + r]: only the d + 1 nonzero terms.
+        if coef is None:
+            return None
+        k = k_idx[i][s]
+        return sum(w[i, s, r] * coef[k + r] for r in range(cfg.degree + 1))
+
+    trajectory = [x]
+    for i in range(cfg.steps):
+        stages = []
+        for s in range(tab.stages):
+            xs = x
+            for j, a in enumerate(tab.a[s]):
+                if a != 0.0:
+                    xs = xs + (h * a) * stages[j]
+            stages.append(scale * rhs(xs, blend(weight, i, s), blend(bias, i, s)))
+        x = x + h * sum(b * k for b, k in zip(tab.b, stages) if b != 0.0)
+        trajectory.append(x)
+    return torch.stack(trajectory) if return_trajectory else x
+
+
+def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
+               steps: int, degree: int, activation: str = "tanh", scheme: str = "euler",
+               variant: str = "standard", gamma: float = 0.0, backend: str = "reference",
+               return_trajectory: bool = False) -> torch.Tensor:
+    """Dense SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode`.
+
+    Right-hand sides (SPEC 1.2), W = W(t) and b = b(t) blended from the coefficients:
+    ``standard`` act(x W^T + b); ``symmetric`` -act(x W^T + b) W;
+    ``antisymmetric`` act(x A^T + b) with A = W - W^T - gamma I.
+
+    Args:
+        x: (B, m) initial state. weight: (n, m, m) coefficients, n = L + degree.
+        bias: (n, m) coefficients or None. scale: lam, float or 0-dim tensor.
+    Returns:
+        x_N (B, m), or the trajectory (N + 1, B, m) with ``return_trajectory=True``.
+    """
+    cfg = check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                      scheme=scheme, variant=variant, gamma=gamma)
+    _check_backend(backend)
+    act = ACTIVATION_FNS[activation]
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+
+    def rhs(xs, W, b):
+        if variant == "antisymmetric":
+            W = W - W.T - cfg.gamma * eye
+        a = F.linear(xs, W, b)
+        return -act(a) @ W if variant == "symmetric" else act(a)
+
+    return _integrate(x, weight, bias, scale, cfg, rhs, return_trajectory)
+
+
+def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
+                    steps: int, degree: int, activation: str = "relu", scheme: str = "euler",
+                    variant: str = "standard", gamma: float = 0.0, backend: str = "reference",
+                    return_trajectory: bool = False) -> torch.Tensor:
+    """Convolutional SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode_conv`.
+
+    Right-hand sides (SPEC 1.2), stride 1 and "same" zero padding:
+    ``standard`` act(conv(x, K) + b); ``symmetric`` -conv_transpose(act(conv(x, K) + b), K).
+
+    Args:
+        x: (B, C, *spatial), 1 to 3 spatial dims. weight: (n, C, C, *kernel), odd kernel sizes.
+        bias: (n, C) or None. scale: lam, float or 0-dim tensor. ``gamma`` is unused.
+    Returns:
+        x_N like x, or the trajectory (N + 1, *x.shape) with ``return_trajectory=True``.
+    """
+    cfg = check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                     scheme=scheme, variant=variant, gamma=gamma)
+    _check_backend(backend)
+    act = ACTIVATION_FNS[activation]
+    conv, conv_t = _CONV[x.dim() - 2]
+    padding = tuple(k // 2 for k in weight.shape[3:])
+
+    def rhs(xs, K, b):
+        y = act(conv(xs, K, b, padding=padding))
+        return -conv_t(y, K, padding=padding) if variant == "symmetric" else y
+
+    return _integrate(x, weight, bias, scale, cfg, rhs, return_trajectory)
