@@ -62,7 +62,7 @@ class _SplineODEBase(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f"knots={self.knots}, degree={self.degree}, steps={self.steps}, activation={self.activation!r}, "
-             f"scheme={self.scheme!r}, variant={self.variant!r}, scale={float(self.scale):g}, "
+             f"scheme={self.scheme!r}, variant={self.variant!r}, scale={self.scale.item():g}, "
              f"learn_scale={self.learn_scale}, bias={self.bias is not None}, backend={self.backend!r}")
         return s + (f", gamma={self.gamma:g}" if self.variant == "antisymmetric" else "")
 

@@ -1,0 +1,232 @@
+"""nn.Module wrappers: SplineODE and SplineODEConv1d/2d/3d (SPEC 2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splinet_cuda as sc
+from splinet_cuda import reference
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-11)
+
+# name, kwargs
+DENSE_LAYERS = [
+    ("tanh-euler-standard", dict(activation="tanh", scheme="euler", variant="standard")),
+    ("relu-rk4-symmetric", dict(activation="relu", scheme="rk4", variant="symmetric", scale=0.5)),
+    ("softplus-midpoint-antisym", dict(activation="softplus", scheme="midpoint", variant="antisymmetric")),
+    ("sigmoid-rk4_38-learnscale", dict(activation="sigmoid", scheme="rk4_38", learn_scale=True, scale=2.0)),
+    ("identity-euler-reference", dict(activation="identity", backend="reference", learn_scale=True)),
+]
+
+
+def _randomize(layer, seed=0, wscale=0.4):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(wscale * torch.randn(layer.weight.shape, generator=g, dtype=layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(0.5 * torch.randn(layer.bias.shape, generator=g, dtype=layer.bias.dtype))
+
+
+def _ref_kwargs(layer, steps, degree, kw):
+    out = dict(steps=steps, degree=degree, activation=kw.get("activation", "tanh"),
+               scheme=kw.get("scheme", "euler"), variant=kw.get("variant", "standard"))
+    if out["variant"] == "antisymmetric":
+        out["gamma"] = float(getattr(layer, "gamma", 0.0))
+    return out
+
+
+@pytest.mark.parametrize("name,kw", DENSE_LAYERS, ids=[n for n, _ in DENSE_LAYERS])
+def test_dense_layer_parameters_and_forward(name, kw):
+    width, knots, degree, steps = 4, 3, 2, 5
+    layer = sc.SplineODE(width, knots, degree, steps, **kw).to(DT)
+    n = knots + degree
+    assert layer.weight.shape == (n, width, width)
+    assert layer.bias.shape == (n, width)
+    assert isinstance(layer.weight, torch.nn.Parameter) and isinstance(layer.bias, torch.nn.Parameter)
+    assert layer.scale.shape == ()
+    names = dict(layer.named_parameters())
+    buffers = dict(layer.named_buffers())
+    assert "weight" in names and "bias" in names
+    if kw.get("learn_scale", False):
+        assert "scale" in names and isinstance(layer.scale, torch.nn.Parameter)
+    else:
+        assert "scale" in buffers and "scale" not in names
+        assert not layer.scale.requires_grad
+    torch.testing.assert_close(layer.scale.detach(), torch.tensor(float(kw.get("scale", 1.0)), dtype=DT))
+
+    _randomize(layer)
+    x = torch.randn(6, width, dtype=DT)
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == DT
+    expect = reference.spline_ode(x, layer.weight, layer.bias, layer.scale,
+                                  **_ref_kwargs(layer, steps, degree, kw))
+    torch.testing.assert_close(y, expect, **TOL)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True], ids=["fixed-scale", "learn-scale"])
+def test_dense_layer_backward(learn_scale):
+    layer = sc.SplineODE(3, 2, 3, 4, learn_scale=learn_scale, scale=0.8).to(DT)
+    _randomize(layer, seed=1)
+    x = torch.randn(5, 3, dtype=DT, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    for t in (x, layer.weight, layer.bias):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    if learn_scale:
+        assert layer.scale.grad is not None and layer.scale.grad.shape == () and layer.scale.grad != 0
+    else:
+        assert layer.scale.grad is None
+
+    # the gradients equal those of the reference with the same tensors
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.weight, layer.bias, layer.scale)]
+    reference.spline_ode(*leaves, steps=4, degree=3).pow(2).sum().backward()
+    for got, ref in zip((x, layer.weight, layer.bias), leaves[:3]):
+        torch.testing.assert_close(got.grad, ref.grad, **TOL)
+    if learn_scale:
+        torch.testing.assert_close(layer.scale.grad, leaves[3].grad, **TOL)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True], ids=["fixed-scale", "learn-scale"])
+def test_dense_layer_state_dict_roundtrip(learn_scale):
+    kw = dict(activation="tanh", scheme="midpoint", learn_scale=learn_scale, scale=1.7)
+    a = sc.SplineODE(4, 2, 1, 3, **kw).to(DT)
+    _randomize(a, seed=2)
+    sd = a.state_dict()
+    assert {"weight", "bias", "scale"} <= set(sd)
+    b = sc.SplineODE(4, 2, 1, 3, **{**kw, "scale": 1.0}).to(DT)
+    b.load_state_dict(sd)
+    x = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    torch.testing.assert_close(b.scale, a.scale, rtol=0, atol=0)
+
+
+def test_dense_layer_dtype_conversion():
+    layer = sc.SplineODE(4, 2, 1, 3)
+    assert layer.weight.dtype == torch.float32  # default dtype
+    y32 = layer(torch.randn(2, 4))
+    assert y32.dtype == torch.float32
+    layer64 = layer.to(torch.float64)
+    assert layer64.weight.dtype == DT and layer64.bias.dtype == DT and layer64.scale.dtype == DT
+    assert layer64(torch.randn(2, 4, dtype=DT)).dtype == DT
+
+
+def test_dense_layer_repr():
+    r = repr(sc.SplineODE(5, 3, 2, 7, activation="relu"))
+    for token in ("5", "3", "2", "7"):
+        assert token in r
+    for word in ("width", "knots", "degree", "steps"):
+        assert word in r, r
+
+
+def test_dense_layer_trains():
+    torch.manual_seed(0)
+    layer = sc.SplineODE(3, 2, 2, 4, activation="tanh", learn_scale=True).to(DT)
+    x = torch.randn(64, 3, dtype=DT)
+    target = x + 0.5 * torch.tanh(x @ torch.tensor([[0.5, -1.0, 0.3], [0.2, 0.4, -0.7], [1.0, 0.0, 0.5]],
+                                                    dtype=DT).T)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --------------------------------------------------------------------------------------
+# Convolutional layers
+# --------------------------------------------------------------------------------------
+
+CONV_LAYERS = {1: sc.SplineODEConv1d, 2: sc.SplineODEConv2d, 3: sc.SplineODEConv3d}
+CONV_CASES = [
+    (1, dict(activation="relu", scheme="euler", variant="standard")),
+    (1, dict(activation="tanh", scheme="rk4", variant="symmetric", learn_scale=True)),
+    (2, dict(activation="softplus", scheme="midpoint", variant="symmetric")),
+    (2, dict(activation="sigmoid", scheme="euler", learn_scale=True, scale=0.5)),
+    (3, dict(activation="tanh", scheme="rk4_38", variant="standard")),
+]
+
+
+def _conv_id(c):
+    dims, kw = c
+    return f"conv{dims}d-" + "-".join(f"{v}" for v in kw.values())
+
+
+@pytest.mark.parametrize("dims,kw", CONV_CASES, ids=[_conv_id(c) for c in CONV_CASES])
+def test_conv_layer_parameters_forward_backward(dims, kw):
+    channels, kernel, knots, degree, steps = 2, 3, 2, 1, 3
+    layer = CONV_LAYERS[dims](channels, kernel, knots, degree, steps, **kw).to(DT)
+    n = knots + degree
+    assert layer.weight.shape == (n, channels, channels) + (kernel,) * dims
+    assert layer.bias.shape == (n, channels)
+    assert layer.scale.shape == ()
+    _randomize(layer, seed=dims, wscale=0.3)
+    x = torch.randn((2, channels) + (4,) * dims, dtype=DT, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    kwr = _ref_kwargs(layer, steps, degree, {"activation": "relu", **kw})
+    expect = reference.spline_ode_conv(x, layer.weight, layer.bias, layer.scale, **kwr)
+    torch.testing.assert_close(y, expect, **TOL)
+
+    y.pow(2).sum().backward()
+    for t in (x, layer.weight, layer.bias):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    assert layer.weight.grad.abs().sum() > 0
+    if kw.get("learn_scale", False):
+        assert layer.scale.grad is not None
+        assert isinstance(layer.scale, torch.nn.Parameter)
+    else:
+        assert layer.scale.grad is None
+        assert "scale" in dict(layer.named_buffers())
+
+    # state_dict round trip
+    fresh = CONV_LAYERS[dims](channels, kernel, knots, degree, steps, **kw).to(DT)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x.detach()), layer(x.detach()), rtol=0, atol=0)
+
+    r = repr(layer)
+    assert "channels" in r or str(channels) in r
+    assert "kernel" in r
+
+
+def test_conv_layer_default_activation_is_relu():
+    layer = sc.SplineODEConv1d(2, 3, 2, 1, 3).to(DT)
+    _randomize(layer, seed=3, wscale=0.3)
+    x = torch.randn(2, 2, 6, dtype=DT)
+    expect = reference.spline_ode_conv(x, layer.weight, layer.bias, layer.scale, steps=3, degree=1,
+                                       activation="relu")
+    torch.testing.assert_close(layer(x), expect, **TOL)
+
+
+def test_conv_layer_kernel_tuple():
+    layer = sc.SplineODEConv2d(2, (3, 5), 2, 1, 2).to(DT)
+    assert layer.weight.shape == (3, 2, 2, 3, 5)
+    x = torch.randn(1, 2, 4, 6, dtype=DT)
+    assert layer(x).shape == x.shape
+
+
+def test_conv_layer_float32_default_and_to_float64():
+    layer = sc.SplineODEConv2d(2, 3, 2, 1, 2)
+    assert layer.weight.dtype == torch.float32
+    assert layer(torch.randn(1, 2, 4, 4)).dtype == torch.float32
+    layer = layer.to(torch.float64)
+    assert layer.scale.dtype == DT
+    assert layer(torch.randn(1, 2, 4, 4, dtype=DT)).dtype == DT
+
+
+def test_conv_layer_trains():
+    torch.manual_seed(1)
+    layer = sc.SplineODEConv1d(2, 3, 2, 1, 3, activation="tanh").to(DT)
+    x = torch.randn(16, 2, 8, dtype=DT)
+    target = torch.roll(x, 1, dims=-1) * 0.5 + x
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
