@@ -21,4 +21,28 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // B-spline basis at the times t (SPEC 1.1): first nonzero coefficient k (int64, T)
   // and the degree + 1 weights (T, degree + 1), in t's dtype.
   m.def("basis_table(Tensor t, int knots, int degree) -> (Tensor, Tensor)");
+
+  // Dense layer, x (B, m), weight (n, m, m), bias (n, m), scale 0-dim (SPEC 1.2-1.3).
+  // Forward: the whole N-step trajectory in one call; returns the saved states
+  // (x_0, x_K, x_2K, ... below N, then x_N), all N + 1 of them when checkpoint = 1.
+  m.def("spline_dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+  // Adjoint sweep from step N - 1 down to 0 (paper eqs. 17-23), given dLoss/d(saved states):
+  // returns (grad_x, grad_weight, grad_bias (empty without bias), grad_scale).
+  m.def("spline_dense_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // --- Conv layer (csrc/cpu/conv_cpu.cpp) ---------------------------------------------
+  // x (B, C, *spatial) with 1-3 spatial dims, weight (n, C, C, *kernel) odd kernels ("same"
+  // zero padding, stride 1), bias (n, C), scale 0-dim; variants standard / symmetric
+  // (gamma unused). Forward: the saved states (num_saved, B, C, *spatial), same convention
+  // as spline_dense_fwd.
+  m.def("spline_conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+  // Adjoint sweep: (grad_x, grad_weight (n, C, C, *kernel), grad_bias (n, C) or empty (0,)
+  // without bias, grad_scale shaped like scale).
+  m.def("spline_conv_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

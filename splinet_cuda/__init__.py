@@ -4,6 +4,7 @@ A SpliNet layer integrates dx/dt = scale * act(W(t) x + b(t)) over t in [0, 1], 
 W(t) and b(t) are B-splines in time (Guenther, Pazner, Qi; SPEC.md).
 """
 from . import _ext, reference
+from . import _autograd  # noqa: F401  (registers the fused backends that are built)
 from ._basis import basis_grid, bspline_basis
 from ._dispatch import available_backends, spline_ode, spline_ode_conv
 from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d

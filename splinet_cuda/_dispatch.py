@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import _ext, reference
-from ._validate import Scale, check_conv, check_dense
+from ._validate import Scale, check_checkpoint, check_conv, check_dense
 
 __all__ = ["spline_ode", "spline_ode_conv", "available_backends", "register_backend"]
 
@@ -26,9 +26,10 @@ _BUILD_HINTS = {
 
 
 class Backend(NamedTuple):
-    dense: Optional[Callable]
-    conv: Optional[Callable]
+    spline_ode: Optional[Callable]
+    spline_ode_conv: Optional[Callable]
     device_types: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
 
 
 # Fused backends register themselves here when their kernels are importable;
@@ -38,11 +39,11 @@ _AUTO_ORDER = ("cuda", "triton", "cpu")
 
 
 def register_backend(name: str, *, dense: Optional[Callable], conv: Optional[Callable],
-                     device_types: Tuple[str, ...]) -> None:
+                     device_types: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...]) -> None:
     """Makes a fused backend selectable (called by the backend modules at import)."""
     if name not in BACKENDS or name in ("auto", "reference"):
         raise ValueError(f"cannot register backend {name!r}")
-    _REGISTRY[name] = Backend(dense, conv, device_types)
+    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes)
 
 
 def available_backends() -> List[str]:
@@ -50,7 +51,7 @@ def available_backends() -> List[str]:
     return ["reference"] + [name for name in ("cpu", "triton", "cuda") if name in _REGISTRY]
 
 
-def _select(backend, kind: str, device: torch.device) -> Callable:
+def _select(backend, kind: str, device: torch.device, dtype: torch.dtype) -> Callable:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in BACKENDS:
@@ -60,7 +61,8 @@ def _select(backend, kind: str, device: torch.device) -> Callable:
     if backend == "auto":
         for name in _AUTO_ORDER:
             impl = _REGISTRY.get(name)
-            if impl is not None and device.type in impl.device_types and getattr(impl, kind) is not None:
+            if (impl is not None and device.type in impl.device_types and dtype in impl.dtypes
+                    and getattr(impl, kind) is not None):
                 return getattr(impl, kind)
         return getattr(reference, kind)
     impl = _REGISTRY.get(backend)
@@ -70,13 +72,15 @@ def _select(backend, kind: str, device: torch.device) -> Callable:
         raise RuntimeError(f"{why}{load}; it needs {_BUILD_HINTS[backend]}. Available: {available_backends()}")
     if device.type not in impl.device_types:
         raise ValueError(f"backend {backend!r} runs on {list(impl.device_types)} tensors, but x is on {device}")
+    if dtype not in impl.dtypes:
+        raise TypeError(f"backend {backend!r} takes dtypes {[str(d) for d in impl.dtypes]}, but x has dtype {dtype}")
     return getattr(impl, kind)
 
 
 def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
                steps: int, degree: int, activation: str = "tanh", scheme: str = "euler",
                variant: str = "standard", gamma: float = 0.0, backend: str = "auto",
-               return_trajectory: bool = False) -> torch.Tensor:
+               return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Integrates a dense SpliNet layer, dx/dt = scale * f(x, W(t), b(t)) on t in [0, 1].
 
     W(t) = sum_j B_j(t) weight[j] and b(t) = sum_j B_j(t) bias[j] are B-splines of degree
@@ -97,21 +101,25 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         backend: "auto" (fastest built backend for x's device), "reference", "cpu",
             "triton" or "cuda".
         return_trajectory: return all N + 1 states instead of the last one.
+        checkpoint: fused backends keep only every ``checkpoint``-th state for the
+            backward and recompute the others (None or 1: keep all; ignored with
+            ``return_trajectory`` and by the reference).
 
     Returns:
         x_N (B, m), or the trajectory (N + 1, B, m).
     """
     check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                 scheme=scheme, variant=variant, gamma=gamma)
-    fn = _select(backend, "spline_ode", x.device)
+    check_checkpoint(checkpoint)
+    fn = _select(backend, "spline_ode", x.device, x.dtype)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
-              variant=variant, gamma=gamma, return_trajectory=return_trajectory)
+              variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
 
 
 def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
                     steps: int, degree: int, activation: str = "relu", scheme: str = "euler",
                     variant: str = "standard", gamma: float = 0.0, backend: str = "auto",
-                    return_trajectory: bool = False) -> torch.Tensor:
+                    return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Integrates a convolutional SpliNet layer (1 to 3 spatial dims), like :func:`spline_ode`.
 
     f is act(conv(x, K(t)) + b(t)) ("standard") or -conv_transpose(act(conv(x, K(t)) + b(t)), K(t))
@@ -127,6 +135,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                scheme=scheme, variant=variant, gamma=gamma)
-    fn = _select(backend, "spline_ode_conv", x.device)
+    check_checkpoint(checkpoint)
+    fn = _select(backend, "spline_ode_conv", x.device, x.dtype)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
-              variant=variant, gamma=gamma, return_trajectory=return_trajectory)
+              variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)

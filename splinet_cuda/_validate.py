@@ -143,3 +143,9 @@ def check_conv(x, weight, bias, scale, *, steps, degree, activation, scheme, var
     if variant == "antisymmetric":
         raise ValueError("variant 'antisymmetric' is defined for dense layers only; conv layers take 'standard' or 'symmetric'")
     return _common(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, CONV_VARIANTS)
+
+
+def check_checkpoint(checkpoint) -> None:
+    """checkpoint: None, or the interval K >= 1 of the states kept for the backward."""
+    if checkpoint is not None:
+        _int_arg("checkpoint", checkpoint, 1)

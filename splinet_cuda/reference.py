@@ -68,7 +68,7 @@ def _integrate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
                steps: int, degree: int, activation: str = "tanh", scheme: str = "euler",
                variant: str = "standard", gamma: float = 0.0, backend: str = "reference",
-               return_trajectory: bool = False) -> torch.Tensor:
+               return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Dense SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode`.
 
     Right-hand sides (SPEC 1.2), W = W(t) and b = b(t) blended from the coefficients:
@@ -78,6 +78,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Args:
         x: (B, m) initial state. weight: (n, m, m) coefficients, n = L + degree.
         bias: (n, m) coefficients or None. scale: lam, float or 0-dim tensor.
+        checkpoint: accepted for signature compatibility; autograd keeps what it needs.
     Returns:
         x_N (B, m), or the trajectory (N + 1, B, m) with ``return_trajectory=True``.
     """
@@ -99,7 +100,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
                     steps: int, degree: int, activation: str = "relu", scheme: str = "euler",
                     variant: str = "standard", gamma: float = 0.0, backend: str = "reference",
-                    return_trajectory: bool = False) -> torch.Tensor:
+                    return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Convolutional SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode_conv`.
 
     Right-hand sides (SPEC 1.2), stride 1 and "same" zero padding:
@@ -107,7 +108,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     Args:
         x: (B, C, *spatial), 1 to 3 spatial dims. weight: (n, C, C, *kernel), odd kernel sizes.
-        bias: (n, C) or None. scale: lam, float or 0-dim tensor. ``gamma`` is unused.
+        bias: (n, C) or None. scale: lam, float or 0-dim tensor. ``gamma`` and ``checkpoint`` are unused.
     Returns:
         x_N like x, or the trajectory (N + 1, *x.shape) with ``return_trajectory=True``.
     """

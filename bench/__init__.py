@@ -1,0 +1,2 @@
+"""Benchmarks of splinet_cuda: shared cases (bench/cases.py) and the CLI (bench/run.py,
+``python -m bench``)."""

@@ -1,0 +1,325 @@
+"""Benchmark cases and the implementations they compare, shared by the CLI (bench/run.py)
+and a future pytest-benchmark suite.
+
+A case is one SpliNet layer call (SPEC 1-2) at fixed sizes; an implementation is a way to
+run it: each fused backend through ``sc.spline_ode(..., backend=name)``, the eager
+pure-PyTorch ``reference`` (the baseline of every speedup), and ``compiled``, the
+reference under ``torch.compile``. Before any timing, every implementation's output and
+gradients are checked against the reference evaluated in float64 (:func:`check_agreement`).
+
+Legend: B batch, m width (dense), C channels (conv), W/H/D spatial sizes, k kernel size,
+L knot intervals, d degree, n = L + d coefficients, N steps.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+import splinet_cuda as sc
+
+__all__ = [
+    "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "IMPL_NAMES",
+    "make_inputs", "loss_fn", "forward_backward", "oracle_outputs", "check_agreement",
+    "backend_impl", "reference_impl", "compiled_impl", "default_impls",
+]
+
+# "fwd": the forward of a training step (inputs require grad, so whatever a backend saves
+# for its backward is included); "fwd+bwd": forward, loss and gradients wrt x, weight, bias.
+MODES = ("fwd", "fwd+bwd")
+
+DTYPES: Dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# (rtol, atol) of an implementation against the float64 reference, after both tensors are
+# divided by the reference's largest magnitude (so atol is relative to the tensor's scale,
+# and gradients of a mean-reduced loss, which are tiny, are not waved through).
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (5e-2, 2e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+
+# Every name --backends accepts: the SPEC 2 backends plus the torch.compile baseline.
+IMPL_NAMES = ("reference", "cpu", "triton", "cuda", "compiled")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked layer call.
+
+    Dense cases set ``m`` (x is (B, m), weight (n, m, m)); conv cases set ``C``,
+    ``spatial`` (1 to 3 sizes) and ``kernel`` (x is (B, C, *spatial), weight
+    (n, C, C, k, ...)). ``compile`` says whether the slow-to-build ``compiled``
+    implementation runs on this case.
+    """
+
+    name: str
+    kind: str  # "dense" or "conv"
+    B: int
+    m: int = 0
+    C: int = 0
+    spatial: Tuple[int, ...] = ()
+    kernel: int = 3
+    L: int = 8
+    d: int = 2
+    N: int = 10
+    activation: str = "tanh"
+    scheme: str = "euler"
+    variant: str = "standard"
+    scale: float = 1.0
+    dtype: str = "float32"
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind == "dense":
+            if self.m < 1 or self.C or self.spatial:
+                raise ValueError(f"dense case {self.name!r} needs m >= 1 and no C/spatial")
+        elif self.kind == "conv":
+            if self.C < 1 or not 1 <= len(self.spatial) <= 3 or self.kernel % 2 == 0:
+                raise ValueError(f"conv case {self.name!r} needs C >= 1, 1-3 spatial sizes and an odd kernel")
+        else:
+            raise ValueError(f"case {self.name!r}: kind must be 'dense' or 'conv', got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"case {self.name!r}: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def n(self) -> int:
+        return self.L + self.d
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def x_shape(self) -> Tuple[int, ...]:
+        return (self.B, self.m) if self.kind == "dense" else (self.B, self.C, *self.spatial)
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        if self.kind == "dense":
+            return (self.n, self.m, self.m)
+        return (self.n, self.C, self.C) + (self.kernel,) * len(self.spatial)
+
+    @property
+    def shape(self) -> str:
+        """A short description of the sizes, for tables and plots."""
+        if self.kind == "dense":
+            size = f"B={self.B} m={self.m}"
+        else:
+            size = f"B={self.B} C={self.C} {'x'.join(map(str, self.spatial))} k={self.kernel}"
+        extra = "" if self.scheme == "euler" else f" {self.scheme}"
+        extra += "" if self.variant == "standard" else f" {self.variant}"
+        return f"{size} L={self.L} d={self.d} N={self.N} {self.activation}{extra}"
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            fn: Optional[Callable] = None, **kwargs) -> torch.Tensor:
+        """Calls ``fn`` (default: ``sc.spline_ode`` or ``sc.spline_ode_conv``) with this case's settings."""
+        if fn is None:
+            fn = sc.spline_ode if self.kind == "dense" else sc.spline_ode_conv
+        return fn(x, weight, bias, self.scale, steps=self.N, degree=self.d, activation=self.activation,
+                  scheme=self.scheme, variant=self.variant, **kwargs)
+
+
+def _dense(name: str, B: int, m: int, N: int, activation: str = "tanh", **kw) -> Case:
+    return Case(name, "dense", B, m=m, N=N, activation=activation, **kw)
+
+
+def _conv(name: str, B: int, C: int, spatial: Tuple[int, ...], N: int, activation: str = "relu", **kw) -> Case:
+    return Case(name, "conv", B, C=C, spatial=spatial, N=N, activation=activation, **kw)
+
+
+# Paper sizes (seed 000 §4): sin(fx) is m = 4, N = 100, tanh; Peaks is 1000 points,
+# m = 5, ReLU. Building torch.compile graphs of N unrolled steps takes about a minute a
+# case on a small CPU, so --quick compiles only Peaks.
+QUICK: List[Case] = [
+    _dense("sin", 256, 4, 100, compile=False),
+    _dense("peaks", 1000, 5, 50, "relu"),
+    _dense("dense64", 512, 64, 50, compile=False),
+    _dense("dense256", 256, 256, 20, compile=False),
+    _conv("conv1d", 16, 32, (64,), 10, compile=False),
+    _conv("conv2d", 8, 8, (16, 16), 10, compile=False),
+]
+
+# Larger sizes for a GPU or a patient CPU. indian_pines takes the paper's 220 channels
+# (seed 000 §4.1.3); its spatial length of 16 is an assumption, the paper does not say.
+FULL: List[Case] = [replace(c, compile=True) for c in QUICK] + [
+    _dense("dense256_rk4", 1024, 256, 20, scheme="rk4"),
+    _dense("dense1024", 2048, 1024, 20),
+    _dense("dense256_d3", 4096, 256, 50, d=3, L=16),
+    _conv("indian_pines", 64, 220, (16,), 20),
+    _conv("conv2d_64", 32, 64, (32, 32), 20),
+    _conv("conv3d", 4, 16, (16, 16, 16), 10),
+]
+
+# Seconds in total, for tests of the harness itself.
+TINY: List[Case] = [
+    _dense("tiny_dense", 8, 4, 4, L=2, d=1),
+    _conv("tiny_conv1d", 2, 3, (8,), 3, L=2, d=2),
+    _conv("tiny_conv2d", 2, 2, (5, 5), 2, L=1, d=3, activation="tanh"),
+]
+
+CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL}
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and the agreement check
+# --------------------------------------------------------------------------------------
+
+class Inputs(NamedTuple):
+    """The tensors of one call: x (B, m) or (B, C, *spatial), weight, bias (n, m) or (n, C)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def make_inputs(case: Case, device, *, requires_grad: bool = True) -> Inputs:
+    """Deterministic inputs of ``case`` in ``case.dtype`` on ``device``.
+
+    Seeded by the case's name, drawn on the CPU in float64 and then cast, so every device
+    and dtype sees the same values (up to rounding). Weights are scaled by 1/sqrt(fan_in)
+    so that the N steps neither blow up nor vanish.
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    fan_in = math.prod(case.weight_shape[2:])
+    width = case.weight_shape[1]
+    tensors = (
+        torch.randn(case.x_shape, generator=gen, dtype=torch.float64),
+        torch.randn(case.weight_shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in),
+        0.1 * torch.randn((case.n, width), generator=gen, dtype=torch.float64),
+    )
+    return Inputs(*(t.to(device=device, dtype=case.torch_dtype).requires_grad_(requires_grad) for t in tensors))
+
+
+def loss_fn(y: torch.Tensor) -> torch.Tensor:
+    """The scalar every backward benchmark differentiates."""
+    return y.square().mean()
+
+
+def forward_backward(fn: Callable, inputs: Inputs) -> Tuple[torch.Tensor, ...]:
+    """(y, dloss/dx, dloss/dweight, dloss/dbias) of ``fn`` on ``inputs``, detached."""
+    y = fn(*inputs)
+    grads = torch.autograd.grad(loss_fn(y), inputs)
+    return (y.detach(),) + tuple(g.detach() for g in grads)
+
+
+def oracle_outputs(case: Case, inputs: Inputs) -> Tuple[torch.Tensor, ...]:
+    """Output and gradients of the eager reference in float64 on the same (upcast) inputs."""
+    wide = Inputs(*(t.detach().to(torch.float64).requires_grad_() for t in inputs))
+    return forward_backward(reference_impl().build(case), wide)
+
+
+_OUTPUT_NAMES = ("output", "grad x", "grad weight", "grad bias")
+
+
+def check_agreement(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+                    dtype: torch.dtype) -> Optional[str]:
+    """None when ``actual`` (from :func:`forward_backward`) matches the float64 ``expected``
+    within the tolerance of ``dtype`` (:data:`TOLERANCES`), else what differs."""
+    rtol, atol = TOLERANCES[dtype]
+    for name, a, e in zip(_OUTPUT_NAMES, actual, expected):
+        if a.shape != e.shape:
+            return f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        scale = e.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        try:
+            torch.testing.assert_close(a.to(torch.float64) / scale, e / scale, rtol=rtol, atol=atol)
+        except AssertionError as err:
+            return f"{name} (divided by its max {float(scale):.3g}): {err}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Impl:
+    """A way to run a case. ``build(case)`` returns ``fn(x, weight, bias) -> y``;
+    ``skip(case, device)`` returns why it does not apply there, or None. For a
+    ``compiled`` implementation the first call builds it, and its time is reported."""
+
+    name: str
+    build: Callable[[Case], Callable]
+    skip: Callable[[Case, torch.device], Optional[str]] = lambda case, device: None
+    compiled: bool = False
+
+
+def _registry_entry(name: str):
+    # splinet_cuda's backend registry is private; without it nothing is skipped here and a
+    # backend that cannot run a case shows up as an ERROR row with the package's message.
+    return getattr(getattr(sc, "_dispatch", None), "_REGISTRY", {}).get(name)
+
+
+def backend_impl(name: str) -> Impl:
+    """A backend of ``sc.spline_ode``/``sc.spline_ode_conv`` ("reference", "cpu", "triton", "cuda")."""
+
+    def build(case: Case) -> Callable:
+        return lambda x, weight, bias: case.run(x, weight, bias, backend=name)
+
+    def skip(case: Case, device: torch.device) -> Optional[str]:
+        entry = _registry_entry(name)
+        if entry is None:
+            return None
+        op = "spline_ode" if case.kind == "dense" else "spline_ode_conv"
+        if getattr(entry, op, True) is None:
+            return f"backend {name!r} has no {op} kernel"
+        types = getattr(entry, "device_types", None)
+        if types is not None and torch.device(device).type not in types:
+            return f"backend {name!r} runs on {list(types)} tensors"
+        dtypes = getattr(entry, "dtypes", None)
+        if dtypes is not None and case.torch_dtype not in dtypes:
+            return f"backend {name!r} takes {[str(t).replace('torch.', '') for t in dtypes]}"
+        return None
+
+    return Impl(name, build, skip)
+
+
+def reference_impl() -> Impl:
+    """The eager pure-PyTorch reference (``sc.reference``): every speedup's baseline."""
+
+    def build(case: Case) -> Callable:
+        ref = sc.reference.spline_ode if case.kind == "dense" else sc.reference.spline_ode_conv
+        return lambda x, weight, bias: case.run(x, weight, bias, fn=ref)
+
+    return Impl("reference", build)
+
+
+def compiled_impl() -> Impl:
+    """``torch.compile(fullgraph=True)`` of the reference, the N steps unrolled into one graph.
+
+    Dynamo's caches are reset for every case, so each build pays a full trace (Inductor's
+    on-disk cache may still shorten code generation on a second run)."""
+
+    def build(case: Case) -> Callable:
+        torch._dynamo.reset()
+        return torch.compile(reference_impl().build(case), fullgraph=True)
+
+    def skip(case: Case, device: torch.device) -> Optional[str]:
+        return None if case.compile else "compile not requested for this case (use --full)"
+
+    return Impl("compiled", build, skip, compiled=True)
+
+
+def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True) -> List[Impl]:
+    """The implementations to compare: ``names`` (default: every built backend, then
+    ``compiled``), always with ``reference`` first since speedups are relative to it."""
+    if names is None:
+        names = list(sc.available_backends()) + ["compiled"]
+    unknown = [n for n in names if n not in IMPL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; expected some of {list(IMPL_NAMES)}")
+    impls = [reference_impl()]
+    for name in dict.fromkeys(names):
+        if name == "reference" or (name == "compiled" and not compile):
+            continue
+        impls.append(compiled_impl() if name == "compiled" else backend_impl(name))
+    return impls

@@ -1,0 +1,388 @@
+"""Command-line benchmark of the SpliNet layer implementations (``python -m bench``).
+
+For every case of bench/cases.py and every implementation (fused backends, the eager
+reference, torch.compile of the reference) it checks output and gradients against the
+float64 reference, then times the forward and the forward+backward: with
+torch.utils.benchmark on the CPU, with CUDA events on a GPU. An implementation that
+disagrees is reported WRONG and not timed. Results: a table on the terminal, and
+``<device>-<dtype>-<YYYYMMDD>.json/.csv/.png`` under --out (long format, one row per
+case x implementation x mode).
+
+Legend: B batch, m width, C channels, L knot intervals, d degree, N steps.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script, `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.utils.benchmark
+from tqdm import tqdm
+
+from bench.cases import (CASE_SETS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
+                         default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results"
+
+# Row status: timed; disagreed with the reference (not timed); raised; does not apply.
+OK, WRONG, ERROR, SKIPPED = "ok", "WRONG", "ERROR", "SKIPPED"
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+MIN_SAMPLES = 5  # fewer make p20/p80 meaningless
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
+    """Per-call times (ms) of ``fn`` from torch.utils.benchmark's blocked_autorange, at
+    the process's thread count (Timer's default would be one thread), topped up with
+    single calls to at least MIN_SAMPLES samples when one call outlasts ``min_run_time``."""
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
+    times += [timer.timeit(1).median for _ in range(MIN_SAMPLES - len(times))]
+    return np.asarray(times) * 1e3
+
+
+def time_cuda(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
+    """Per-call times (ms) of ``fn`` from CUDA events, after a warm-up; as many calls as
+    fit in ``min_run_time`` (at least MIN_SAMPLES, at most 1000)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    reps = int(min(1000, max(MIN_SAMPLES, min_run_time * 1e3 / estimate_ms)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return np.asarray([s.elapsed_time(e) for s, e in events])
+
+
+def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
+    """The timed statement of ``mode``: the forward, or forward, loss and gradients."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    return lambda: torch.autograd.grad(loss_fn(fn(*inputs)), inputs)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+def _row(case: Case, impl: Impl, mode: str, status: str, *, agrees: Optional[bool],
+         times: Optional[np.ndarray] = None, compile_s: Optional[float] = None,
+         compile_cache: Optional[str] = None, note: str = "") -> dict:
+    p20, p50, p80 = np.quantile(times, [0.2, 0.5, 0.8]) if times is not None else (None, None, None)
+    return {
+        "case": case.name, "kind": case.kind, "shape": case.shape, "impl": impl.name, "mode": mode,
+        "status": status, "agrees": agrees,
+        "median_ms": None if p50 is None else float(p50),
+        "p20_ms": None if p20 is None else float(p20),
+        "p80_ms": None if p80 is None else float(p80),
+        "speedup": None, "compile_s": compile_s, "compile_cache": compile_cache, "note": note,
+    }
+
+
+def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_time: float,
+               progress: Optional[tqdm] = None) -> List[dict]:
+    """Rows of one case: each implementation checked against the float64 reference, then
+    timed in every mode unless it disagrees, raises or does not apply."""
+    inputs = make_inputs(case, device)
+    expected = oracle_outputs(case, inputs)
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    rows = []
+    for impl in impls:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name} / {impl.name}")
+        reason = impl.skip(case, device)
+        if reason is not None:
+            rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=reason) for mode in MODES]
+        else:
+            rows += _bench_impl(case, impl, inputs, expected, timer, min_run_time)
+        if progress is not None:
+            progress.update()
+    ref = {r["mode"]: r["median_ms"] for r in rows if r["impl"] == "reference" and r["status"] == OK}
+    for r in rows:
+        if r["status"] == OK and ref.get(r["mode"]):
+            r["speedup"] = ref[r["mode"]] / r["median_ms"]
+    return rows
+
+
+def _bench_impl(case: Case, impl: Impl, inputs: Inputs, expected, timer, min_run_time: float) -> List[dict]:
+    """The rows of one implementation: its first call (the build, for a compiled one) is
+    checked against ``expected``; only an implementation that agrees is timed."""
+    cache_before = _inductor_cache_counts() if impl.compiled else None
+    try:
+        fn = impl.build(case)
+        start = time.perf_counter()
+        actual = forward_backward(fn, inputs)  # the first call: builds a compiled impl
+        first_call_s = time.perf_counter() - start
+        mismatch = check_agreement(actual, expected, case.torch_dtype)
+    except Exception as err:  # an implementation that raises is reported, not fatal
+        note = f"{type(err).__name__}: {err}".splitlines()[0]
+        return [_row(case, impl, mode, ERROR, agrees=False, note=note) for mode in MODES]
+    built = {}
+    if impl.compiled:
+        hits, misses = (after - before for after, before in zip(_inductor_cache_counts(), cache_before))
+        # "warm": Inductor found every graph in its on-disk cache (a rerun), so the build was cheaper.
+        built = {"compile_s": first_call_s, "compile_cache": "warm" if hits and not misses else "cold"}
+    if mismatch is not None:
+        note = " ".join(mismatch.split())
+        return [_row(case, impl, mode, WRONG, agrees=False, note=note, **built) for mode in MODES]
+    return [_row(case, impl, mode, OK, agrees=True, times=timer(mode_fn(fn, inputs, mode), min_run_time), **built)
+            for mode in MODES]
+
+
+def _inductor_cache_counts():
+    """(hits, misses) of Inductor's FX graph cache so far in this process."""
+    import torch._dynamo.utils
+
+    counts = torch._dynamo.utils.counters["inductor"]
+    return counts["fxgraph_cache_hit"], counts["fxgraph_cache_miss"]
+
+
+def run_benchmarks(cases: Sequence[Case], impls: Sequence[Impl], device: torch.device,
+                   min_run_time: float, progress: bool = True) -> List[dict]:
+    """Rows of every case (see :func:`bench_case`), with a tqdm bar over case x implementation."""
+    rows: List[dict] = []
+    with tqdm(total=len(cases) * len(impls), desc="bench", unit="impl", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for case in cases:
+            rows += bench_case(case, impls, device, min_run_time, bar)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Metadata and output
+# --------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """The device for file names: "cpu", or the GPU's name, e.g. "nvidia-h100-80gb-hbm3"."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "cuda"
+
+
+def git_sha() -> str:
+    """The repository's HEAD (short), "+dirty" with uncommitted changes to tracked files."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def metadata(device: torch.device, dtype: str, sizes: str) -> dict:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "device": device_slug(device), "device_name": device_name(device), "dtype": dtype, "sizes": sizes,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+        "git_sha": git_sha(), "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "python": platform.python_version(),
+    }
+
+
+CSV_FIELDS = ["case", "kind", "shape", "impl", "mode", "status", "agrees", "median_ms", "p20_ms", "p80_ms",
+              "speedup", "compile_s", "compile_cache", "device", "device_name", "dtype", "threads", "torch", "git_sha", "date",
+              "note"]
+
+
+def write_results(rows: List[dict], meta: dict, out: Path) -> Dict[str, Path]:
+    """``<device>-<dtype>-<YYYYMMDD>`` .json ({meta, rows}), .csv (long format, the
+    metadata repeated on every row) and .png (speedups) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['device']}-{meta['dtype']}-{meta['date'][:10].replace('-', '')}"
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**meta, **r})
+    plot_speedups(rows, meta, paths["png"])
+    return paths
+
+
+def plot_speedups(rows: List[dict], meta: dict, path: Path) -> None:
+    """Grouped bars of speedup vs the reference, one panel per mode, cases along x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, len(MODES), figsize=(max(6.0, 1.3 * len(cases)) * len(MODES), 4.5), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    legend = [Patch(color=f"C{j}", label=impl) for j, impl in enumerate(impls)]
+    for ax, mode in zip(axes[0], MODES):
+        by_key = {(r["case"], r["impl"]): r for r in rows if r["mode"] == mode}
+        for j, impl in enumerate(impls):
+            xs = np.arange(len(cases)) + (j - (len(impls) - 1) / 2) * width
+            for x, case in zip(xs, cases):
+                r = by_key.get((case, impl))
+                if r is None or r["status"] == SKIPPED:
+                    continue
+                if r["speedup"] is not None:
+                    ax.bar(x, r["speedup"], width, color=f"C{j}")
+                else:  # WRONG or ERROR: no bar, but say so where it would be
+                    ax.text(x, 1.0, r["status"], rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{j}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(cases)), cases, rotation=30, ha="right")
+        ax.set_ylabel("speedup vs reference (higher is better)")
+        ax.set_title(mode)
+        ax.legend(handles=legend, fontsize=8)
+    fig.suptitle(f"splinet_cuda on {meta['device_name']}, {meta['dtype']}, torch {meta['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+NOISY_SPREAD = 1.5
+
+
+def format_table(rows: List[dict]) -> str:
+    """The rows as an aligned text table."""
+    header = ["case", "shape", "impl", "mode", "median ms", "p20-p80 ms", "speedup", "compile s (cache)"]
+    lines = []
+    for r in rows:
+        if r["status"] == OK:
+            median, spread = f"{r['median_ms']:.3f}", f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
+        else:
+            median, spread = r["status"], ""
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        compile_s = f"{r['compile_s']:.1f} ({r['compile_cache']})" if r["compile_s"] is not None else ""
+        lines.append([r["case"], r["shape"], r["impl"], r["mode"], median, spread, speedup, compile_s])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+
+    def fmt(cells: Sequence[str]) -> str:  # numbers right-aligned
+        return "  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines]
+    notes = [f"  {r['case']}/{r['impl']}: {r['status']}: {r['note']}" for r in rows
+             if r["status"] != OK and r["mode"] == MODES[0] and r["note"]]
+    notes = [n if len(n) <= 240 else n[:237] + "..." for n in notes]  # the JSON keeps the whole message
+    noisy = [f"{r['case']}/{r['impl']}/{r['mode']}" for r in rows
+             if r["status"] == OK and r["p80_ms"] > NOISY_SPREAD * r["p20_ms"]]
+    if noisy:
+        notes.append(f"  noisy (p80 > {NOISY_SPREAD} x p20; a busy machine? try --threads 1): {', '.join(noisy)}")
+    if notes:
+        out += ["", "notes:"] + notes
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to run on")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--sizes", choices=list(CASE_SETS), default="quick", help="which case list to run")
+    sizes.add_argument("--quick", dest="sizes", action="store_const", const="quick", help="same as --sizes quick")
+    sizes.add_argument("--full", dest="sizes", action="store_const", const="full", help="same as --sizes full")
+    p.add_argument("--cases", default=None, help="comma list of case names to keep (default: all of --sizes)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma list of implementations among {','.join(IMPL_NAMES)} "
+                        "(default: every built backend and compiled; the reference always runs)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads (torch.set_num_threads); 1 is steadier on a busy machine")
+    p.add_argument("--min-run-time", type=float, default=0.25, help="seconds of timing per case, impl and mode")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, CSV and PNG")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None, extra_impls: Sequence[Impl] = ()) -> dict:
+    """Runs the benchmark; returns {"meta", "rows", "paths"}. ``extra_impls`` are compared
+    too (for experiments and tests of the harness)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device, extra_impls)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[Impl]) -> dict:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this PyTorch build")
+    names = None if args.backends is None else [n.strip() for n in args.backends.split(",") if n.strip()]
+    try:
+        impls = default_impls(names, compile=not args.no_compile) + list(extra_impls)
+    except ValueError as err:
+        raise SystemExit(f"--backends: {err}")
+    cases = CASE_SETS[args.sizes]
+    if args.cases is not None:
+        keep = {c.strip() for c in args.cases.split(",")}
+        unknown = keep - {c.name for c in cases}
+        if unknown:
+            raise SystemExit(f"--cases: unknown {sorted(unknown)} in --sizes {args.sizes}; "
+                             f"known: {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in keep]
+    cases = [replace(c, dtype=args.dtype) for c in cases]
+
+    meta = metadata(device, args.dtype, args.sizes)
+    start = time.perf_counter()
+    rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress)
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    paths = write_results(rows, meta, args.out)
+    print(f"\nsplinet_cuda benchmark: {meta['device_name']} ({meta['device']}), {args.dtype}, "
+          f"torch {meta['torch']}, {meta['threads']} threads, git {meta['git_sha']}\n")
+    print(format_table(rows))
+    print(f"\n{meta['wall_s']} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return {"meta": meta, "rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

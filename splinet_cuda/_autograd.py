@@ -1,0 +1,92 @@
+"""Autograd for the fused ops: one torch.autograd.Function per layer kind (dense, conv),
+whose setup_context/backward are also registered with torch.library.register_autograd,
+so the ops differentiate when called directly and under torch.compile.
+
+Each forward op runs all N steps and returns the saved states (every K-th state and the
+last, all N + 1 when K = 1); each backward op runs the adjoint sweep with the paper's
+eq. 23 accumulation of coefficient gradients.
+
+Legend: B batch, m width, C channels, n = L + d coefficients, N steps, K checkpoint interval.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import _ext
+from ._dispatch import register_backend
+
+__all__ = ["SplineDenseFunction", "SplineConvFunction", "spline_ode_fused", "spline_ode_conv_fused"]
+
+
+def _layer_function(name: str, fwd_op: str, bwd_op: str) -> type:
+    """An autograd.Function over the op pair torch.ops.splinet_cuda.<fwd_op>/<bwd_op>."""
+
+    def forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint):
+        return getattr(torch.ops.splinet_cuda, fwd_op)(x, weight, bias, scale, steps, degree, activation, scheme,
+                                                       variant, gamma, checkpoint)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, *config = inputs
+        ctx.config = tuple(config)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(output, weight, bias, scale)
+
+    def backward(ctx, grad_states):
+        if torch.is_grad_enabled():
+            raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
+                               "use backend='reference' for higher-order gradients")
+        states, weight, bias, scale = ctx.saved_tensors
+        gx, gw, gb, gs = getattr(torch.ops.splinet_cuda, bwd_op)(grad_states, states, weight, bias, scale,
+                                                                 *ctx.config)
+        return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
+
+    doc = (f"Fused layer: forward = {fwd_op} (all N steps, returns the saved states), backward = "
+           f"{bwd_op} (the adjoint sweep with the eq. 23 accumulation).")
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
+SplineDenseFunction = _layer_function("SplineDenseFunction", "spline_dense_fwd", "spline_dense_bwd")
+SplineConvFunction = _layer_function("SplineConvFunction", "spline_conv_fwd", "spline_conv_bwd")
+
+
+def _run(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
+         checkpoint: Optional[int]) -> torch.Tensor:
+    K = 1 if (checkpoint is None or return_trajectory) else int(checkpoint)
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
+    states = fn.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
+    return states if return_trajectory else states[-1]
+
+
+def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
+                     variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
+    """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode)."""
+    return _run(SplineDenseFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+                return_trajectory, checkpoint)
+
+
+def spline_ode_conv_fused(x, weight, bias, scale, *, steps, degree, activation="relu", scheme="euler",
+                          variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
+    """The conv layer on the fused ops (arguments validated by splinet_cuda.spline_ode_conv)."""
+    return _run(SplineConvFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+                return_trajectory, checkpoint)
+
+
+def _register() -> None:
+    built = {}
+    for fn, op, impl in ((SplineDenseFunction, "spline_dense_fwd", spline_ode_fused),
+                         (SplineConvFunction, "spline_conv_fwd", spline_ode_conv_fused)):
+        if _ext.has_op(op):
+            torch.library.register_autograd(f"splinet_cuda::{op}", fn.backward, setup_context=fn.setup_context)
+            built[op] = impl
+    cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
+    if cpu:
+        register_backend("cpu", dense=cpu.get("spline_dense_fwd"), conv=cpu.get("spline_conv_fwd"),
+                         device_types=("cpu",), dtypes=(torch.float32, torch.float64))
+
+
+_register()

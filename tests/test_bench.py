@@ -1,0 +1,125 @@
+"""The benchmark harness (bench/): the CLI runs end to end on tiny cases and writes its
+files, and an implementation that disagrees with the reference is reported, not timed.
+
+Legend: B batch, m width, C channels, N steps.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ is not installed; it lives next to tests/
+    sys.path.insert(0, str(REPO))
+
+from bench import run  # noqa: E402
+from bench.cases import (CASE_SETS, MODES, Impl, check_agreement, forward_backward, make_inputs,  # noqa: E402
+                         oracle_outputs, reference_impl)
+
+TINY_ARGS = ["--sizes", "tiny", "--device", "cpu", "--no-compile", "--no-progress", "--min-run-time", "0.005"]
+
+
+def _wrong_impl() -> Impl:
+    """The reference with the scale off by 1 percent: plausible output, wrong numbers."""
+
+    def build(case):
+        ref = reference_impl().build(case)
+        return lambda x, weight, bias: ref(x, weight, bias) * 1.01
+
+    return Impl("off_by_1pct", build)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run.main(TINY_ARGS + ["--out", str(out)], extra_impls=[_wrong_impl()])
+    return out, result
+
+
+def test_writes_json_csv_png(tiny_run):
+    out, result = tiny_run
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 3 and {Path(f).suffix for f in files} == {".json", ".csv", ".png"}
+    stem = Path(files[0]).stem
+    assert stem.startswith("cpu-float32-") and len(stem.split("-")[-1]) == 8  # <device>-<dtype>-<YYYYMMDD>
+
+    data = json.loads((out / f"{stem}.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "device_name", "dtype", "torch", "git_sha", "date", "threads"):
+        assert meta[key] not in (None, ""), key
+    assert meta["torch"] == torch.__version__
+    rows = data["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"reference", "off_by_1pct"} <= impls and "compiled" not in impls
+    assert len(rows) == len(CASE_SETS["tiny"]) * len(impls) * len(MODES)
+    assert all("agrees" in r for r in rows)
+
+    with (out / f"{stem}.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {"case", "impl", "mode", "median_ms", "p20_ms", "p80_ms", "speedup", "agrees", "device", "dtype",
+            "torch", "git_sha", "date"} <= set(csv_rows[0])
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_is_timed_and_agrees(tiny_run):
+    _, result = tiny_run
+    ref_rows = [r for r in result["rows"] if r["impl"] == "reference"]
+    assert ref_rows and all(r["status"] == run.OK and r["agrees"] is True for r in ref_rows)
+    for r in ref_rows:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["speedup"] == pytest.approx(1.0)
+
+
+def test_wrong_impl_is_reported_not_timed(tiny_run, capsys):
+    _, result = tiny_run
+    wrong = [r for r in result["rows"] if r["impl"] == "off_by_1pct"]
+    assert len(wrong) == len(CASE_SETS["tiny"]) * len(MODES)
+    for r in wrong:
+        assert r["status"] == "WRONG" and r["agrees"] is False
+        assert r["median_ms"] is None and r["speedup"] is None
+        assert "output" in r["note"]
+    assert "WRONG" in run.format_table(result["rows"])
+
+
+def test_raising_impl_is_reported_not_fatal(tmp_path):
+    def build(case):
+        def fn(x, weight, bias):
+            raise RuntimeError("kernel not built")
+        return fn
+
+    result = run.main(TINY_ARGS + ["--cases", "tiny_dense", "--backends", "reference", "--out", str(tmp_path)],
+                      extra_impls=[Impl("broken", build)])
+    rows = [r for r in result["rows"] if r["impl"] == "broken"]
+    assert [r["status"] for r in rows] == ["ERROR"] * len(MODES)
+    assert all(r["agrees"] is False and "kernel not built" in r["note"] for r in rows)
+
+
+def test_check_agreement_catches_a_wrong_gradient():
+    case = CASE_SETS["tiny"][0]
+    inputs = make_inputs(case, "cpu")
+    expected = oracle_outputs(case, inputs)
+    actual = forward_backward(reference_impl().build(case), inputs)
+    assert check_agreement(actual, expected, torch.float32) is None
+    bad = list(actual)
+    bad[2] = bad[2] * 1.001  # grad weight
+    assert "grad weight" in check_agreement(bad, expected, torch.float32)
+
+
+def test_inputs_are_deterministic():
+    case = CASE_SETS["tiny"][1]
+    a, b = make_inputs(case, "cpu"), make_inputs(case, "cpu")
+    assert all(torch.equal(x, y) and x.requires_grad for x, y in zip(a, b))
+
+
+def test_script_entry_point_runs():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--no-compile" in proc.stdout and "--sizes" in proc.stdout

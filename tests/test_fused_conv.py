@@ -1,0 +1,290 @@
+"""The fused CPU conv backend (splinet_cuda::spline_conv_fwd / spline_conv_bwd) against the
+pure-PyTorch reference: forward and every gradient over spatial dims, variants, schemes,
+activations, degrees, kernel sizes, checkpointing and edge shapes; the ops' registration
+(opcheck, gradcheck), determinism and input checks of the raw ops.
+
+Legend: B batch, C channels, n = L + d coefficients, d degree, N steps, K checkpoint interval.
+"""
+import itertools
+
+import pytest
+import torch
+
+import splinet_cuda as sc
+
+ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
+SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
+VARIANTS = ["standard", "symmetric"]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+SPATIAL = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
+
+pytestmark = pytest.mark.skipif("cpu" not in sc.available_backends()
+                                or not torch._C._dispatch_has_kernel("splinet_cuda::spline_conv_fwd"),
+                                reason="fused CPU conv kernels not built")
+
+
+def make(sd=2, *, B=2, C=3, spatial=None, L=2, d=2, k=3, dtype=torch.float64, bias=True, learn_scale=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spatial = SPATIAL[sd] if spatial is None else spatial
+    ks = (k,) * sd if isinstance(k, int) else tuple(k)
+    fan_in = C
+    for v in ks:
+        fan_in *= v
+    x = torch.randn(B, C, *spatial, generator=g, dtype=torch.float64)
+    w = torch.randn(L + d, C, C, *ks, generator=g, dtype=torch.float64) * (0.9 / fan_in ** 0.5)
+    b = torch.randn(L + d, C, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    s = torch.tensor(1.3, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype=dtype).requires_grad_()
+    x, w, b, s = cast(x), cast(w), cast(b), cast(s)
+    if not learn_scale:
+        s = 1.3
+    return x, w, b, s
+
+
+def run(backend, x, w, b, s, *, trajectory=False, **kw):
+    """Output and gradients of a fixed nonlinear loss wrt every tensor input that requires grad."""
+    y = sc.spline_ode_conv(x, w, b, s, backend=backend, return_trajectory=trajectory, **kw)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    loss = (y.sin() * probe).sum()
+    inputs = [t for t in (x, w, b, s) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [y.detach()] + list(torch.autograd.grad(loss, inputs))
+
+
+def assert_match(args, dtype=torch.float64, **kw):
+    got = run("cpu", *args, **kw)
+    ref = run("reference", *args, **{k: v for k, v in kw.items() if k != "checkpoint"})
+    assert len(got) == len(ref)
+    for name, g, r in zip(["out", "x", "weight", "bias/scale", "scale"], got, ref):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        torch.testing.assert_close(g, r, **TOL[dtype], msg=lambda msg: f"{name}: {msg}")
+
+
+# Every variant x scheme x activation once; spatial dims, degree, kernel and bias cycle.
+GRID = [(v, s, a, 1 + i % 3, i % 4, (1, 3, 5)[(i // 2) % 3] if i % 3 != 2 else 3, i % 5 != 0)
+        for i, (v, s, a) in enumerate(itertools.product(VARIANTS, SCHEMES, ACTS))]
+
+
+@pytest.mark.parametrize("variant,scheme,activation,sd,degree,k,bias", GRID,
+                         ids=[f"{v}-{s}-{a}-{sd}d-d{d}-k{k}-{'b' if b else 'nob'}" for v, s, a, sd, d, k, b in GRID])
+def test_matches_reference_float64(variant, scheme, activation, sd, degree, k, bias):
+    args = make(sd, d=degree, k=k, bias=bias)
+    assert_match(args, steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant)
+
+
+@pytest.mark.parametrize("sd", [1, 2, 3])
+@pytest.mark.parametrize("variant,scheme,activation", [("standard", "euler", "relu"), ("symmetric", "rk4", "tanh"),
+                                                       ("standard", "rk4_38", "softplus"),
+                                                       ("symmetric", "midpoint", "sigmoid")])
+def test_matches_reference_float32(sd, variant, scheme, activation):
+    spatial = {1: (16,), 2: (8, 9), 3: (5, 4, 6)}[sd]
+    args = make(sd, B=3, C=4, spatial=spatial, L=3, d=2, dtype=torch.float32)
+    assert_match(args, dtype=torch.float32, steps=4, degree=2, activation=activation, scheme=scheme, variant=variant)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_degrees_and_kernels(degree, k):
+    args = make(2, spatial=(6, 5), L=3, d=degree, k=k)
+    assert_match(args, steps=5, degree=degree, activation="tanh", scheme="midpoint", variant="symmetric")
+
+
+@pytest.mark.parametrize("sd,k", [(2, (3, 1)), (3, (1, 3, 5)), (1, 5)])
+def test_mixed_and_large_kernels(sd, k):
+    """Kernels of different sizes per dim, and kernels larger than the image."""
+    spatial = {1: (3,), 2: (4, 2), 3: (2, 3, 4)}[sd]
+    args = make(sd, spatial=spatial, k=k)
+    assert_match(args, steps=2, degree=2, activation="softplus", scheme="rk4", variant="standard")
+
+
+@pytest.mark.parametrize("sd", [1, 2, 3])
+@pytest.mark.parametrize("B,C,N,L", [(1, 1, 1, 1), (1, 3, 2, 2), (2, 1, 3, 4), (2, 2, 1, 3)],
+                         ids=["B1-C1-N1", "B1", "C1", "N1"])
+def test_edge_shapes(sd, B, C, N, L):
+    args = make(sd, B=B, C=C, L=L, d=1)
+    assert_match(args, steps=N, degree=1, activation="sigmoid", scheme="rk4", variant="symmetric")
+
+
+def test_remark1_resnet_knots():
+    """d = 1, L = N: one coefficient per step (an ODEnet); lam = N makes each step a ResNet block."""
+    x, w, b, _ = make(2, L=4, d=1)
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    assert_match((x, w, b, s), steps=4, degree=1, activation="relu", scheme="euler", variant="standard")
+    y = sc.spline_ode_conv(x, w, b, s, steps=1, degree=1, activation="relu", backend="cpu")
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sd", [1, 3])
+def test_trajectory(variant, sd):
+    args = make(sd, L=2, d=3)
+    kw = dict(steps=4, degree=3, activation="softplus", scheme="rk4_38", variant=variant)
+    assert_match(args, trajectory=True, **kw)
+    traj = sc.spline_ode_conv(*args, backend="cpu", return_trajectory=True, checkpoint=3, **kw)
+    assert traj.shape == (5, *args[0].shape)
+    torch.testing.assert_close(traj[0], args[0].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("learn_scale,bias", [(True, False), (False, True), (False, False)])
+def test_scale_and_bias_options(learn_scale, bias):
+    args = make(2, bias=bias, learn_scale=learn_scale)
+    assert_match(args, steps=3, degree=2, activation="tanh", scheme="euler", variant="symmetric")
+
+
+@pytest.mark.parametrize("variant,scheme", [("standard", "rk4"), ("symmetric", "rk4_38")])
+@pytest.mark.parametrize("checkpoint", [2, 3, 7])
+def test_checkpointing_is_exact(variant, scheme, checkpoint):
+    """Recomputed segments replay the forward bit for bit, so gradients equal those of checkpoint=1."""
+    args = make(2, B=2, C=2, L=3)
+    kw = dict(steps=5, degree=2, activation="tanh", scheme=scheme, variant=variant)
+    full = run("cpu", *args, checkpoint=1, **kw)
+    ckpt = run("cpu", *args, checkpoint=checkpoint, **kw)
+    for a, b in zip(full, ckpt):
+        assert torch.equal(a, b)
+    assert_match(args, checkpoint=checkpoint, **kw)
+
+
+def test_checkpointed_saved_states():
+    """The forward op keeps x_0, x_K, x_2K, ... below N and x_N."""
+    x, w, b, s = (t.detach() for t in make(2, L=2))
+    cfg = dict(steps=7, degree=2, activation="relu", scheme="midpoint", variant="standard")
+    traj = sc.spline_ode_conv(x, w, b, s, backend="reference", return_trajectory=True, **cfg)
+    states = torch.ops.splinet_cuda.spline_conv_fwd(x, w, b, s, 7, 2, "relu", "midpoint", "standard", 0.0, 3)
+    assert states.shape == (4, *x.shape)
+    torch.testing.assert_close(states, traj[[0, 3, 6, 7]], **TOL[torch.float64])
+
+
+def test_noncontiguous_inputs():
+    x_big = torch.randn(2, 3, 6, 10, dtype=torch.float64)
+    x = x_big[:, :, :, ::2].detach().requires_grad_()  # (2, 3, 6, 5), stride 2
+    w = (0.2 * torch.randn(4, 3, 3, 3, 3, dtype=torch.float64)).transpose(1, 2).detach().requires_grad_()
+    b = torch.randn(3, 4, dtype=torch.float64).t().detach().requires_grad_()
+    xl = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or xl.is_contiguous())
+    for xx in (x, xl):
+        assert_match((xx, w, b, 0.7), steps=3, degree=2, activation="relu", scheme="rk4", variant="symmetric")
+
+
+def test_empty_batch():
+    x, w, b, s = make(2, B=0)
+    y = sc.spline_ode_conv(x, w, b, s, steps=2, degree=2, backend="cpu")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and float(s.grad) == 0.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("activation", ACTS)
+def test_nan_propagates_like_reference(variant, activation):
+    x, w, b, s = (t.detach() for t in make(2, B=1, C=2))
+    x[0, 0, 2, 2] = float("nan")
+    kw = dict(steps=2, degree=2, activation=activation, variant=variant)
+    got = sc.spline_ode_conv(x, w, b, s, backend="cpu", **kw)
+    ref = sc.spline_ode_conv(x, w, b, s, backend="reference", **kw)
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+
+
+def test_auto_picks_fused_on_cpu():
+    from splinet_cuda._autograd import spline_ode_conv_fused
+    from splinet_cuda._dispatch import _select
+
+    for dt in (torch.float32, torch.float64):
+        assert _select("auto", "spline_ode_conv", torch.device("cpu"), dt) is spline_ode_conv_fused
+
+
+@pytest.mark.parametrize("sd,variant,scheme,activation", [(1, "standard", "euler", "tanh"),
+                                                          (2, "symmetric", "rk4", "softplus"),
+                                                          (3, "symmetric", "midpoint", "sigmoid")])
+def test_gradcheck(sd, variant, scheme, activation):
+    spatial = {1: (5,), 2: (4, 3), 3: (3, 2, 3)}[sd]
+    x, w, b, s = make(sd, B=2, C=2, spatial=spatial, L=2, d=2)
+    fn = lambda x, w, b, s: sc.spline_ode_conv(x, w, b, s, steps=3, degree=2, activation=activation, scheme=scheme,
+                                               variant=variant, backend="cpu", checkpoint=2)
+    assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sd,variant,checkpoint", [(2, "symmetric", 1), (1, "standard", 2), (3, "standard", 1)])
+def test_opcheck(bias, sd, variant, checkpoint):
+    x, w, b, s = (None if t is None else t.detach() for t in make(sd, B=2, C=2, bias=bias))
+    cfg = (3, 2, "tanh", "rk4", variant, 0.0, checkpoint)
+    fwd = torch.ops.splinet_cuda.spline_conv_fwd
+    req = lambda t: None if t is None else t.clone().requires_grad_()
+    torch.library.opcheck(fwd.default, (req(x), req(w), req(b), req(s)) + cfg)
+    states = fwd(x, w, b, s, *cfg)
+    bwd_args = (torch.randn_like(states), states, w, b, s) + cfg
+    torch.library.opcheck(torch.ops.splinet_cuda.spline_conv_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deterministic(dtype):
+    args = make(2, B=3, C=4, spatial=(70, 65), L=3, dtype=dtype)  # several blocks per plane
+    kw = dict(steps=3, degree=2, activation="softplus", scheme="rk4", variant="symmetric")
+    first = run("cpu", *args, **kw)
+    second = run("cpu", *args, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input to the raw ops: ValueError / TypeError, never a crash.
+# --------------------------------------------------------------------------------------
+
+def _raw_args():
+    x, w, b, s = (t.detach() for t in make(2, B=2, C=2))
+    return dict(x=x, weight=w, bias=b, scale=s, steps=3, degree=2, activation="relu", scheme="euler",
+                variant="standard", gamma=0.0, checkpoint=1)
+
+
+BAD_FWD = {
+    "x-2d": (ValueError, dict(x=torch.randn(2, 2, dtype=torch.float64))),
+    "x-6d": (ValueError, dict(x=torch.randn(1, 2, 2, 2, 2, 2, dtype=torch.float64))),
+    "x-int": (TypeError, dict(x=torch.ones(2, 2, 5, 4, dtype=torch.int64))),
+    "x-half": (TypeError, dict(x=torch.randn(2, 2, 5, 4).half())),
+    "weight-dims": (ValueError, dict(weight=torch.randn(4, 2, 2, 3, dtype=torch.float64))),
+    "weight-channels": (ValueError, dict(weight=torch.randn(4, 3, 2, 3, 3, dtype=torch.float64))),
+    "weight-even-kernel": (ValueError, dict(weight=torch.randn(4, 2, 2, 3, 2, dtype=torch.float64))),
+    "weight-dtype": (TypeError, dict(weight=torch.randn(4, 2, 2, 3, 3))),
+    "bias-shape": (ValueError, dict(bias=torch.randn(3, 2, dtype=torch.float64))),
+    "bias-dtype": (TypeError, dict(bias=torch.randn(4, 2))),
+    "scale-numel": (ValueError, dict(scale=torch.ones(2, dtype=torch.float64))),
+    "scale-int": (TypeError, dict(scale=torch.tensor(1))),
+    "scale-nan": (ValueError, dict(scale=torch.tensor(float("nan")))),
+    "steps": (ValueError, dict(steps=0)),
+    "degree-neg": (ValueError, dict(degree=-1)),
+    "n<=degree": (ValueError, dict(degree=4)),
+    "checkpoint": (ValueError, dict(checkpoint=0)),
+    "activation": (ValueError, dict(activation="gelu")),
+    "scheme": (ValueError, dict(scheme="rk45")),
+    "variant": (ValueError, dict(variant="skew")),
+    "antisymmetric": (ValueError, dict(variant="antisymmetric")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FWD))
+def test_bad_input_fwd(case):
+    exc, change = BAD_FWD[case]
+    args = {**_raw_args(), **change}
+    with pytest.raises(exc):
+        torch.ops.splinet_cuda.spline_conv_fwd(*args.values())
+
+
+@pytest.mark.parametrize("case", list(BAD_FWD) + ["states-count", "states-dims", "grad-shape", "grad-int"])
+def test_bad_input_bwd(case):
+    args = _raw_args()
+    good = torch.ops.splinet_cuda.spline_conv_fwd(*args.values())
+    x = args.pop("x")
+    states, grad = good, torch.ones_like(good)
+    if case in BAD_FWD:
+        exc, change = BAD_FWD[case]
+        if "x" in change:
+            states = change["x"].unsqueeze(0).expand(4, *change["x"].shape)
+            grad = torch.ones_like(states)
+        else:
+            args.update(change)
+    else:
+        exc = TypeError if case == "grad-int" else ValueError
+        states = {"states-count": good[:3], "states-dims": x}.get(case, good)
+        grad = {"grad-shape": good[1:], "grad-int": torch.ones(good.shape, dtype=torch.int64)}.get(
+            case, torch.ones_like(states))
+    with pytest.raises(exc):
+        torch.ops.splinet_cuda.spline_conv_bwd(grad, states, *args.values())

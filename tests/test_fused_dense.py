@@ -1,0 +1,245 @@
+"""The fused dense backends against the pure-PyTorch reference: forward, every gradient,
+every variant / scheme / activation / degree, checkpointing, edge shapes, the ops'
+registration (opcheck, torch.compile), determinism and input checks.
+
+Legend: B batch, m width, n = L + d coefficients, d degree, N steps.
+"""
+import itertools
+
+import pytest
+import torch
+
+import splinet_cuda as sc
+from splinet_cuda import _ext
+
+ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
+SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
+VARIANTS = ["standard", "symmetric", "antisymmetric"]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+FUSED = [(b, dev) for b, dev in [("cpu", "cpu"), ("cuda", "cuda")]
+         if b in sc.available_backends() and (dev == "cpu" or torch.cuda.is_available())]
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused dense backend built")
+
+
+def make(B, m, L, d, *, dtype=torch.float64, device="cpu", bias=True, learn_scale=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, m, generator=g, dtype=torch.float64)
+    w = torch.randn(L + d, m, m, generator=g, dtype=torch.float64) * (0.8 / max(m, 1) ** 0.5)
+    b = torch.randn(L + d, m, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    s = torch.tensor(1.3, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device).requires_grad_()
+    x, w, b, s = cast(x), cast(w), cast(b), cast(s)
+    if not learn_scale:
+        s = 1.3
+    return x, w, b, s
+
+
+def run(backend, x, w, b, s, *, trajectory=False, **kw):
+    """Output and gradients of a fixed nonlinear loss wrt every tensor input."""
+    y = sc.spline_ode(x, w, b, s, backend=backend, return_trajectory=trajectory, **kw)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
+    loss = (y.sin() * probe).sum()
+    inputs = [t for t in (x, w, b, s) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [y.detach()] + list(torch.autograd.grad(loss, inputs))
+
+
+def assert_match(backend, args, dtype=torch.float64, **kw):
+    got = run(backend, *args, **kw)
+    ref = run("reference", *args, **{k: v for k, v in kw.items() if k != "checkpoint"})
+    for name, g, r in zip(["out", "x", "weight", "bias/scale", "scale"], got, ref):
+        torch.testing.assert_close(g, r, **TOL[dtype], msg=lambda msg: f"{name}: {msg}")
+
+
+# Every variant x scheme x activation, degrees and bias cycling through the grid.
+GRID = [(v, s, a, (i % 4), i % 3 != 0) for i, (v, s, a) in enumerate(itertools.product(VARIANTS, SCHEMES, ACTS))]
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID,
+                         ids=[f"{v}-{s}-{a}-d{d}-{'b' if b else 'nob'}" for v, s, a, d, b in GRID])
+def test_matches_reference_float64(backend, device, variant, scheme, activation, degree, bias):
+    args = make(5, 4, 3, degree, device=device, bias=bias)
+    assert_match(backend, args, steps=6, degree=degree, activation=activation, scheme=scheme, variant=variant,
+                 gamma=0.2)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("scheme", ["euler", "rk4"])
+@pytest.mark.parametrize("m", [7, 48, 67])  # small-width loops and the GEMM path
+def test_matches_reference_float32(backend, device, variant, scheme, m):
+    args = make(9, m, 4, 2, dtype=torch.float32, device=device)
+    assert_match(backend, args, dtype=torch.float32, steps=5, degree=2, activation="tanh", scheme=scheme,
+                 variant=variant, gamma=0.1)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+@pytest.mark.parametrize("B,m,N,L", [(1, 1, 1, 1), (1, 5, 3, 2), (3, 1, 4, 5), (2, 3, 1, 4), (13, 64, 3, 2)],
+                         ids=["B1-m1-N1", "B1", "m1", "N1", "gemm"])
+def test_edge_shapes(backend, device, degree, B, m, N, L):
+    args = make(B, m, L, degree, device=device)
+    assert_match(backend, args, steps=N, degree=degree, activation="tanh", scheme="rk4", variant="standard")
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("m", [4, 50])
+def test_trajectory(backend, device, variant, m):
+    args = make(3, m, 2, 3, device=device)
+    kw = dict(steps=5, degree=3, activation="softplus", scheme="midpoint", variant=variant)
+    assert_match(backend, args, trajectory=True, **kw)
+    traj = sc.spline_ode(*args, backend=backend, return_trajectory=True, **kw)
+    assert traj.shape == (6, 3, m)
+    torch.testing.assert_close(traj[0], args[0].detach())
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("learn_scale,bias", [(True, False), (False, True), (False, False)])
+def test_scale_and_bias_options(backend, device, learn_scale, bias):
+    args = make(4, 3, 2, 1, device=device, bias=bias, learn_scale=learn_scale)
+    assert_match(backend, args, steps=4, degree=1, activation="sigmoid", scheme="euler", variant="symmetric")
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("m", [4, 64])
+@pytest.mark.parametrize("checkpoint", [2, 3, 7, 50])
+def test_checkpointing_is_exact(backend, device, m, checkpoint):
+    """Recomputed segments replay the forward bit for bit, so gradients equal those of checkpoint=1."""
+    args = make(6, m, 3, 2, device=device)
+    kw = dict(steps=7, degree=2, activation="tanh", scheme="rk4", variant="standard")
+    full = run(backend, *args, checkpoint=1, **kw)
+    ckpt = run(backend, *args, checkpoint=checkpoint, **kw)
+    for a, b in zip(full, ckpt):
+        assert torch.equal(a, b)
+    assert_match(backend, args, checkpoint=checkpoint, **kw)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_noncontiguous_inputs(backend, device):
+    x_big = torch.randn(4, 10, dtype=torch.float64, device=device)
+    x = x_big[:, ::2].detach().requires_grad_()  # (4, 5), stride 2
+    w = (0.3 * torch.randn(6, 5, 5, dtype=torch.float64, device=device)).transpose(1, 2).detach().requires_grad_()
+    b = torch.randn(5, 6, dtype=torch.float64, device=device).t().detach().requires_grad_()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    assert_match(backend, (x, w, b, 0.7), steps=4, degree=3, activation="relu", scheme="rk4_38",
+                 variant="antisymmetric", gamma=0.5)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("variant,scheme", [("standard", "euler"), ("symmetric", "rk4"), ("antisymmetric", "midpoint")])
+@pytest.mark.parametrize("m", [3, 48])
+def test_gradcheck(backend, device, variant, scheme, m):
+    x, w, b, s = make(2, m, 2, 2, device=device)
+    fn = lambda x, w, b, s: sc.spline_ode(x, w, b, s, steps=3, degree=2, activation="tanh", scheme=scheme,
+                                          variant=variant, gamma=0.3, backend=backend)
+    assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7, fast_mode=m > 8)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m,checkpoint", [(3, 1), (3, 2), (48, 1)])
+def test_opcheck(backend, device, bias, m, checkpoint):
+    x, w, b, s = make(3, m, 2, 2, device=device, bias=bias)
+    cfg = (5, 2, "tanh", "rk4", "symmetric", 0.0, checkpoint)
+    fwd = torch.ops.splinet_cuda.spline_dense_fwd
+    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
+    states = fwd(x.detach(), w.detach(), None if b is None else b.detach(), s.detach(), *cfg)
+    bwd_args = (torch.randn_like(states), states, w.detach(), None if b is None else b.detach(), s.detach()) + cfg
+    torch.library.opcheck(torch.ops.splinet_cuda.spline_dense_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    layer = sc.SplineODE(6, knots=3, degree=2, steps=4, activation="tanh", scheme="rk4", learn_scale=True,
+                         backend=backend, dtype=torch.float64, device=device)
+    head = torch.nn.Linear(6, 2, dtype=torch.float64, device=device)
+    model = torch.nn.Sequential(layer, head)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        loss = m(x).square().sum()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_deterministic(backend, device):
+    args = make(600, 6, 4, 3, dtype=torch.float32, device=device)  # several row chunks
+    kw = dict(steps=20, degree=3, activation="tanh", scheme="rk4", variant="standard")
+    first, second = run(backend, *args, **kw), run(backend, *args, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_many_steps(backend, device):
+    x, w, b, s = make(8, 4, 10, 3, device=device)
+    kw = dict(steps=2000, degree=3, activation="tanh", scheme="euler")
+    y = sc.spline_ode(x, w, b, s, backend=backend, **kw)
+    y.sum().backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(y, sc.reference.spline_ode(x, w, b, s, **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_double_backward_raises(backend, device):
+    x, w, b, s = make(2, 3, 2, 1, device=device)
+    y = sc.spline_ode(x, w, b, s, steps=2, degree=1, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_auto_picks_fused_backend(backend, device):
+    x, w, b, s = make(3, 4, 2, 1, device=device)
+    assert sc._dispatch._select("auto", "spline_ode", x.device, x.dtype) is sc._autograd.spline_ode_fused
+
+
+def test_raw_ops_reject_bad_input():
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4, 4), torch.randn(5, 4)
+    s = torch.tensor(1.0)
+    fwd = torch.ops.splinet_cuda.spline_dense_fwd
+    cfg = lambda **kw: {**dict(steps=3, degree=1, activation="tanh", scheme="euler", variant="standard",
+                               gamma=0.0, checkpoint=1), **kw}
+    call = lambda *a, **kw: fwd(*a, *cfg(**kw).values())
+    with pytest.raises(ValueError, match="weight"):
+        call(x, torch.randn(5, 3, 3), b, s)
+    with pytest.raises(ValueError, match="bias"):
+        call(x, w, torch.randn(5, 3), s)
+    with pytest.raises(ValueError, match="degree"):
+        call(x, w, b, s, degree=5)
+    with pytest.raises(ValueError, match="steps"):
+        call(x, w, b, s, steps=0)
+    with pytest.raises(ValueError, match="checkpoint"):
+        call(x, w, b, s, checkpoint=0)
+    with pytest.raises(ValueError, match="activation"):
+        call(x, w, b, s, activation="gelu")
+    with pytest.raises(ValueError, match="scheme"):
+        call(x, w, b, s, scheme="rk5")
+    with pytest.raises(ValueError, match="variant"):
+        call(x, w, b, s, variant="skew")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        call(x.half(), w.half(), b.half(), s)
+    with pytest.raises(TypeError, match="dtype"):
+        call(x, w.double(), b, s)
+    states = fwd(x, w, b, s, *cfg().values())
+    with pytest.raises(ValueError, match="states"):
+        torch.ops.splinet_cuda.spline_dense_bwd(states[:-1], states[:-1], w, b, s, *cfg().values())
+
+
+def test_public_api_rejects_bad_checkpoint_and_dtype():
+    x, w = torch.randn(3, 4), torch.randn(5, 4, 4)
+    with pytest.raises(ValueError, match="checkpoint"):
+        sc.spline_ode(x, w, None, 1.0, steps=3, degree=1, backend="cpu", checkpoint=0)
+    with pytest.raises(TypeError, match="dtype"):
+        sc.spline_ode(x.half(), w.half(), None, 1.0, steps=3, degree=1, backend="cpu")
