@@ -66,4 +66,10 @@ inline int64_t num_saved_states(int64_t steps, int64_t checkpoint) {
   return (steps + checkpoint - 1) / checkpoint + 1;
 }
 
+// Saved-state slot of state x_i, or -1 when it is not saved (see num_saved_states).
+inline int64_t saved_slot(int64_t i, int64_t steps, int64_t checkpoint) {
+  if (i == steps) return num_saved_states(steps, checkpoint) - 1;
+  return i % checkpoint == 0 ? i / checkpoint : -1;
+}
+
 }  // namespace splinet

@@ -424,12 +424,6 @@ ConvArgs make_conv_args(const at::Tensor& x, const at::Tensor& weight, bool has_
   return a;
 }
 
-// Saved-state slot of state x_i, or -1 when it is not saved (see num_saved_states).
-inline int64_t conv_saved_slot(int64_t i, int64_t N, int64_t K) {
-  if (i == N) return num_saved_states(N, K) - 1;
-  return i % K == 0 ? i / K : -1;
-}
-
 at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
                                int64_t degree, c10::string_view activation, c10::string_view scheme,
@@ -456,7 +450,7 @@ at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_
       at::Tensor cur = states[0];
       at::Tensor scratch[2] = {at::empty(a.state_shape, x.options()), at::empty(a.state_shape, x.options())};
       for (int64_t i = 0; i < a.N; ++i) {
-        const int64_t slot = conv_saved_slot(i + 1, a.N, a.K);
+        const int64_t slot = saved_slot(i + 1, a.N, a.K);
         at::Tensor nxt = slot >= 0 ? states[slot] : scratch[i % 2];
         stepper.step(i, cur, nxt.data_ptr<scalar_t>(), false);
         cur = nxt;
@@ -515,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
             stepper.step(i, state_at(i), seg[i + 1 - i0].data_ptr<scalar_t>(), false);
           for (int64_t i = i1 - 1; i >= i0; --i) {
             stepper.step(i, state_at(i), nullptr, true);
-            const int64_t slot = conv_saved_slot(i, a.N, a.K);
+            const int64_t slot = saved_slot(i, a.N, a.K);
             const scalar_t* extra = slot >= 0 ? grad_states[slot].const_data_ptr<scalar_t>() : nullptr;
             stepper.step_adjoint(z, extra, grad_w, gb, glam);
           }

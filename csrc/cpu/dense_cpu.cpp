@@ -473,11 +473,6 @@ void dispatch_width(int64_t m, F&& fn) {
   }
 }
 
-// Saved-state slot of state x_i, or -1 when it is not saved (see num_saved_states).
-inline int64_t saved_slot(int64_t i, int64_t N, int64_t K) {
-  if (i == N) return num_saved_states(N, K) - 1;
-  return i % K == 0 ? i / K : -1;
-}
 
 at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                 const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
@@ -590,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
       });
     });
   }
-  at::Tensor grad_scale = at::full({}, glam, scale.options());
+  at::Tensor grad_scale = at::full(scale.sizes(), glam, scale.options());
   return {grad_x, grad_w, grad_b, grad_scale};
 }
 
