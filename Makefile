@@ -43,7 +43,7 @@ bench: build
 	$(VPY) -m bench
 
 bench-pytest: build
-	$(VPY) -m pytest bench -q
+	$(VPY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 clean:
 	rm -rf build *.egg-info splinet_cuda/*.so

@@ -24,7 +24,8 @@ import splinet_cuda as sc
 __all__ = [
     "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "IMPL_NAMES",
     "make_inputs", "loss_fn", "forward_backward", "oracle_outputs", "check_agreement",
-    "backend_impl", "reference_impl", "compiled_impl", "default_impls",
+    "backend_impl", "reference_impl", "compiled_impl", "default_impls", "checkpoint_interval",
+    "FUSED_BACKENDS", "PEERS",
 ]
 
 # "fwd": the forward of a training step (inputs require grad, so whatever a backend saves
@@ -48,8 +49,12 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.bfloat16: (1e-1, 5e-2),
 }
 
-# Every name --backends accepts: the SPEC 2 backends plus the torch.compile baseline.
-IMPL_NAMES = ("reference", "cpu", "triton", "cuda", "compiled")
+# Every name --backends accepts: the SPEC 2 backends, each also with checkpointing
+# ("<backend>+ckpt", every ceil(sqrt(N))-th state kept), the torch.compile baseline and the
+# torchdiffeq peers (bench/peers.py).
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
+PEERS = ("torchdiffeq", "torchdiffeq_adjoint")
+IMPL_NAMES = ("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + ("compiled",) + PEERS
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Case:
     scale: float = 1.0
     dtype: str = "float32"
     compile: bool = True
+    memory: bool = False  # measure the peak memory of the forward+backward (slow on CPU)
 
     def __post_init__(self) -> None:
         if self.kind == "dense":
@@ -143,7 +149,7 @@ def _conv(name: str, B: int, C: int, spatial: Tuple[int, ...], N: int, activatio
 QUICK: List[Case] = [
     _dense("sin", 256, 4, 100, compile=False),
     _dense("peaks", 1000, 5, 50, "relu"),
-    _dense("dense64", 512, 64, 50, compile=False),
+    _dense("dense64", 512, 64, 50, compile=False, memory=True),
     _dense("dense256", 256, 256, 20, compile=False),
     _conv("conv1d", 16, 32, (64,), 10, compile=False),
     _conv("conv2d", 8, 8, (16, 16), 10, compile=False),
@@ -151,23 +157,40 @@ QUICK: List[Case] = [
 
 # Larger sizes for a GPU or a patient CPU. indian_pines takes the paper's 220 channels
 # (seed 000 §4.1.3); its spatial length of 16 is an assumption, the paper does not say.
-FULL: List[Case] = [replace(c, compile=True) for c in QUICK] + [
+FULL: List[Case] = [replace(c, compile=True, memory=True) for c in QUICK] + [
     _dense("dense256_rk4", 1024, 256, 20, scheme="rk4"),
     _dense("dense1024", 2048, 1024, 20),
+    _dense("dense1024_d3", 4096, 1024, 16, d=3, L=8),  # the CUDA issue's large-width target
     _dense("dense256_d3", 4096, 256, 50, d=3, L=16),
     _conv("indian_pines", 64, 220, (16,), 20),
-    _conv("conv2d_64", 32, 64, (32, 32), 20),
+    _conv("conv2d_64", 64, 64, (32, 32), 16),
+    _conv("conv2d_16", 64, 16, (32, 32), 32),
+    _conv("conv2d_256", 64, 256, (32, 32), 16),
     _conv("conv3d", 4, 16, (16, 16, 16), 10),
 ]
 
+# Sweeps: one parameter varied around the paper's dense layer, named "<parameter>-<value>"
+# so the plots can put the value on their x axis.
+SWEEP: List[Case] = (
+    [_dense(f"width-{m}", 256, m, 10, compile=False) for m in (4, 16, 64, 256, 1024)]
+    + [_dense(f"steps-{n}", 256, 16, n, compile=False) for n in (10, 50, 200)]
+    + [_dense(f"degree-{d}", 256, 16, 20, d=d, compile=False) for d in (0, 1, 2, 3)]
+    + [_dense(f"batch-{b}", b, 16, 20, compile=False) for b in (1, 64, 4096)]
+    + [_dense(f"scheme-{s}", 256, 16, 20, scheme=s, compile=False) for s in ("euler", "midpoint", "rk4", "rk4_38")]
+    + [_conv(f"channels-{c}", 8, c, (16, 16), 10, compile=False) for c in (4, 16, 64)]
+)
+# The GPU's sweep adds the large widths.
+SWEEP_FULL: List[Case] = SWEEP + [_dense(f"width-{m}", 1024, m, 10, compile=False) for m in (2048, 4096)]
+
 # Seconds in total, for tests of the harness itself.
 TINY: List[Case] = [
-    _dense("tiny_dense", 8, 4, 4, L=2, d=1),
+    _dense("tiny_dense", 8, 4, 4, L=2, d=1, memory=True),
     _conv("tiny_conv1d", 2, 3, (8,), 3, L=2, d=2),
     _conv("tiny_conv2d", 2, 2, (5, 5), 2, L=1, d=3, activation="tanh"),
 ]
 
-CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL}
+CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL, "sweep": SWEEP,
+                                    "sweep-full": SWEEP_FULL}
 
 
 # --------------------------------------------------------------------------------------
@@ -222,11 +245,12 @@ _OUTPUT_NAMES = ("output", "grad x", "grad weight", "grad bias")
 
 
 def check_agreement(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
-                    dtype: torch.dtype) -> Optional[str]:
+                    dtype: torch.dtype, grads: bool = True) -> Optional[str]:
     """None when ``actual`` (from :func:`forward_backward`) matches the float64 ``expected``
-    within the tolerance of ``dtype`` (:data:`TOLERANCES`), else what differs."""
+    within the tolerance of ``dtype`` (:data:`TOLERANCES`), else what differs. With
+    ``grads=False`` only the output is compared."""
     rtol, atol = TOLERANCES[dtype]
-    for name, a, e in zip(_OUTPUT_NAMES, actual, expected):
+    for name, a, e in list(zip(_OUTPUT_NAMES, actual, expected))[: None if grads else 1]:
         if a.shape != e.shape:
             return f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
         scale = e.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
@@ -251,6 +275,9 @@ class Impl:
     build: Callable[[Case], Callable]
     skip: Callable[[Case, torch.device], Optional[str]] = lambda case, device: None
     compiled: bool = False
+    # False for a continuous adjoint (odeint_adjoint), whose gradients approximate the
+    # discrete ones: only its output is checked against the reference.
+    exact_grads: bool = True
 
 
 def _registry_entry(name: str):
@@ -259,11 +286,21 @@ def _registry_entry(name: str):
     return getattr(getattr(sc, "_dispatch", None), "_REGISTRY", {}).get(name)
 
 
+def checkpoint_interval(case: Case) -> int:
+    """The checkpoint interval of the "+ckpt" implementations: ceil(sqrt(N)) keeps
+    O(sqrt(N)) states and recomputes each segment once."""
+    return max(1, math.ceil(math.sqrt(case.N)))
+
+
 def backend_impl(name: str) -> Impl:
-    """A backend of ``sc.spline_ode``/``sc.spline_ode_conv`` ("reference", "cpu", "triton", "cuda")."""
+    """A backend of ``sc.spline_ode``/``sc.spline_ode_conv`` ("reference", "cpu", "triton",
+    "cuda"), or "<backend>+ckpt" for the same with checkpointing."""
+    impl_name, ckpt = name, name.endswith("+ckpt")
+    name = name[: -len("+ckpt")] if ckpt else name
 
     def build(case: Case) -> Callable:
-        return lambda x, weight, bias: case.run(x, weight, bias, backend=name)
+        kwargs = {"checkpoint": checkpoint_interval(case)} if ckpt else {}
+        return lambda x, weight, bias: case.run(x, weight, bias, backend=name, **kwargs)
 
     def skip(case: Case, device: torch.device) -> Optional[str]:
         entry = _registry_entry(name)
@@ -280,7 +317,7 @@ def backend_impl(name: str) -> Impl:
             return f"backend {name!r} takes {[str(t).replace('torch.', '') for t in dtypes]}"
         return None
 
-    return Impl(name, build, skip)
+    return Impl(impl_name, build, skip)
 
 
 def reference_impl() -> Impl:
@@ -313,7 +350,8 @@ def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True
     """The implementations to compare: ``names`` (default: every built backend, then
     ``compiled``), always with ``reference`` first since speedups are relative to it."""
     if names is None:
-        names = list(sc.available_backends()) + ["compiled"]
+        fused = [b for b in sc.available_backends() if b != "reference"]
+        names = fused + [f"{b}+ckpt" for b in fused] + ["compiled", *PEERS]
     unknown = [n for n in names if n not in IMPL_NAMES]
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; expected some of {list(IMPL_NAMES)}")
@@ -321,5 +359,10 @@ def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True
     for name in dict.fromkeys(names):
         if name == "reference" or (name == "compiled" and not compile):
             continue
-        impls.append(compiled_impl() if name == "compiled" else backend_impl(name))
+        if name in PEERS:
+            from bench.peers import torchdiffeq_impl
+
+            impls.append(torchdiffeq_impl(adjoint=name.endswith("adjoint")))
+        else:
+            impls.append(compiled_impl() if name == "compiled" else backend_impl(name))
     return impls

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from bench.cases import (CASE_SETS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
                          default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
+from bench.metrics import BWD_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -104,6 +105,8 @@ def _row(case: Case, impl: Impl, mode: str, status: str, *, agrees: Optional[boo
         "p20_ms": None if p20 is None else float(p20),
         "p80_ms": None if p80 is None else float(p80),
         "speedup": None, "compile_s": compile_s, "compile_cache": compile_cache, "note": note,
+        "gflops": None if p50 is None else flops(case, mode) / (p50 * 1e6),
+        "gemm_ms": None, "of_gemm": None, "peak_mb": None, "mem_vs_ref": None,
     }
 
 
@@ -125,11 +128,39 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
             rows += _bench_impl(case, impl, inputs, expected, timer, min_run_time)
         if progress is not None:
             progress.update()
-    ref = {r["mode"]: r["median_ms"] for r in rows if r["impl"] == "reference" and r["status"] == OK}
+    # The floor: the same products on the device's own GEMM/convolution, back to back.
+    gemm_ms = float(np.median(timer(product_fn(case, inputs), min_run_time)))
+    if case.memory:
+        _measure_memory(case, impls, inputs, device, rows)
+    ref = {r["mode"]: r for r in rows if r["impl"] == "reference" and r["status"] == OK}
     for r in rows:
-        if r["status"] == OK and ref.get(r["mode"]):
-            r["speedup"] = ref[r["mode"]] / r["median_ms"]
+        if r["status"] != OK:
+            continue
+        r["gemm_ms"] = gemm_ms * (1 if r["mode"] == "fwd" else BWD_FACTOR)
+        r["of_gemm"] = r["gemm_ms"] / r["median_ms"]
+        base = ref.get(r["mode"])
+        if base is not None:
+            r["speedup"] = base["median_ms"] / r["median_ms"]
+            if r["peak_mb"] is not None and base["peak_mb"]:
+                r["mem_vs_ref"] = r["peak_mb"] / base["peak_mb"]
     return rows
+
+
+def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: torch.device,
+                    rows: List[dict]) -> None:
+    """Peak memory of one forward+backward per implementation that ran, on its fwd+bwd row:
+    CUDA's allocator peak in this process; on the CPU the peak RSS of a fresh subprocess."""
+    for impl in impls:
+        (row,) = [r for r in rows if r["impl"] == impl.name and r["mode"] == "fwd+bwd"]
+        if row["status"] != OK:
+            continue
+        try:
+            if device.type == "cuda":
+                row["peak_mb"] = peak_memory_cuda(impl.build(case), inputs)
+            elif not impl.compiled and impl.name in IMPL_NAMES:  # rebuilt by name in the subprocess
+                row["peak_mb"] = peak_memory_cpu(case, impl.name)
+        except Exception as err:  # memory is extra information: never fatal
+            row["note"] = (row["note"] + f" memory: {type(err).__name__}: {err}").strip()
 
 
 def _bench_impl(case: Case, impl: Impl, inputs: Inputs, expected, timer, min_run_time: float) -> List[dict]:
@@ -141,7 +172,7 @@ def _bench_impl(case: Case, impl: Impl, inputs: Inputs, expected, timer, min_run
         start = time.perf_counter()
         actual = forward_backward(fn, inputs)  # the first call: builds a compiled impl
         first_call_s = time.perf_counter() - start
-        mismatch = check_agreement(actual, expected, case.torch_dtype)
+        mismatch = check_agreement(actual, expected, case.torch_dtype, grads=impl.exact_grads)
     except Exception as err:  # an implementation that raises is reported, not fatal
         note = f"{type(err).__name__}: {err}".splitlines()[0]
         return [_row(case, impl, mode, ERROR, agrees=False, note=note) for mode in MODES]
@@ -222,7 +253,7 @@ def metadata(device: torch.device, dtype: str, sizes: str) -> dict:
 
 
 CSV_FIELDS = ["case", "kind", "shape", "impl", "mode", "status", "agrees", "median_ms", "p20_ms", "p80_ms",
-              "speedup", "compile_s", "compile_cache", "device", "device_name", "dtype", "threads", "torch", "git_sha", "date",
+              "speedup", "gflops", "gemm_ms", "of_gemm", "peak_mb", "mem_vs_ref", "regression", "compile_s", "compile_cache", "device", "device_name", "dtype", "threads", "torch", "git_sha", "date",
               "note"]
 
 
@@ -239,7 +270,53 @@ def write_results(rows: List[dict], meta: dict, out: Path) -> Dict[str, Path]:
         for r in rows:
             writer.writerow({**meta, **r})
     plot_speedups(rows, meta, paths["png"])
+    sweeps = plot_sweeps(rows, meta, out / f"{stem}-sweeps.png")
+    if sweeps is not None:
+        paths["sweeps"] = sweeps
     return paths
+
+
+def plot_sweeps(rows: List[dict], meta: dict, path: Path) -> Optional[Path]:
+    """For cases named "<parameter>-<number>" (bench/cases.py SWEEP): fwd+bwd speedup
+    against the parameter per implementation, one panel per parameter, plus the peak
+    memory of every case that measured it. None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: Dict[str, Dict[str, list]] = {}
+    for r in rows:
+        head, _, value = r["case"].rpartition("-")
+        if r["mode"] != "fwd+bwd" or r["speedup"] is None or not head or not value.isdigit():
+            continue
+        series.setdefault(head, {}).setdefault(r["impl"], []).append((int(value), r["speedup"]))
+    memory = [r for r in rows if r.get("peak_mb") is not None]
+    panels = len(series) + (1 if memory else 0)
+    if panels == 0:
+        return None
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
+    for ax, (param, by_impl) in zip(axes[0], sorted(series.items())):
+        for impl, points in by_impl.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel(param)
+        ax.set_ylabel("fwd+bwd speedup vs reference")
+        ax.legend(fontsize=7)
+    if memory:
+        ax = axes[0][-1]
+        labels = [f"{r['case']}\n{r['impl']}" for r in memory]
+        ax.bar(range(len(memory)), [r["peak_mb"] for r in memory], color="C2")
+        ax.set_xticks(range(len(memory)), labels, rotation=90, fontsize=6)
+        ax.set_ylabel("peak MB of fwd+bwd")
+    fig.suptitle(f"splinet_cuda on {meta['device_name']}, {meta['dtype']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_speedups(rows: List[dict], meta: dict, path: Path) -> None:
@@ -280,11 +357,35 @@ def plot_speedups(rows: List[dict], meta: dict, path: Path) -> None:
 
 
 NOISY_SPREAD = 1.5
+REGRESSION = 0.10  # a median this much above the earlier file's is flagged
+
+
+def earlier_results(out: Path, meta: dict, exclude: Path) -> Optional[Path]:
+    """The newest results file in ``out`` for the same device and dtype, other than ``exclude``."""
+    found = sorted(p for p in out.glob(f"{meta['device']}-{meta['dtype']}-*.json") if p != exclude)
+    return found[-1] if found else None
+
+
+def compare(rows: List[dict], earlier: Path) -> int:
+    """Marks rows whose median is more than REGRESSION above the same (case, impl, mode)
+    in ``earlier``; returns how many."""
+    old = {(r["case"], r["impl"], r["mode"]): r for r in json.loads(earlier.read_text())["rows"]}
+    flagged = 0
+    for r in rows:
+        before = old.get((r["case"], r["impl"], r["mode"]))
+        if r["status"] != OK or before is None or not before.get("median_ms"):
+            continue
+        change = r["median_ms"] / before["median_ms"] - 1.0
+        if change > REGRESSION:
+            r["regression"] = f"+{100 * change:.0f}% vs {earlier.name}"
+            flagged += 1
+    return flagged
 
 
 def format_table(rows: List[dict]) -> str:
     """The rows as an aligned text table."""
-    header = ["case", "shape", "impl", "mode", "median ms", "p20-p80 ms", "speedup", "compile s (cache)"]
+    header = ["case", "shape", "impl", "mode", "median ms", "p20-p80 ms", "speedup", "GFLOP/s", "of GEMM",
+              "peak MB (vs ref)", "compile s (cache)"]
     lines = []
     for r in rows:
         if r["status"] == OK:
@@ -292,8 +393,16 @@ def format_table(rows: List[dict]) -> str:
         else:
             median, spread = r["status"], ""
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        if r.get("regression"):
+            speedup += " !"
+        gflops = f"{r['gflops']:.2f}" if r.get("gflops") is not None else ""
+        of_gemm = f"{100 * r['of_gemm']:.0f}%" if r.get("of_gemm") is not None else ""
+        mem = ""
+        if r.get("peak_mb") is not None:
+            mem = f"{r['peak_mb']:.1f}" + (f" ({r['mem_vs_ref']:.2f}x)" if r.get("mem_vs_ref") is not None else "")
         compile_s = f"{r['compile_s']:.1f} ({r['compile_cache']})" if r["compile_s"] is not None else ""
-        lines.append([r["case"], r["shape"], r["impl"], r["mode"], median, spread, speedup, compile_s])
+        lines.append([r["case"], r["shape"], r["impl"], r["mode"], median, spread, speedup, gflops, of_gemm, mem,
+                      compile_s])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
 
     def fmt(cells: Sequence[str]) -> str:  # numbers right-aligned
@@ -307,6 +416,9 @@ def format_table(rows: List[dict]) -> str:
              if r["status"] == OK and r["p80_ms"] > NOISY_SPREAD * r["p20_ms"]]
     if noisy:
         notes.append(f"  noisy (p80 > {NOISY_SPREAD} x p20; a busy machine? try --threads 1): {', '.join(noisy)}")
+    slower = [f"{r['case']}/{r['impl']}/{r['mode']} ({r['regression']})" for r in rows if r.get("regression")]
+    if slower:
+        notes.append(f"  ! slower than the earlier results by more than {100 * REGRESSION:.0f}%: {', '.join(slower)}")
     if notes:
         out += ["", "notes:"] + notes
     return "\n".join(out)
@@ -335,6 +447,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="CPU threads (torch.set_num_threads); 1 is steadier on a busy machine")
     p.add_argument("--min-run-time", type=float, default=0.25, help="seconds of timing per case, impl and mode")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, CSV and PNG")
+    p.add_argument("--compare", default="auto",
+                   help="earlier results JSON to flag regressions against (> 10%% slower); 'auto': the newest "
+                        "file in --out for this device and dtype; 'none': no comparison")
+    p.add_argument("--memory", action="store_true", help="measure peak memory on every case (default: marked cases)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p.parse_args(argv)
 
@@ -370,12 +486,21 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
             raise SystemExit(f"--cases: unknown {sorted(unknown)} in --sizes {args.sizes}; "
                              f"known: {[c.name for c in cases]}")
         cases = [c for c in cases if c.name in keep]
-    cases = [replace(c, dtype=args.dtype) for c in cases]
+    cases = [replace(c, dtype=args.dtype, memory=c.memory or args.memory) for c in cases]
 
     meta = metadata(device, args.dtype, args.sizes)
     start = time.perf_counter()
     rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
+    stem = f"{meta['device']}-{meta['dtype']}-{meta['date'][:10].replace('-', '')}"
+    earlier = None
+    if args.compare == "auto":
+        earlier = earlier_results(args.out, meta, args.out / f"{stem}.json")
+    elif args.compare != "none":
+        earlier = Path(args.compare)
+    if earlier is not None:
+        meta["compared_with"] = earlier.name
+        compare(rows, earlier)
     paths = write_results(rows, meta, args.out)
     print(f"\nsplinet_cuda benchmark: {meta['device_name']} ({meta['device']}), {args.dtype}, "
           f"torch {meta['torch']}, {meta['threads']} threads, git {meta['git_sha']}\n")

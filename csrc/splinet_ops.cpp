@@ -27,7 +27,8 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // (x_0, x_K, x_2K, ... below N, then x_N), all N + 1 of them when checkpoint = 1.
   m.def("spline_dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
-  // Adjoint sweep from step N - 1 down to 0 (paper eqs. 17-23), given dLoss/d(saved states):
+  // Adjoint sweep from step N - 1 down to 0 (paper eqs. 17-23), given dLoss/d(saved states)
+  // or dLoss/dx_N alone (shaped like one state):
   // returns (grad_x, grad_weight, grad_bias (empty without bias), grad_scale).
   m.def("spline_dense_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "

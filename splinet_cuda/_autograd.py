@@ -21,32 +21,49 @@ __all__ = ["SplineDenseFunction", "SplineConvFunction", "spline_ode_fused", "spl
 
 
 def _layer_function(name: str, fwd_op: str, bwd_op: str) -> type:
-    """An autograd.Function over the op pair torch.ops.splinet_cuda.<fwd_op>/<bwd_op>."""
+    """An autograd.Function over the op pair torch.ops.splinet_cuda.<fwd_op>/<bwd_op>.
 
-    def forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint):
-        return getattr(torch.ops.splinet_cuda, fwd_op)(x, weight, bias, scale, steps, degree, activation, scheme,
-                                                       variant, gamma, checkpoint)
+    ``apply(...)`` returns ``(x_N, states)``; the saved states are not differentiable, so
+    the backward op gets dLoss/dx_N alone and no zero-filled gradient of every state is
+    built. ``op_setup_context``/``op_backward`` are the op's own autograd (registered with
+    torch.library), used when the whole trajectory is the output.
+    """
+    op = lambda: getattr(torch.ops.splinet_cuda, fwd_op)
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, scale, *config = inputs
-        ctx.config = tuple(config)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(output, weight, bias, scale)
-
-    def backward(ctx, grad_states):
+    def run_backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
                                "use backend='reference' for higher-order gradients")
         states, weight, bias, scale = ctx.saved_tensors
-        gx, gw, gb, gs = getattr(torch.ops.splinet_cuda, bwd_op)(grad_states, states, weight, bias, scale,
-                                                                 *ctx.config)
+        gx, gw, gb, gs = getattr(torch.ops.splinet_cuda, bwd_op)(grad, states, weight, bias, scale, *ctx.config)
         return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
 
-    doc = (f"Fused layer: forward = {fwd_op} (all N steps, returns the saved states), backward = "
+    def save(ctx, inputs, states):
+        x, weight, bias, scale, *config = inputs
+        ctx.config = tuple(config)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(states, weight, bias, scale)
+
+    def forward(*inputs):
+        states = op()(*inputs)
+        return states[-1].clone(), states
+
+    def setup_context(ctx, inputs, output):
+        save(ctx, inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_last, grad_states):
+        return run_backward(ctx, grad_last)
+
+    def op_setup_context(ctx, inputs, output):
+        save(ctx, inputs, output)
+
+    doc = (f"Fused layer: forward = {fwd_op} (all N steps, returns x_N and the saved states), backward = "
            f"{bwd_op} (the adjoint sweep with the eq. 23 accumulation).")
     return type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
+        "backward": staticmethod(backward), "op_setup_context": staticmethod(op_setup_context),
+        "op_backward": staticmethod(run_backward), "op": staticmethod(op)})
 
 
 SplineDenseFunction = _layer_function("SplineDenseFunction", "spline_dense_fwd", "spline_dense_bwd")
@@ -58,8 +75,10 @@ def _run(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, va
     K = 1 if (checkpoint is None or return_trajectory) else int(checkpoint)
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
-    states = fn.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
-    return states if return_trajectory else states[-1]
+    args = (x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
+    if return_trajectory:  # the op itself, differentiable through its registered autograd
+        return fn.op()(*args)
+    return fn.apply(*args)[0]
 
 
 def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
@@ -81,7 +100,8 @@ def _register() -> None:
     for fn, op, impl in ((SplineDenseFunction, "spline_dense_fwd", spline_ode_fused),
                          (SplineConvFunction, "spline_conv_fwd", spline_ode_conv_fused)):
         if _ext.has_op(op):
-            torch.library.register_autograd(f"splinet_cuda::{op}", fn.backward, setup_context=fn.setup_context)
+            torch.library.register_autograd(f"splinet_cuda::{op}", fn.op_backward,
+                                            setup_context=fn.op_setup_context)
             built[op] = impl
     cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
     if cpu:

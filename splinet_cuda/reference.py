@@ -16,7 +16,7 @@ from ._basis import basis_grid
 from ._schemes import get_tableau
 from ._validate import Config, Scale, check_conv, check_dense
 
-__all__ = ["spline_ode", "spline_ode_conv", "ACTIVATION_FNS"]
+__all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "dense_rhs", "conv_rhs", "ACTIVATION_FNS"]
 
 ACTIVATION_FNS = {
     "identity": lambda a: a,
@@ -27,6 +27,32 @@ ACTIVATION_FNS = {
 }
 
 _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d), 3: (F.conv3d, F.conv_transpose3d)}
+
+
+def dense_rhs(activation: str, variant: str, gamma: float = 0.0) -> Callable:
+    """f(x, W, b) of the dense layer (SPEC 1.2), W and b already blended at one time."""
+    act = ACTIVATION_FNS[activation]
+
+    def rhs(xs, W, b):
+        if variant == "antisymmetric":
+            W = W - W.T - gamma * torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+        a = F.linear(xs, W, b)
+        return -act(a) @ W if variant == "symmetric" else act(a)
+
+    return rhs
+
+
+def conv_rhs(activation: str, variant: str, spatial_dims: int) -> Callable:
+    """f(x, K, b) of the conv layer (SPEC 1.2): stride 1, "same" zero padding."""
+    act = ACTIVATION_FNS[activation]
+    conv, conv_t = _CONV[spatial_dims]
+
+    def rhs(xs, K, b):
+        padding = tuple(k // 2 for k in K.shape[2:])
+        y = act(conv(xs, K, b, padding=padding))
+        return -conv_t(y, K, padding=padding) if variant == "symmetric" else y
+
+    return rhs
 
 
 def _check_backend(backend) -> None:
@@ -85,15 +111,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     cfg = check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                       scheme=scheme, variant=variant, gamma=gamma)
     _check_backend(backend)
-    act = ACTIVATION_FNS[activation]
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-
-    def rhs(xs, W, b):
-        if variant == "antisymmetric":
-            W = W - W.T - cfg.gamma * eye
-        a = F.linear(xs, W, b)
-        return -act(a) @ W if variant == "symmetric" else act(a)
-
+    rhs = dense_rhs(activation, variant, cfg.gamma)
     return _integrate(x, weight, bias, scale, cfg, rhs, return_trajectory)
 
 
@@ -115,12 +133,92 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     cfg = check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                      scheme=scheme, variant=variant, gamma=gamma)
     _check_backend(backend)
-    act = ACTIVATION_FNS[activation]
-    conv, conv_t = _CONV[x.dim() - 2]
-    padding = tuple(k // 2 for k in weight.shape[3:])
-
-    def rhs(xs, K, b):
-        y = act(conv(xs, K, b, padding=padding))
-        return -conv_t(y, K, padding=padding) if variant == "symmetric" else y
-
+    rhs = conv_rhs(activation, variant, x.dim() - 2)
     return _integrate(x, weight, bias, scale, cfg, rhs, return_trajectory)
+
+
+def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           scale: Scale, *, steps: int, degree: int, activation: str = "tanh",
+                           reverse: bool = False, return_trajectory: bool = False):
+    """Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004, "Hamiltonian CNNs"), pure PyTorch.
+
+    Two coupled states y, z of equal width m and two B-spline controls
+    theta1(t) = (K1(t), b1(t)) = (weight[:, 0], bias[:, 0]) and theta2(t) = (weight[:, 1], bias[:, 1]).
+    With F_sym(x; K, b) = -K^T act(K x + b) (row vectors: -act(x K^T + b) K), the seed's
+    symplectic Verlet step, h = 1/N, t_j = j h, lam = scale:
+
+        y_{j+1} = y_j + h lam F_sym(z_j;     K1(t_j), b1(t_j))
+        z_{j+1} = z_j - h lam F_sym(y_{j+1}; K2(t_j), b2(t_j))        j = 0 .. N-1
+
+    It is reversible: ``reverse=True`` takes (y_N, z_N) and runs the steps backwards,
+    z_j = z_{j+1} + h lam F_sym(y_{j+1}; theta2(t_j)), y_j = y_{j+1} - h lam F_sym(z_j; theta1(t_j)),
+    j = N-1 .. 0, recovering (y_0, z_0) up to rounding.
+
+    Reference (autograd) implementation only: there is no fused kernel for this layer.
+
+    Args:
+        y, z: (B, m) states. weight: (n, 2, m, m). bias: (n, 2, m) or None.
+        scale: lam, float or 0-dim tensor. steps: N. degree: d (n = L + d).
+    Returns:
+        (y_N, z_N), or with ``return_trajectory`` the trajectories ((N+1, B, m), (N+1, B, m))
+        in the order computed (from t = 1 down to 0 when ``reverse``).
+    """
+    from ._validate import ACTIVATIONS, _check_scale, _choice, _int_arg, _tensor_arg
+
+    y = _tensor_arg("y", y, "of shape (B, m)")
+    z = _tensor_arg("z", z, "of shape (B, m)")
+    weight = _tensor_arg("weight", weight, "of shape (n, 2, m, m)")
+    steps = _int_arg("steps", steps, 1)
+    degree = _int_arg("degree", degree, 0)
+    _choice("activation", activation, ACTIVATIONS)
+    if y.dim() != 2 or tuple(z.shape) != tuple(y.shape):
+        raise ValueError(f"y and z must both have shape (B, m), got {tuple(y.shape)} and {tuple(z.shape)}")
+    m = y.shape[1]
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (2, m, m):
+        raise ValueError(f"weight must have shape (n, 2, m, m) = (n, 2, {m}, {m}), got {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if n <= degree:
+        raise ValueError(f"weight has n = {n} coefficients but degree = {degree}: need n = L + degree, L >= 1")
+    if bias is not None:
+        bias = _tensor_arg("bias", bias, "of shape (n, 2, m)")
+        if tuple(bias.shape) != (n, 2, m):
+            raise ValueError(f"bias must have shape (n, 2, m) = {(n, 2, m)}, got {tuple(bias.shape)}")
+    for name, t in (("z", z), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != y.dtype or t.device != y.device):
+            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but y has dtype {y.dtype} on {y.device}: "
+                            f"all tensors must share one dtype and device")
+    _check_scale(scale, y)
+
+    act = ACTIVATION_FNS[activation]
+    h = 1.0 / steps
+    k_idx, w = basis_grid(steps, n - degree, degree, "euler")
+    k_idx = k_idx[:, 0].tolist()
+    w = w[:, 0].to(dtype=y.dtype, device=y.device)
+
+    def blend(coef, i):
+        if coef is None:
+            return None
+        k = k_idx[i]
+        return sum(w[i, r] * coef[k + r] for r in range(degree + 1))
+
+    def f_sym(x, K, b):
+        return -act(F.linear(x, K, b)) @ K
+
+    def both(i):
+        Wi, bi = blend(weight, i), blend(bias, i)
+        return (Wi[0], None if bi is None else bi[0]), (Wi[1], None if bi is None else bi[1])
+
+    ys, zs = [y], [z]
+    for i in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        (K1, b1), (K2, b2) = both(i)
+        if reverse:
+            z = z + (h * scale) * f_sym(y, K2, b2)
+            y = y - (h * scale) * f_sym(z, K1, b1)
+        else:
+            y = y + (h * scale) * f_sym(z, K1, b1)
+            z = z - (h * scale) * f_sym(y, K2, b2)
+        ys.append(y)
+        zs.append(z)
+    if return_trajectory:
+        return torch.stack(ys), torch.stack(zs)
+    return y, z

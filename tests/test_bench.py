@@ -45,8 +45,9 @@ def tiny_run(tmp_path_factory):
 def test_writes_json_csv_png(tiny_run):
     out, result = tiny_run
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 3 and {Path(f).suffix for f in files} == {".json", ".csv", ".png"}
-    stem = Path(files[0]).stem
+    stem = Path(sorted(f for f in files if f.endswith(".json"))[0]).stem
+    # The results, the speedup plot, and the sweep/memory plot (tiny_dense measures memory).
+    assert files == sorted([f"{stem}.csv", f"{stem}.json", f"{stem}.png", f"{stem}-sweeps.png"])
     assert stem.startswith("cpu-float32-") and len(stem.split("-")[-1]) == 8  # <device>-<dtype>-<YYYYMMDD>
 
     data = json.loads((out / f"{stem}.json").read_text())
@@ -123,3 +124,30 @@ def test_script_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--no-compile" in proc.stdout and "--sizes" in proc.stdout
+
+
+def test_metrics_and_memory_columns(tiny_run):
+    _, result = tiny_run
+    for r in result["rows"]:
+        if r["status"] != run.OK:
+            continue
+        assert r["gflops"] > 0 and r["gemm_ms"] > 0 and r["of_gemm"] > 0
+    mem = [r for r in result["rows"] if r["case"] == "tiny_dense" and r["mode"] == "fwd+bwd" and r["status"] == run.OK
+           and r["impl"] in ("reference", "cpu")]
+    assert mem and all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in mem)
+
+
+def test_regressions_are_flagged(tiny_run, tmp_path):
+    """A run compared with an earlier file whose medians were half as long flags every row."""
+    out, result = tiny_run
+    earlier = json.loads(next(out.glob("*.json")).read_text())
+    for r in earlier["rows"]:
+        if r["median_ms"]:
+            r["median_ms"] /= 2
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    rows = [dict(r) for r in result["rows"]]
+    flagged = run.compare(rows, path)
+    ok = [r for r in rows if r["status"] == run.OK]
+    assert flagged == len(ok) and all("vs earlier.json" in r["regression"] for r in ok)
+    assert "slower than the earlier results" in run.format_table(rows)

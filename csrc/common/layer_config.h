@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include <ATen/core/Tensor.h>
+
 #include <c10/util/Exception.h>
 
 #include "activations.h"
@@ -64,6 +66,19 @@ inline Variant parse_variant(const std::string& s) {
 // x_0, x_K, x_2K, ... (all below N) and x_N.
 inline int64_t num_saved_states(int64_t steps, int64_t checkpoint) {
   return (steps + checkpoint - 1) / checkpoint + 1;
+}
+
+// The backward ops take dLoss/d(saved states), shaped like the states, or dLoss/dx_N alone,
+// shaped like one state (the layer's output when no trajectory is returned), which spares
+// a zero-filled tensor of all saved states. Returns whether `grad` is the latter.
+inline bool check_state_grad(const char* op, const at::Tensor& grad, const at::Tensor& states) {
+  const bool last_only = grad.dim() == states.dim() - 1 && grad.sizes() == states.sizes().slice(1);
+  TORCH_CHECK_VALUE(last_only || grad.sizes() == states.sizes(), op, ": grad_states must have the shape of states ",
+                    states.sizes(), " or of one state ", states.sizes().slice(1), ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.is_floating_point(), op, ": grad_states must be floating, got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == states.device(), op, ": grad_states is on ", grad.device(),
+                    " but states is on ", states.device());
+  return last_only;
 }
 
 // Saved-state slot of state x_i, or -1 when it is not saved (see num_saved_states).

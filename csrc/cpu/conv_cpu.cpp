@@ -472,19 +472,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
   const int64_t Ns = num_saved_states(steps, checkpoint);
   TORCH_CHECK_VALUE(states_in.size(0) == Ns, "spline_conv_bwd: states holds ", states_in.size(0),
                     " states, expected ", Ns, " for steps = ", steps, ", checkpoint = ", checkpoint);
-  TORCH_CHECK_VALUE(grad_states_in.sizes() == states_in.sizes(), "spline_conv_bwd: grad_states shape ",
-                    grad_states_in.sizes(), " differs from states shape ", states_in.sizes());
-  TORCH_CHECK_TYPE(grad_states_in.is_floating_point(), "spline_conv_bwd: grad_states must be floating, got ",
-                   grad_states_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_states_in.device() == states_in.device(), "spline_conv_bwd: grad_states is on ",
-                    grad_states_in.device(), " but states is on ", states_in.device());
+  const bool last_only = check_state_grad("spline_conv_bwd", grad_states_in, states_in);
   const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const ConvArgs a =
       make_conv_args(states[0], weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
   const Act act = parse_activation(std::string(activation));
-  at::Tensor grad_x = grad_states[Ns - 1].clone();
+  at::Tensor grad_x = (last_only ? grad_states : grad_states[Ns - 1]).clone();
   at::Tensor grad_w = at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_b = bias.defined() ? at::zeros(bias.sizes(), bias.options()) : at::empty({0}, states.options());
   double glam = 0.0;
@@ -509,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
             stepper.step(i, state_at(i), seg[i + 1 - i0].data_ptr<scalar_t>(), false);
           for (int64_t i = i1 - 1; i >= i0; --i) {
             stepper.step(i, state_at(i), nullptr, true);
-            const int64_t slot = saved_slot(i, a.N, a.K);
+            const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
             const scalar_t* extra = slot >= 0 ? grad_states[slot].const_data_ptr<scalar_t>() : nullptr;
             stepper.step_adjoint(z, extra, grad_w, gb, glam);
           }

@@ -522,8 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
   TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint),
                     "spline_dense_bwd: states holds ", states_in.size(0), " states, expected ",
                     num_saved_states(steps, checkpoint), " for steps = ", steps, ", checkpoint = ", checkpoint);
-  TORCH_CHECK_VALUE(grad_states_in.sizes() == states_in.sizes(), "spline_dense_bwd: grad_states shape ",
-                    grad_states_in.sizes(), " differs from states shape ", states_in.sizes());
+  const bool last_only = check_state_grad("spline_dense_bwd", grad_states_in, states_in);
   const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -554,7 +553,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
           pb[c].assign(a.has_bias ? nb : 0, scalar_t(0));
           DenseChunk<scalar_t, M> chunk(a, W, b, R);
           const int64_t Ns = num_saved_states(a.N, a.K);
-          std::vector<scalar_t> z(GS + ((Ns - 1) * a.B + r0) * a.m, GS + ((Ns - 1) * a.B + r0) * a.m + Rm);
+          const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
+          std::vector<scalar_t> z(g_last, g_last + Rm);
           std::vector<scalar_t> seg(std::min(a.K, a.N) * Rm), scratch(Rm);
           // Segments [i0, i1) of K steps, last first; each starts from a saved state and
           // recomputes the states inside it (all saved when K = 1).
@@ -566,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
             for (int64_t i = i1 - 1; i >= i0; --i) {
               chunk.step(i, &seg[(i - i0) * Rm], scratch.data());
               chunk.step_adjoint(z.data(), pW[c].data(), pb[c].data(), plam[c]);
-              const int64_t slot = saved_slot(i, a.N, a.K);
+              const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
               if (slot >= 0) {
                 const scalar_t* g = GS + (slot * a.B + r0) * a.m;
                 for (int64_t e = 0; e < Rm; ++e) z[e] += g[e];
