@@ -34,7 +34,7 @@ class SplineRHS(torch.nn.Module):
             self.f = sc.reference.conv_rhs(case.activation, case.variant, len(case.spatial))
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        k, w = sc.bspline_basis(min(max(float(t), 0.0), 1.0), self.case.L, self.case.d)
+        k, w = sc.bspline_basis(min(max(float(t.detach()), 0.0), 1.0), self.case.L, self.case.d)
         w = w.to(dtype=x.dtype, device=x.device)
         blend = lambda c: None if c is None else sum(w[r] * c[k + r] for r in range(self.case.d + 1))
         return self.case.scale * self.f(x, blend(self.weight), blend(self.bias))
