@@ -10,11 +10,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import continuous
 from ._dispatch import spline_ode, spline_ode_conv
 from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg
 from ._schemes import TABLEAUS
 
-__all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d"]
+__all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d", "SplineODEHamiltonian"]
 
 
 class _SplineODEBase(nn.Module):
@@ -56,9 +57,50 @@ class _SplineODEBase(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -a, a)
 
-    def _kwargs(self) -> dict:
-        return dict(steps=self.steps, degree=self.degree, activation=self.activation, scheme=self.scheme,
-                    variant=self.variant, gamma=self.gamma, backend=self.backend)
+    def _kwargs(self, steps: Optional[int] = None, scheme: Optional[str] = None) -> dict:
+        # steps / scheme: per-call re-discretisation of the same W(t), b(t) (seed 002's "manifestation").
+        return dict(steps=self.steps if steps is None else steps, degree=self.degree, activation=self.activation,
+                    scheme=self.scheme if scheme is None else scheme, variant=self.variant, gamma=self.gamma,
+                    backend=self.backend)
+
+    # ---- continuous-depth features (issue 9; the math is in splinet_cuda.continuous) ----
+
+    def weights_at(self, t) -> torch.Tensor:
+        """W(t) = sum_j B_j(t) weight[j] for t a float in [0, 1] (-> weight.shape[1:]) or a
+        1-D tensor of T times (-> (T,) + weight.shape[1:]). Differentiable. For the
+        antisymmetric variant this is W(t); what acts is A(t) = W - W^T - gamma I."""
+        return continuous.evaluate(self.weight, t, self.degree)
+
+    def bias_at(self, t) -> Optional[torch.Tensor]:
+        """b(t), like :meth:`weights_at` ((m,) or (T, m)); None without bias."""
+        return None if self.bias is None else continuous.evaluate(self.bias, t, self.degree)
+
+    def _replace_coefficients(self, fn, knots: int, degree: int) -> "_SplineODEBase":
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                p = getattr(self, name)
+                if p is not None:
+                    setattr(self, name, nn.Parameter(fn(p.detach()).to(p.dtype), requires_grad=p.requires_grad))
+        self.knots, self.degree = knots, degree
+        return self
+
+    def refine(self, knots: int) -> "_SplineODEBase":
+        """Exact knot insertion: the same W(t), b(t) on ``knots`` = L' uniform intervals, L'
+        a multiple of L (else ValueError; use :meth:`project`). Replaces ``weight`` and
+        ``bias`` by new Parameters (same requires_grad, device, dtype): re-create the
+        optimizer afterwards. Returns self."""
+        knots = _int_arg("knots", knots, 1)
+        return self._replace_coefficients(
+            lambda c: continuous.refine_coefficients(c, self.knots, self.degree, knots), knots, self.degree)
+
+    def project(self, knots: int, degree: Optional[int] = None) -> "_SplineODEBase":
+        """L2 projection (on [0, 1]) of W(t), b(t) onto the uniform basis with ``knots``
+        intervals and ``degree`` (default unchanged); exact when the spline already lies in
+        that space. Replaces the Parameters like :meth:`refine` (re-create the optimizer)."""
+        knots = _int_arg("knots", knots, 1)
+        degree = self.degree if degree is None else _int_arg("degree", degree, 0)
+        return self._replace_coefficients(
+            lambda c: continuous.project_coefficients(c, self.knots, self.degree, knots, degree), knots, degree)
 
     def extra_repr(self) -> str:
         s = (f"knots={self.knots}, degree={self.degree}, steps={self.steps}, activation={self.activation!r}, "
@@ -91,8 +133,9 @@ class SplineODE(_SplineODEBase):
         self._setup((width, width), (width,), width, knots, degree, steps, activation, scheme, variant,
                     VARIANTS, scale, learn_scale, gamma, bias, init_amplitude, backend, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs())
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
+        """x (B, m) -> x_N (B, m); ``steps``/``scheme`` override the layer's for this call."""
+        return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme))
 
     def extra_repr(self) -> str:
         return f"width={self.width}, " + super().extra_repr()
@@ -117,11 +160,12 @@ class _SplineODEConvNd(_SplineODEBase):
         self._setup((channels, channels) + ks, (channels,), fan_in, knots, degree, steps, activation, scheme,
                     variant, CONV_VARIANTS, scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
+        """x (B, C, *spatial) -> same shape; ``steps``/``scheme`` override the layer's for this call."""
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, C, {self._dims} spatial dims), "
                              f"got {tuple(x.shape)}")
-        return spline_ode_conv(x, self.weight, self.bias, self.scale, **self._kwargs())
+        return spline_ode_conv(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
@@ -149,3 +193,63 @@ class SplineODEConv3d(_SplineODEConvNd):
     Arguments as in :class:`SplineODEConv1d`."""
 
     _dims = 3
+
+
+class SplineODEHamiltonian(_SplineODEBase):
+    """Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004, "Hamiltonian CNNs"): the input
+    features are partitioned into two states, x = [y | z] (each of width/2), integrated
+    with the seed's symplectic Verlet scheme (see
+    :func:`splinet_cuda.reference.spline_ode_hamiltonian` for the exact form)::
+
+        y_{j+1} = y_j - h scale K1(t_j)^T act(K1(t_j) z_j + b1(t_j))
+        z_{j+1} = z_j + h scale K2(t_j)^T act(K2(t_j) y_{j+1} + b2(t_j))
+
+    The step is reversible: :meth:`inverse` recovers x_0 from x_N.
+
+    Args:
+        width: m, the (even) feature size of x; y and z have m/2 each. Other arguments as
+        in :class:`SplineODE`. Only the pure-PyTorch reference exists for this layer
+        (``backend`` "auto" or "reference"; no fused kernel).
+
+    Parameters: ``weight`` (n, 2, m/2, m/2) ([:, 0] = K1, [:, 1] = K2), ``bias`` (n, 2, m/2), ``scale``.
+    """
+
+    def __init__(self, width: int, knots: int, degree: int, steps: int, activation: str = "tanh",
+                 scale: float = 1.0, learn_scale: bool = False, backend: str = "auto", *, bias: bool = True,
+                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.width = _int_arg("width", width, 2)
+        if width % 2:
+            raise ValueError(f"width must be even (x is split into two states y, z of width/2), got {width}")
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"SplineODEHamiltonian has only the reference backend ('auto' or 'reference'), "
+                             f"got {backend!r}")
+        half = width // 2
+        self._setup((2, half, half), (2, half), half, knots, degree, steps, activation, "euler", "hamiltonian",
+                    ("hamiltonian",), scale, learn_scale, 0.0, bias, init_amplitude, "reference", device, dtype)
+        self.scheme = "verlet"
+
+    def _run(self, x: torch.Tensor, steps: Optional[int], reverse: bool) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.width:
+            raise ValueError(f"SplineODEHamiltonian expects x of shape (B, {self.width}), "
+                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        half = self.width // 2
+        from .reference import spline_ode_hamiltonian
+        y, z = spline_ode_hamiltonian(x[:, :half], x[:, half:], self.weight, self.bias, self.scale,
+                                      steps=self.steps if steps is None else steps, degree=self.degree,
+                                      activation=self.activation, reverse=reverse)
+        return torch.cat([y, z], dim=1)
+
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
+        """x = [y_0 | z_0] (B, m) -> [y_N | z_N] (B, m); ``steps`` overrides the layer's;
+        ``scheme`` may only be None or "verlet"."""
+        if scheme not in (None, "verlet"):
+            raise ValueError(f"SplineODEHamiltonian integrates with 'verlet' only, got scheme={scheme!r}")
+        return self._run(x, steps, reverse=False)
+
+    def inverse(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
+        """[y_N | z_N] -> [y_0 | z_0]: the Verlet steps run backwards (time-reversibility)."""
+        return self._run(x, steps, reverse=True)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, " + super().extra_repr()
