@@ -51,8 +51,11 @@ def _layer_function(name: str, fwd_op: str, bwd_op: str) -> type:
     def setup_context(ctx, inputs, output):
         save(ctx, inputs, output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient for all states
 
     def backward(ctx, grad_last, grad_states):
+        if grad_last is None:  # x_N unused by the loss (grads are not materialised)
+            grad_last = torch.zeros_like(ctx.saved_tensors[0][-1])
         return run_backward(ctx, grad_last)
 
     def op_setup_context(ctx, inputs, output):
