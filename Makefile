@@ -2,11 +2,12 @@
 #   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
 #   make bench       venv + deps + build + benchmark suite (table, results, plot)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
-# On a GPU box with a CUDA torch already installed: make test SYSTEM_TORCH=1
+# On a machine whose python already has a CUDA torch with a visible GPU, the venv reuses
+# it (SYSTEM_TORCH=1, detected); otherwise it installs the CPU torch 2.13.0.
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_REQ   ?= torch==2.13.0
-SYSTEM_TORCH ?= 0
+SYSTEM_TORCH ?= $(shell $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && echo 1 || echo 0)
 MAX_JOBS    ?= 2
 VPY         := $(VENV)/bin/python
 DEPS_STAMP  := $(VENV)/.deps-installed
