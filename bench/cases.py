@@ -315,6 +315,9 @@ def backend_impl(name: str) -> Impl:
         dtypes = getattr(entry, "dtypes", None)
         if dtypes is not None and case.torch_dtype not in dtypes:
             return f"backend {name!r} takes {[str(t).replace('torch.', '') for t in dtypes]}"
+        dims = getattr(entry, "conv_dims", None)
+        if case.kind == "conv" and dims is not None and len(case.spatial) not in dims:
+            return f"backend {name!r} takes convolutions over {list(dims)} spatial dims"
         return None
 
     return Impl(impl_name, build, skip)

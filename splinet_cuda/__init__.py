@@ -5,6 +5,7 @@ W(t) and b(t) are B-splines in time (Guenther, Pazner, Qi; SPEC.md).
 """
 from . import _ext, continuous, reference
 from . import _autograd  # noqa: F401  (registers the fused backends that are built)
+from . import _triton  # noqa: F401  (registers the triton backend when triton imports)
 from ._basis import basis_grid, bspline_basis
 from ._dispatch import available_backends, spline_ode, spline_ode_conv
 from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov

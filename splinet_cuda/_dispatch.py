@@ -30,6 +30,8 @@ class Backend(NamedTuple):
     spline_ode_conv: Optional[Callable]
     device_types: Tuple[str, ...]
     dtypes: Tuple[torch.dtype, ...]
+    conv_dims: Tuple[int, ...]  # spatial dims its conv kernels take
+    auto_device_types: Tuple[str, ...]  # where "auto" may pick it
 
 
 # Fused backends register themselves here when their kernels are importable;
@@ -39,11 +41,14 @@ _AUTO_ORDER = ("cuda", "triton", "cpu")
 
 
 def register_backend(name: str, *, dense: Optional[Callable], conv: Optional[Callable],
-                     device_types: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...]) -> None:
+                     device_types: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...],
+                     conv_dims: Tuple[int, ...] = (1, 2, 3),
+                     auto_device_types: Optional[Tuple[str, ...]] = None) -> None:
     """Makes a fused backend selectable (called by the backend modules at import)."""
     if name not in BACKENDS or name in ("auto", "reference"):
         raise ValueError(f"cannot register backend {name!r}")
-    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes)
+    auto = device_types if auto_device_types is None else auto_device_types
+    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes, conv_dims, auto)
 
 
 def available_backends() -> List[str]:
@@ -51,7 +56,19 @@ def available_backends() -> List[str]:
     return ["reference"] + [name for name in ("cpu", "triton", "cuda") if name in _REGISTRY]
 
 
-def _select(backend, kind: str, device: torch.device, dtype: torch.dtype) -> Callable:
+def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor) -> Optional[Exception]:
+    """Why backend ``name`` cannot run ``kind`` on ``x``, as the error to raise; None if it can."""
+    if x.device.type not in impl.device_types:
+        return ValueError(f"backend {name!r} runs on {list(impl.device_types)} tensors, but x is on {x.device}")
+    if x.dtype not in impl.dtypes:
+        return TypeError(f"backend {name!r} takes dtypes {[str(d) for d in impl.dtypes]}, but x has dtype {x.dtype}")
+    if kind == "spline_ode_conv" and x.dim() - 2 not in impl.conv_dims:
+        return ValueError(f"backend {name!r} implements convolutions over {list(impl.conv_dims)} spatial dims, "
+                          f"but x has {x.dim() - 2}")
+    return None
+
+
+def _select(backend, kind: str, x: torch.Tensor) -> Callable:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in BACKENDS:
@@ -61,8 +78,8 @@ def _select(backend, kind: str, device: torch.device, dtype: torch.dtype) -> Cal
     if backend == "auto":
         for name in _AUTO_ORDER:
             impl = _REGISTRY.get(name)
-            if (impl is not None and device.type in impl.device_types and dtype in impl.dtypes
-                    and getattr(impl, kind) is not None):
+            if (impl is not None and getattr(impl, kind) is not None and x.device.type in impl.auto_device_types
+                    and _unsupported(name, impl, kind, x) is None):
                 return getattr(impl, kind)
         return getattr(reference, kind)
     impl = _REGISTRY.get(backend)
@@ -70,10 +87,9 @@ def _select(backend, kind: str, device: torch.device, dtype: torch.dtype) -> Cal
         why = f"backend {backend!r} is not available for {kind} in this installation"
         load = f" (splinet_cuda._C failed to load: {_ext.LOAD_ERROR})" if _ext.LOAD_ERROR is not None else ""
         raise RuntimeError(f"{why}{load}; it needs {_BUILD_HINTS[backend]}. Available: {available_backends()}")
-    if device.type not in impl.device_types:
-        raise ValueError(f"backend {backend!r} runs on {list(impl.device_types)} tensors, but x is on {device}")
-    if dtype not in impl.dtypes:
-        raise TypeError(f"backend {backend!r} takes dtypes {[str(d) for d in impl.dtypes]}, but x has dtype {dtype}")
+    err = _unsupported(backend, impl, kind, x)
+    if err is not None:
+        raise err
     return getattr(impl, kind)
 
 
@@ -111,7 +127,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                 scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
-    fn = _select(backend, "spline_ode", x.device, x.dtype)
+    fn = _select(backend, "spline_ode", x)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
               variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
 
@@ -136,6 +152,6 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
-    fn = _select(backend, "spline_ode_conv", x.device, x.dtype)
+    fn = _select(backend, "spline_ode_conv", x)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
               variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)

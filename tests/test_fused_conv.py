@@ -188,7 +188,9 @@ def test_auto_picks_fused_on_cpu():
     from splinet_cuda._dispatch import _select
 
     for dt in (torch.float32, torch.float64):
-        assert _select("auto", "spline_ode_conv", torch.device("cpu"), dt) is spline_ode_conv_fused
+        for sd in (1, 2, 3):
+            x = torch.zeros((1, 1) + (3,) * sd, dtype=dt)
+            assert _select("auto", "spline_ode_conv", x) is spline_ode_conv_fused
 
 
 @pytest.mark.parametrize("sd,variant,scheme,activation", [(1, "standard", "euler", "tanh"),

@@ -1,0 +1,109 @@
+"""Shared @triton.jit helpers of the SpliNet kernels: activations and their derivatives
+(matching PyTorch: ReLU'(0) = 0, softplus with threshold 20, tanh' = 1 - y^2,
+sigmoid' = y (1 - y)), and launch-side helpers (Butcher tableaus as constexprs, dtypes).
+
+Under ``TRITON_INTERPRET=1`` (the CPU interpreter) ``libdevice`` is not available, so
+tanh and log1p use exp-based forms whose absolute error is a few ulp; compiled kernels
+use libdevice.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Activation ids (constexpr in the kernels).
+ACT_IDS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softplus": 4}
+VARIANT_IDS = {"standard": 0, "symmetric": 1, "antisymmetric": 2}
+
+if INTERPRET:
+    @triton.jit
+    def _tanh(a):
+        # sign(a) (1 - e^{-2|a|}) / (1 + e^{-2|a|}): no overflow, absolute error ~ eps.
+        t = tl.exp(-2.0 * tl.abs(a))
+        r = (1.0 - t) / (1.0 + t)
+        return tl.where(a < 0, -r, r)
+
+    @triton.jit
+    def _log1p(a):
+        return tl.log(1.0 + a)
+else:  # pragma: no cover - needs a GPU
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _tanh(a):
+        return libdevice.tanh(a)
+
+    @triton.jit
+    def _log1p(a):
+        return libdevice.log1p(a)
+
+
+@triton.jit
+def act_fwd(a, ACT: tl.constexpr):
+    """y = act(a); ACT: 0 identity, 1 relu, 2 tanh, 3 sigmoid, 4 softplus."""
+    if ACT == 0:
+        y = a
+    elif ACT == 1:
+        y = tl.where(a > 0, a, 0.0)
+    elif ACT == 2:
+        y = _tanh(a)
+    elif ACT == 3:
+        y = 1.0 / (1.0 + tl.exp(-a))
+    else:
+        # PyTorch: a > 20 ? a : log1p(exp(a)); exp is clamped so the unused branch stays finite.
+        y = tl.where(a > 20.0, a, _log1p(tl.exp(tl.minimum(a, 20.0))))
+    return y.to(a.dtype)
+
+
+@triton.jit
+def act_bwd(a, y, ACT: tl.constexpr):
+    """act'(a), from the output y where PyTorch's backward uses it."""
+    if ACT == 0:
+        d = tl.full(a.shape, 1.0, a.dtype)
+    elif ACT == 1:
+        d = tl.where(a > 0, 1.0, 0.0)
+    elif ACT == 2:
+        d = 1.0 - y * y
+    elif ACT == 3:
+        d = y * (1.0 - y)
+    else:
+        e = tl.exp(tl.minimum(a, 20.0))
+        d = tl.where(a > 20.0, 1.0, e / (e + 1.0))
+    return d.to(a.dtype)
+
+
+def tableau_constexprs(scheme: str) -> dict:
+    """The explicit RK tableau as kernel constexprs: S, A10 .. A32, B0 .. B3 (c is in the basis table)."""
+    from splinet_cuda._schemes import get_tableau  # lazy: splinet_cuda imports this package
+
+    tab = get_tableau(scheme)
+    S = tab.stages
+    if S > 4:
+        raise ValueError(f"scheme {scheme!r}: the Triton kernels take at most 4 stages")
+    out = {"S": S}
+    for s in range(4):
+        for j in range(s):
+            out[f"A{s}{j}"] = float(tab.a[s][j]) if s < S and j < len(tab.a[s]) else 0.0
+        out[f"B{s}"] = float(tab.b[s]) if s < S else 0.0
+    return out
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Triton dtype of the in-kernel arithmetic: float64 for float64 inputs, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 products for fp32/fp64 inputs; tf32 for bf16/fp16 inputs,
+    whose own precision is no better."""
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) and not INTERPRET else "ieee"
+
+
+def num_saved_states(steps: int, checkpoint: int) -> int:
+    """x_0, x_K, x_2K, ... below N, and x_N (same as the C++ ops)."""
+    return (steps + checkpoint - 1) // checkpoint + 1
