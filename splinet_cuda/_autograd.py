@@ -17,25 +17,27 @@ import torch
 from . import _ext
 from ._dispatch import register_backend
 
-__all__ = ["SplineDenseFunction", "SplineConvFunction", "spline_ode_fused", "spline_ode_conv_fused"]
+__all__ = ["SplineDenseFunction", "SplineConvFunction", "spline_ode_fused", "spline_ode_conv_fused",
+           "layer_function", "run_layer"]
 
 
-def _layer_function(name: str, fwd_op: str, bwd_op: str) -> type:
-    """An autograd.Function over the op pair torch.ops.splinet_cuda.<fwd_op>/<bwd_op>.
+def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable]) -> type:
+    """An autograd.Function over a layer's op pair, ``fwd()`` / ``bwd()`` (looked up lazily:
+    the C++ ops of torch.ops.splinet_cuda, or the Triton ops of splinet_cuda/_triton.py).
 
     ``apply(...)`` returns ``(x_N, states)``; the saved states are not differentiable, so
     the backward op gets dLoss/dx_N alone and no zero-filled gradient of every state is
     built. ``op_setup_context``/``op_backward`` are the op's own autograd (registered with
     torch.library), used when the whole trajectory is the output.
     """
-    op = lambda: getattr(torch.ops.splinet_cuda, fwd_op)
+    op = fwd
 
     def run_backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
                                "use backend='reference' for higher-order gradients")
         states, weight, bias, scale = ctx.saved_tensors
-        gx, gw, gb, gs = getattr(torch.ops.splinet_cuda, bwd_op)(grad, states, weight, bias, scale, *ctx.config)
+        gx, gw, gb, gs = bwd()(grad, states, weight, bias, scale, *ctx.config)
         return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
 
     def save(ctx, inputs, states):
@@ -61,20 +63,26 @@ def _layer_function(name: str, fwd_op: str, bwd_op: str) -> type:
     def op_setup_context(ctx, inputs, output):
         save(ctx, inputs, output)
 
-    doc = (f"Fused layer: forward = {fwd_op} (all N steps, returns x_N and the saved states), backward = "
-           f"{bwd_op} (the adjoint sweep with the eq. 23 accumulation).")
+    doc = ("Fused layer: the forward op runs all N steps (returns x_N and the saved states), the backward op "
+           "the adjoint sweep with the eq. 23 accumulation.")
     return type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward), "op_setup_context": staticmethod(op_setup_context),
         "op_backward": staticmethod(run_backward), "op": staticmethod(op)})
 
 
-SplineDenseFunction = _layer_function("SplineDenseFunction", "spline_dense_fwd", "spline_dense_bwd")
-SplineConvFunction = _layer_function("SplineConvFunction", "spline_conv_fwd", "spline_conv_bwd")
+def _cpp_op(name: str) -> Callable[[], Callable]:
+    return lambda: getattr(torch.ops.splinet_cuda, name)
 
 
-def _run(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
+SplineDenseFunction = layer_function("SplineDenseFunction", _cpp_op("spline_dense_fwd"), _cpp_op("spline_dense_bwd"))
+SplineConvFunction = layer_function("SplineConvFunction", _cpp_op("spline_conv_fwd"), _cpp_op("spline_conv_bwd"))
+
+
+def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
          checkpoint: Optional[int]) -> torch.Tensor:
+    """Runs a layer on its fused op pair: x_N through ``fn`` (no gradient of the saved
+    states), or the whole trajectory through the forward op's registered autograd."""
     K = 1 if (checkpoint is None or return_trajectory) else int(checkpoint)
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
@@ -87,14 +95,14 @@ def _run(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, va
 def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode)."""
-    return _run(SplineDenseFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+    return run_layer(SplineDenseFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                 return_trajectory, checkpoint)
 
 
 def spline_ode_conv_fused(x, weight, bias, scale, *, steps, degree, activation="relu", scheme="euler",
                           variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The conv layer on the fused ops (arguments validated by splinet_cuda.spline_ode_conv)."""
-    return _run(SplineConvFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+    return run_layer(SplineConvFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                 return_trajectory, checkpoint)
 
 

@@ -27,4 +27,6 @@ def has_kernel(name: str, dispatch_key: str) -> bool:
 
 
 if LOAD_ERROR is None:
-    from . import _ops  # noqa: F401,E402  (fake implementations for torch.compile)
+    from ._ops import register_cpp_fakes  # noqa: E402
+
+    register_cpp_fakes()  # fake implementations for torch.compile

@@ -25,7 +25,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ._autograd import layer_function, run_layer
 from ._dispatch import register_backend
+from ._ops import layer_bwd_fake, layer_fwd_fake, num_saved_states
 from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS
 from ._schemes import TABLEAUS
 
@@ -49,10 +51,6 @@ except Exception:  # conv kernels are optional
 INTERPRET = bool(_tk_common is not None and _tk_common.INTERPRET)
 
 Tensor = torch.Tensor
-
-
-def _num_saved_states(steps: int, checkpoint: int) -> int:
-    return (steps + checkpoint - 1) // checkpoint + 1
 
 
 def _check_op_args(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, steps: int,
@@ -94,17 +92,6 @@ def _check_op_args(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise ValueError(f"{op}: unknown variant {variant!r}")
 
 
-def _fake_fwd(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint):
-    return x.new_empty((_num_saved_states(steps, checkpoint), *x.shape))
-
-
-def _fake_bwd(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
-              checkpoint):
-    grad_bias = bias.new_empty(bias.shape) if bias is not None else states.new_empty((0,))
-    return (states.new_empty(states.shape[1:]), weight.new_empty(weight.shape), grad_bias,
-            scale.new_empty(scale.shape))
-
-
 def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
     """Registers the op pairs of one layer kind over the launchers ``forward(..., wrap=)`` and
     ``backward(..., wrap=)``; returns {"native": (fwd, bwd), "interp": (fwd, bwd)} as OpOverloadPackets."""
@@ -122,13 +109,17 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
         def bwd(grad_states: Tensor, states: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor,
                 steps: int, degree: int, activation: str, scheme: str, variant: str, gamma: float,
                 checkpoint: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            if states.dim() < 1 or states.shape[0] != _num_saved_states(steps, checkpoint):
+            if states.dim() < 1 or states.shape[0] != num_saved_states(steps, checkpoint):
                 raise ValueError(f"splinet_triton::{kind}_bwd: states holds {states.shape[0] if states.dim() else 0} "
-                                 f"states, expected {_num_saved_states(steps, checkpoint)} for steps = {steps}, "
+                                 f"states, expected {num_saved_states(steps, checkpoint)} for steps = {steps}, "
                                  f"checkpoint = {checkpoint}")
+            if grad_states.shape == states.shape[1:]:
+                # dLoss/dx_N alone (the C++ ops' short form); the kernels take the full form.
+                grad_states = torch.cat([states.new_zeros(states.shape[:1] + grad_states.shape)[1:],
+                                         grad_states[None].to(states.dtype)])
             if grad_states.shape != states.shape:
-                raise ValueError(f"splinet_triton::{kind}_bwd: grad_states shape {tuple(grad_states.shape)} "
-                                 f"differs from states shape {tuple(states.shape)}")
+                raise ValueError(f"splinet_triton::{kind}_bwd: grad_states must have the shape of states "
+                                 f"{tuple(states.shape)} or of one state, got {tuple(grad_states.shape)}")
             _check_op_args(kind, states[0], weight, bias, scale, steps, degree, activation, scheme, variant,
                            checkpoint)
             return backward(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
@@ -137,63 +128,42 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
         fwd_op = decorator(f"splinet_triton::{kind}_fwd{suffix}", fwd, mutates_args=())
         bwd_op = decorator(f"splinet_triton::{kind}_bwd{suffix}", bwd, mutates_args=())
         if decorator is custom_op:
-            fwd_op.register_fake(_fake_fwd)
-            bwd_op.register_fake(_fake_bwd)
+            fwd_op.register_fake(layer_fwd_fake)
+            bwd_op.register_fake(layer_bwd_fake)
         fwd_packet = getattr(torch.ops.splinet_triton, f"{kind}_fwd{suffix}")
         bwd_packet = getattr(torch.ops.splinet_triton, f"{kind}_bwd{suffix}")
 
-        def setup_context(ctx, inputs, output):
-            x, weight, bias, scale, *config = inputs
-            ctx.config = tuple(config)
-            ctx.has_bias = bias is not None
-            ctx.save_for_backward(output, weight, bias, scale)
-
-        def backward_fn(ctx, grad_states):
-            if torch.is_grad_enabled():
-                raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
-                                   "use backend='reference' for higher-order gradients")
-            states, weight, bias, scale = ctx.saved_tensors
-            gx, gw, gb, gs = bwd_packet(grad_states, states, weight, bias, scale, *ctx.config)
-            return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
-
-        register_autograd(f"splinet_triton::{kind}_fwd{suffix}", backward_fn, setup_context=setup_context)
+        fn = layer_function(f"Triton{kind.title()}{suffix}Function", lambda: fwd_packet, lambda: bwd_packet)
+        register_autograd(f"splinet_triton::{kind}_fwd{suffix}", fn.op_backward, setup_context=fn.op_setup_context)
+        FUNCTIONS[(kind, suffix or "_native")] = fn
         return fwd_packet, bwd_packet
 
     return {"native": make_pair("", triton_op, wrap_triton), "interp": make_pair("_interp", custom_op, None)}
 
 
-OPS: dict = {}
+OPS: dict = {}  # kind -> {"native": (fwd, bwd), "interp": (fwd, bwd)} op packets
+FUNCTIONS: dict = {}  # (kind, "_native" | "_interp") -> autograd.Function over that pair
 
 
-def _ops(kind: str):
-    """The op pair a call uses: the custom_op pair under the interpreter, the triton_op pair
-    on compiled Triton (``SPLINET_TRITON_OPS=interp`` forces the custom_op pair)."""
-    use = "interp" if INTERPRET or os.environ.get("SPLINET_TRITON_OPS") == "interp" else "native"
-    return OPS[kind][use]
-
-
-def _run(kind: str, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
-         checkpoint):
-    K = 1 if (checkpoint is None or return_trajectory) else int(checkpoint)
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
-    fwd, _ = _ops(kind)
-    states = fwd(x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
-    return states if return_trajectory else states[-1]
+def _function(kind: str) -> type:
+    """The autograd.Function a call uses: over the custom_op pair under the interpreter,
+    the triton_op pair on compiled Triton (``SPLINET_TRITON_OPS=interp`` forces the former)."""
+    use = "_interp" if INTERPRET or os.environ.get("SPLINET_TRITON_OPS") == "interp" else "_native"
+    return FUNCTIONS[(kind, use)]
 
 
 def spline_ode_triton(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                       variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the Triton kernels (arguments validated by splinet_cuda.spline_ode)."""
-    return _run("dense", x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
-                return_trajectory, checkpoint)
+    return run_layer(_function("dense"), x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+                     return_trajectory, checkpoint)
 
 
 def spline_ode_conv_triton(x, weight, bias, scale, *, steps, degree, activation="relu", scheme="euler",
                            variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The conv2d layer on the Triton kernels (arguments validated by splinet_cuda.spline_ode_conv)."""
-    return _run("conv", x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
-                return_trajectory, checkpoint)
+    return run_layer(_function("conv"), x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
+                     return_trajectory, checkpoint)
 
 
 def _register() -> None:
