@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 # "fwd": the forward of a training step (inputs require grad, so whatever a backend saves
-# for its backward is included); "fwd+bwd": forward, loss and gradients wrt x, weight, bias.
-MODES = ("fwd", "fwd+bwd")
+# for its backward is included); "bwd": the gradients wrt x, weight, bias of one retained
+# forward; "fwd+bwd": forward, loss and gradients.
+MODES = ("fwd", "bwd", "fwd+bwd")
 
 DTYPES: Dict[str, torch.dtype] = {
     "float32": torch.float32,

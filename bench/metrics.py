@@ -21,9 +21,9 @@ from bench.cases import Case, Inputs, default_impls, forward_backward, make_inpu
 
 REPO = Path(__file__).resolve().parent.parent
 _STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "rk4_38": 4}
-# A forward+backward does the forward products plus, for each, one for the input
-# gradient and one for the weight gradient.
-BWD_FACTOR = 3
+# Products per forward product: the backward does one for the input gradient and one for
+# the weight gradient.
+MODE_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 
 def products_per_call(case: Case) -> int:
@@ -38,7 +38,7 @@ def flops(case: Case, mode: str) -> float:
         one = 2.0 * case.B * case.m * case.m
     else:
         one = 2.0 * case.B * case.C * case.C * case.kernel ** len(case.spatial) * math.prod(case.spatial)
-    return one * products_per_call(case) * (1 if mode == "fwd" else BWD_FACTOR)
+    return one * products_per_call(case) * MODE_FACTOR[mode]
 
 
 def product_fn(case: Case, inputs: Inputs) -> Callable[[], object]:

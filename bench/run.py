@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bench.cases import (CASE_SETS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
                          default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
-from bench.metrics import BWD_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
+from bench.metrics import MODE_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -84,10 +84,17 @@ def time_cuda(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
 
 
 def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
-    """The timed statement of ``mode``: the forward, or forward, loss and gradients."""
+    """The timed statement of ``mode``: the forward; the gradients of one forward, kept for
+    repeated backwards; or forward, loss and gradients."""
     if mode == "fwd":
         return lambda: fn(*inputs)
+    if mode == "bwd":
+        loss = loss_fn(fn(*inputs))
+        return lambda: torch.autograd.grad(loss, inputs, retain_graph=True)
     return lambda: torch.autograd.grad(loss_fn(fn(*inputs)), inputs)
+
+
+ROUNDS = 3  # timing rounds; each round times every implementation and mode in turn
 
 
 # --------------------------------------------------------------------------------------
@@ -117,7 +124,7 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
     inputs = make_inputs(case, device)
     expected = oracle_outputs(case, inputs)
     timer = time_cuda if device.type == "cuda" else time_cpu
-    rows = []
+    rows, ready = [], []
     for impl in impls:
         if progress is not None:
             progress.set_postfix_str(f"{case.name} / {impl.name}")
@@ -125,9 +132,23 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
         if reason is not None:
             rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=reason) for mode in MODES]
         else:
-            rows += _bench_impl(case, impl, inputs, expected, timer, min_run_time)
+            checked = _check_impl(case, impl, inputs, expected)
+            if isinstance(checked, list):
+                rows += checked
+            else:
+                ready.append((impl, checked))
         if progress is not None:
             progress.update()
+    # Interleaved: every round times each implementation and mode in turn, so a noisy
+    # stretch of the machine hits them all alike.
+    samples = {(impl.name, mode): [] for impl, _ in ready for mode in MODES}
+    for _ in range(ROUNDS):
+        for impl, (fn, _) in ready:
+            for mode in MODES:
+                samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
+    for impl, (_, built) in ready:
+        rows += [_row(case, impl, mode, OK, agrees=True, times=np.concatenate(samples[(impl.name, mode)]), **built)
+                 for mode in MODES]
     # The floor: the same products on the device's own GEMM/convolution, back to back.
     gemm_ms = float(np.median(timer(product_fn(case, inputs), min_run_time)))
     if case.memory:
@@ -136,7 +157,7 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
     for r in rows:
         if r["status"] != OK:
             continue
-        r["gemm_ms"] = gemm_ms * (1 if r["mode"] == "fwd" else BWD_FACTOR)
+        r["gemm_ms"] = gemm_ms * MODE_FACTOR[r["mode"]]
         r["of_gemm"] = r["gemm_ms"] / r["median_ms"]
         base = ref.get(r["mode"])
         if base is not None:
@@ -163,9 +184,9 @@ def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: t
             row["note"] = (row["note"] + f" memory: {type(err).__name__}: {err}").strip()
 
 
-def _bench_impl(case: Case, impl: Impl, inputs: Inputs, expected, timer, min_run_time: float) -> List[dict]:
-    """The rows of one implementation: its first call (the build, for a compiled one) is
-    checked against ``expected``; only an implementation that agrees is timed."""
+def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected):
+    """Builds ``impl`` and checks its first call (the build, for a compiled one) against
+    ``expected``: its ERROR or WRONG rows, or (fn, build info) when it agrees."""
     cache_before = _inductor_cache_counts() if impl.compiled else None
     try:
         fn = impl.build(case)
@@ -184,8 +205,7 @@ def _bench_impl(case: Case, impl: Impl, inputs: Inputs, expected, timer, min_run
     if mismatch is not None:
         note = " ".join(mismatch.split())
         return [_row(case, impl, mode, WRONG, agrees=False, note=note, **built) for mode in MODES]
-    return [_row(case, impl, mode, OK, agrees=True, times=timer(mode_fn(fn, inputs, mode), min_run_time), **built)
-            for mode in MODES]
+    return fn, built
 
 
 def _inductor_cache_counts():
