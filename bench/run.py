@@ -142,13 +142,23 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
     # Interleaved: every round times each implementation and mode in turn, so a noisy
     # stretch of the machine hits them all alike.
     samples = {(impl.name, mode): [] for impl, _ in ready for mode in MODES}
+    failed: Dict[tuple, str] = {}
     for _ in range(ROUNDS):
         for impl, (fn, _) in ready:
             for mode in MODES:
-                samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
+                if (impl.name, mode) in failed:
+                    continue
+                try:
+                    samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
+                except Exception as err:  # reported on its row, not fatal
+                    failed[(impl.name, mode)] = f"{type(err).__name__}: {err}".splitlines()[0]
     for impl, (_, built) in ready:
-        rows += [_row(case, impl, mode, OK, agrees=True, times=np.concatenate(samples[(impl.name, mode)]), **built)
-                 for mode in MODES]
+        for mode in MODES:
+            key = (impl.name, mode)
+            if key in failed:
+                rows.append(_row(case, impl, mode, ERROR, agrees=True, note=failed[key], **built))
+            else:
+                rows.append(_row(case, impl, mode, OK, agrees=True, times=np.concatenate(samples[key]), **built))
     # The floor: the same products on the device's own GEMM/convolution, back to back.
     gemm_ms = float(np.median(timer(product_fn(case, inputs), min_run_time)))
     if case.memory:
