@@ -251,3 +251,19 @@ def test_public_api_rejects_bad_checkpoint_and_dtype():
         sc.spline_ode(x, w, None, 1.0, steps=3, degree=1, backend="cpu", checkpoint=0)
     with pytest.raises(TypeError, match="dtype"):
         sc.spline_ode(x.half(), w.half(), None, 1.0, steps=3, degree=1, backend="cpu")
+
+
+@pytest.mark.skipif("cpu" not in sc.available_backends(), reason="no cpu backend")
+def test_cpu_float32_tanh_within_3_ulp():
+    """The CPU kernel's float32 tanh (tanh_poly) against torch.tanh: with W = 0, x0 = 0 and
+    one euler step of h * scale = 1, x_1 = tanh(b)."""
+    v = torch.cat([torch.linspace(-25, 25, 12001), torch.logspace(-8, 1.5, 2000), -torch.logspace(-8, 1.5, 2000),
+                   torch.tensor([0.0, 0.3, -0.3, 0.29999, 20.0, -20.0, 1e-30])]).float()
+    m = 2000
+    v = torch.cat([v, v.new_zeros((-v.numel()) % m)]).reshape(-1, m)
+    W, x, s = torch.zeros(1, m, m), torch.zeros(1, m), torch.tensor(1.0)
+    for row in v:
+        y = torch.ops.splinet_cuda.spline_dense_fwd(x, W, row[None], s, 1, 0, "tanh", "euler", "standard", 0.0, 1)[1, 0]
+        ref = torch.tanh(row)
+        ulp = (torch.nextafter(ref, torch.tensor(float("inf"))) - ref).abs().clamp_min(1e-45)
+        assert ((y - ref).abs() / ulp).max() <= 3.0
