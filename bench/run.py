@@ -291,7 +291,7 @@ def write_results(rows: List[dict], meta: dict, out: Path) -> Dict[str, Path]:
     """``<device>-<dtype>-<YYYYMMDD>`` .json ({meta, rows}), .csv (long format, the
     metadata repeated on every row) and .png (speedups) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['device']}-{meta['dtype']}-{meta['date'][:10].replace('-', '')}"
+    stem = results_stem(meta)
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     with paths["csv"].open("w", newline="") as f:
@@ -390,9 +390,25 @@ NOISY_SPREAD = 1.5
 REGRESSION = 0.10  # a median this much above the earlier file's is flagged
 
 
+def results_stem(meta: dict) -> str:
+    """``<device>-<dtype>-<YYYYMMDD>`` for the default case list, with ``-<sizes>`` before
+    the date for the others (so a sweep does not overwrite the day's quick results)."""
+    sizes = "" if meta["sizes"] == "quick" else f"-{meta['sizes']}"
+    return f"{meta['device']}-{meta['dtype']}{sizes}-{meta['date'][:10].replace('-', '')}"
+
+
 def earlier_results(out: Path, meta: dict, exclude: Path) -> Optional[Path]:
-    """The newest results file in ``out`` for the same device and dtype, other than ``exclude``."""
-    found = sorted(p for p in out.glob(f"{meta['device']}-{meta['dtype']}-*.json") if p != exclude)
+    """The newest results file in ``out`` for the same device, dtype and case list, other
+    than ``exclude``."""
+    def same_kind(path: Path) -> bool:
+        try:
+            other = json.loads(path.read_text())["meta"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return all(other.get(k) == meta[k] for k in ("device", "dtype", "sizes"))
+
+    found = sorted((p for p in out.glob(f"{meta['device']}-{meta['dtype']}-*.json") if p != exclude and same_kind(p)),
+                   key=lambda p: json.loads(p.read_text())["meta"]["date"])
     return found[-1] if found else None
 
 
@@ -522,7 +538,7 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
     start = time.perf_counter()
     rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
-    stem = f"{meta['device']}-{meta['dtype']}-{meta['date'][:10].replace('-', '')}"
+    stem = results_stem(meta)
     earlier = None
     if args.compare == "auto":
         earlier = earlier_results(args.out, meta, args.out / f"{stem}.json")
