@@ -17,3 +17,30 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def check_dense_op_rejects_bad_args(fwd) -> None:
+    """A dense forward op (C++ or Triton; the schema of spline_dense_fwd) rejects bad
+    arguments with a ValueError/TypeError naming them, before any kernel runs."""
+    x, w, b, s = torch.randn(3, 4), torch.randn(5, 4, 4), torch.randn(5, 4), torch.tensor(1.0)
+    cfg = dict(steps=3, degree=1, activation="tanh", scheme="euler", variant="standard", gamma=0.0, checkpoint=1)
+    call = lambda *a, **kw: fwd(*a, *{**cfg, **kw}.values())
+    cases = [
+        (ValueError, "weight", (x, torch.randn(5, 3, 3), b, s), {}),
+        (ValueError, "bias", (x, w, torch.randn(5, 3), s), {}),
+        (ValueError, "degree", (x, w, b, s), {"degree": 5}),
+        (ValueError, "steps", (x, w, b, s), {"steps": 0}),
+        (ValueError, "checkpoint", (x, w, b, s), {"checkpoint": 0}),
+        (ValueError, "activation", (x, w, b, s), {"activation": "gelu"}),
+        (ValueError, "scheme", (x, w, b, s), {"scheme": "rk5"}),
+        (ValueError, "variant", (x, w, b, s), {"variant": "skew"}),
+        (TypeError, "dtype", (x, w.double(), b, s), {}),
+    ]
+    for error, match, args, kwargs in cases:
+        with pytest.raises(error, match=match):
+            call(*args, **kwargs)
+
+
+@pytest.fixture
+def dense_op_rejects_bad_args():
+    return check_dense_op_rejects_bad_args

@@ -213,33 +213,14 @@ def test_auto_picks_fused_backend(backend, device):
     assert sc._dispatch._select("auto", "spline_ode", x) is sc._autograd.spline_ode_fused
 
 
-def test_raw_ops_reject_bad_input():
-    x, w, b = torch.randn(3, 4), torch.randn(5, 4, 4), torch.randn(5, 4)
-    s = torch.tensor(1.0)
+def test_raw_ops_reject_bad_input(dense_op_rejects_bad_args):
     fwd = torch.ops.splinet_cuda.spline_dense_fwd
-    cfg = lambda **kw: {**dict(steps=3, degree=1, activation="tanh", scheme="euler", variant="standard",
-                               gamma=0.0, checkpoint=1), **kw}
-    call = lambda *a, **kw: fwd(*a, *cfg(**kw).values())
-    with pytest.raises(ValueError, match="weight"):
-        call(x, torch.randn(5, 3, 3), b, s)
-    with pytest.raises(ValueError, match="bias"):
-        call(x, w, torch.randn(5, 3), s)
-    with pytest.raises(ValueError, match="degree"):
-        call(x, w, b, s, degree=5)
-    with pytest.raises(ValueError, match="steps"):
-        call(x, w, b, s, steps=0)
-    with pytest.raises(ValueError, match="checkpoint"):
-        call(x, w, b, s, checkpoint=0)
-    with pytest.raises(ValueError, match="activation"):
-        call(x, w, b, s, activation="gelu")
-    with pytest.raises(ValueError, match="scheme"):
-        call(x, w, b, s, scheme="rk5")
-    with pytest.raises(ValueError, match="variant"):
-        call(x, w, b, s, variant="skew")
+    dense_op_rejects_bad_args(fwd)
+    x, w, b, s = torch.randn(3, 4), torch.randn(5, 4, 4), torch.randn(5, 4), torch.tensor(1.0)
+    cfg = lambda: dict(steps=3, degree=1, activation="tanh", scheme="euler", variant="standard", gamma=0.0,
+                       checkpoint=1)
     with pytest.raises(TypeError, match="float32 or float64"):
-        call(x.half(), w.half(), b.half(), s)
-    with pytest.raises(TypeError, match="dtype"):
-        call(x, w.double(), b, s)
+        fwd(x.half(), w.half(), b.half(), s, *cfg().values())
     states = fwd(x, w, b, s, *cfg().values())
     with pytest.raises(ValueError, match="states"):
         torch.ops.splinet_cuda.spline_dense_bwd(states[:-1], states[:-1], w, b, s, *cfg().values())

@@ -209,27 +209,8 @@ def test_conv_other_than_2d_is_rejected_not_rerouted():
         sc.spline_ode_conv(x, w, None, 1.0, steps=2, degree=1, backend="triton")
 
 
-def test_raw_ops_reject_bad_input():
-    fwd, _ = _triton.OPS["dense"]["interp"]
-    x, w, b, s = torch.randn(3, 4), torch.randn(5, 4, 4), torch.randn(5, 4), torch.tensor(1.0)
-    cfg = dict(steps=3, degree=1, activation="tanh", scheme="euler", variant="standard", gamma=0.0, checkpoint=1)
-    call = lambda *a, **kw: fwd(*a, *{**cfg, **kw}.values())
-    with pytest.raises(ValueError, match="weight"):
-        call(x, torch.randn(5, 3, 3), b, s)
-    with pytest.raises(ValueError, match="bias"):
-        call(x, w, torch.randn(5, 3), s)
-    with pytest.raises(ValueError, match="degree"):
-        call(x, w, b, s, degree=5)
-    with pytest.raises(ValueError, match="steps"):
-        call(x, w, b, s, steps=0)
-    with pytest.raises(ValueError, match="checkpoint"):
-        call(x, w, b, s, checkpoint=0)
-    with pytest.raises(ValueError, match="activation"):
-        call(x, w, b, s, activation="gelu")
-    with pytest.raises(ValueError, match="scheme"):
-        call(x, w, b, s, scheme="rk5")
-    with pytest.raises(TypeError, match="dtype"):
-        call(x, w.double(), b, s)
+def test_raw_ops_reject_bad_input(dense_op_rejects_bad_args):
+    dense_op_rejects_bad_args(_triton.OPS["dense"]["interp"][0])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run only in the interpreter")
