@@ -42,9 +42,9 @@ namespace splinet {
 namespace {
 
 // Widths from which the products of a chunk go through ATen's GEMM (MKL/oneDNN, one
-// thread per chunk) instead of the raw loops below (measured with bench/ on a 2-core x86
-// machine, see README).
-constexpr int64_t kGemmMinWidth = 48;
+// thread per chunk) instead of the raw loops below: at B = 4096 the raw loops lost to it
+// from m = 16 on (bench --sizes sweep on a 2-core x86 machine).
+constexpr int64_t kGemmMinWidth = 16;
 // Rows x width of one chunk's working arrays on the raw-loop path, so that they stay in L2
 // (the GEMM path takes one chunk per thread: its products want many rows).
 constexpr int64_t kChunkElements = 16384;
