@@ -313,6 +313,10 @@ def backend_impl(name: str) -> Impl:
         types = getattr(entry, "device_types", None)
         if types is not None and torch.device(device).type not in types:
             return f"backend {name!r} runs on {list(types)} tensors"
+        auto = getattr(entry, "auto_device_types", None)
+        if auto is not None and torch.device(device).type not in auto:
+            # e.g. triton on CPU tensors: Triton's interpreter, for tests, not for timing
+            return f"backend {name!r} runs on {torch.device(device).type} tensors for tests only"
         dtypes = getattr(entry, "dtypes", None)
         if dtypes is not None and case.torch_dtype not in dtypes:
             return f"backend {name!r} takes {[str(t).replace('torch.', '') for t in dtypes]}"
