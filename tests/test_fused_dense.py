@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
+from conftest import check_compile_fullgraph  # noqa: E402  (tests/ is on sys.path)
 from splinet_cuda import _ext
 
 ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
@@ -160,23 +161,7 @@ def test_opcheck(backend, device, bias, m, checkpoint):
 
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_torch_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
-    layer = sc.SplineODE(6, knots=3, degree=2, steps=4, activation="tanh", scheme="rk4", learn_scale=True,
-                         backend=backend, dtype=torch.float64, device=device)
-    head = torch.nn.Linear(6, 2, dtype=torch.float64, device=device)
-    model = torch.nn.Sequential(layer, head)
-    x = torch.randn(5, 6, dtype=torch.float64, device=device)
-
-    def loss_and_grads(m):
-        m.zero_grad()
-        loss = m(x).square().sum()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-    eager = loss_and_grads(model)
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    check_compile_fullgraph(backend, device)
 
 
 @pytest.mark.parametrize("backend,device", FUSED)

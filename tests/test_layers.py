@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
+from conftest import randomize_layer  # noqa: E402  (tests/ is on sys.path)
 from splinet_cuda import reference
 
 DT = torch.float64
@@ -20,12 +21,7 @@ DENSE_LAYERS = [
 ]
 
 
-def _randomize(layer, seed=0, wscale=0.4):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.weight.copy_(wscale * torch.randn(layer.weight.shape, generator=g, dtype=layer.weight.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(0.5 * torch.randn(layer.bias.shape, generator=g, dtype=layer.bias.dtype))
+_randomize = randomize_layer
 
 
 def _ref_kwargs(layer, steps, degree, kw):

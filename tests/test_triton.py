@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 import splinet_cuda as sc  # noqa: E402
 from splinet_cuda import _triton  # noqa: E402
+from conftest import check_compile_fullgraph  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.skipif("triton" not in sc.available_backends(),
                                 reason=f"triton backend not registered: {_triton.IMPORT_ERROR}")
@@ -177,23 +178,7 @@ def test_dense_triton_op_eager_matches_custom_op():
 
 
 def test_dense_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    layer = sc.SplineODE(5, knots=2, degree=2, steps=3, activation="tanh", scheme="rk4", learn_scale=True,
-                         backend="triton", dtype=torch.float64, device=DEVICE)
-    head = torch.nn.Linear(5, 2, dtype=torch.float64, device=DEVICE)
-    model = torch.nn.Sequential(layer, head)
-    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
-
-    def loss_and_grads(m):
-        model.zero_grad()
-        loss = m(x).square().sum()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-    eager = loss_and_grads(model)
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    check_compile_fullgraph("triton", DEVICE, width=5)
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
