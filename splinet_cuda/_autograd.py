@@ -118,6 +118,11 @@ def _register() -> None:
     if cpu:
         register_backend("cpu", dense=cpu.get("spline_dense_fwd"), conv=cpu.get("spline_conv_fwd"),
                          device_types=("cpu",), dtypes=(torch.float32, torch.float64))
+    cuda = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CUDA")}
+    if cuda:  # the CUDA extension (csrc/cuda/), built when a toolkit and a CUDA torch were present
+        register_backend("cuda", dense=cuda.get("spline_dense_fwd"), conv=cuda.get("spline_conv_fwd"),
+                         device_types=("cuda",),
+                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
 _register()

@@ -33,9 +33,20 @@ def _basis_table_fake(t: torch.Tensor, knots: int, degree: int):
     return t.new_empty(t.shape, dtype=torch.int64), t.new_empty((t.shape[0], degree + 1))
 
 
+def _emulated_fwd_fake(*args):  # layer arguments, then path, tile_rows, blocks
+    return layer_fwd_fake(*args[:-3])
+
+
+def _emulated_bwd_fake(*args):
+    return layer_bwd_fake(*args[:-3])
+
+
 def register_cpp_fakes() -> None:
     """Called once splinet_cuda._C (which defines the schemas) has loaded."""
     torch.library.register_fake("splinet_cuda::basis_table", _basis_table_fake)
     for layer in ("dense", "conv"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
+    # Test-only CPU emulation of the CUDA dense kernels (csrc/cpu/dense_emulated.cpp).
+    torch.library.register_fake("splinet_cuda::cuda_dense_fwd_emulated", _emulated_fwd_fake)
+    torch.library.register_fake("splinet_cuda::cuda_dense_bwd_emulated", _emulated_bwd_fake)

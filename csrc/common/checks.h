@@ -16,4 +16,33 @@ inline void check_basis_args(const at::Tensor& t, int64_t knots, int64_t degree)
                     "basis_table: degree must be in [0, 15], got ", degree);
 }
 
+// Dense layer ops: x (B, m), weight (n, m, m), bias (n, m) or none, one-value scale.
+// `half_types`: bfloat16 and float16 are accepted too (the CUDA kernels).
+inline void check_dense_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
+                             int64_t degree, int64_t checkpoint, bool half_types) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape (B, m), got ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == x.size(1) && weight.size(2) == x.size(1), op,
+                    ": weight must have shape (n, m, m) with m = ", x.size(1), ", got ", weight.sizes());
+  const auto dt = x.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble || (half_types && (dt == at::kHalf || dt == at::kBFloat16));
+  TORCH_CHECK_TYPE(ok, op, ": x must be float32 or float64", half_types ? ", bfloat16 or float16" : "", ", got ", dt);
+  TORCH_CHECK_TYPE(weight.scalar_type() == dt, op, ": weight dtype ", weight.scalar_type(), " differs from x dtype ",
+                   dt);
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ",
+                    x.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1), op,
+                      ": bias must have shape (n, m), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, ": bias dtype differs from x dtype");
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got ", scale.sizes());
+  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
+  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
+  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
+                    weight.size(0), ", degree = ", degree);
+  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+}
+
 }  // namespace splinet

@@ -36,6 +36,7 @@
 
 #include "../common/activations.h"
 #include "../common/bspline.h"
+#include "../common/checks.h"
 #include "../common/layer_config.h"
 
 namespace splinet {
@@ -424,28 +425,6 @@ class DenseChunk {
   std::vector<int64_t> k_;
 };
 
-void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      const at::Tensor& scale, int64_t steps, int64_t degree, int64_t checkpoint) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "spline_dense: x must have shape (B, m), got ", x.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == x.size(1) && weight.size(2) == x.size(1),
-                    "spline_dense: weight must have shape (n, m, m) with m = ", x.size(1), ", got ", weight.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "spline_dense (cpu): x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "spline_dense: weight dtype ", weight.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
-                      "spline_dense: bias must have shape (n, m), got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "spline_dense: bias dtype differs from x dtype");
-  }
-  TORCH_CHECK_VALUE(scale.numel() == 1, "spline_dense: scale must hold one value, got ", scale.sizes());
-  TORCH_CHECK_VALUE(steps >= 1, "spline_dense: steps must be >= 1, got ", steps);
-  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, "spline_dense: degree must be in [0, 15], got ", degree);
-  TORCH_CHECK_VALUE(weight.size(0) > degree, "spline_dense: need n = L + degree > degree coefficients, got n = ",
-                    weight.size(0), ", degree = ", degree);
-  TORCH_CHECK_VALUE(checkpoint >= 1, "spline_dense: checkpoint must be >= 1, got ", checkpoint);
-}
-
 DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& scale,
                     int64_t steps, int64_t degree, const std::string& activation, const std::string& scheme,
                     const std::string& variant, double gamma, int64_t checkpoint) {
@@ -511,7 +490,7 @@ at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
                                 const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
                                 int64_t degree, c10::string_view activation, c10::string_view scheme,
                                 c10::string_view variant, double gamma, int64_t checkpoint) {
-  check_dense_args(x_in, weight_in, bias_in, scale, steps, degree, checkpoint);
+  check_dense_args("spline_dense_fwd (cpu)", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
@@ -551,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
     int64_t checkpoint) {
   TORCH_CHECK_VALUE(states_in.dim() == 3, "spline_dense_bwd: states must have shape (saved, B, m), got ",
                     states_in.sizes());
-  check_dense_args(states_in[0], weight_in, bias_in, scale, steps, degree, checkpoint);
+  check_dense_args("spline_dense_bwd (cpu)", states_in[0], weight_in, bias_in, scale, steps, degree, checkpoint, false);
   TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint),
                     "spline_dense_bwd: states holds ", states_in.size(0), " states, expected ",
                     num_saved_states(steps, checkpoint), " for steps = ", steps, ", checkpoint = ", checkpoint);

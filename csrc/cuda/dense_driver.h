@@ -1,0 +1,348 @@
+// Host side of the CUDA dense SpliNet layer: argument checks, the choice between the
+// small-width trajectory program and the large-width GEMM path, buffers, launches and the
+// final reductions. Templated on an executor so the same driver runs the GPU kernels
+// (CudaExec, csrc/cuda/dense_cuda.cu) and the CPU emulation of the same block programs
+// (HostExec, csrc/cpu/dense_emulated.cpp). An executor provides:
+//   grid<Body>(tiles, threads, smem_bytes) -> blocks to launch (persistent: <= tiles)
+//   launch(Body, grid, threads, smem_bytes): body(block, grid, BlockCtx, acc_t* smem) per block
+//   for_each(n, F): f(e) for e in [0, n)
+//   max_smem_bytes(), threads()
+//
+// Large widths (m > kSmallMaxWidth): per stage a blend kernel writes W(t) (m x m, in the
+// GEMM dtype) and b(t); the products go through ATen's GEMM (cuBLAS on the GPU: tensor
+// cores with float32 accumulation for bfloat16/float16); bias, activation and the slope are
+// one elementwise kernel after it, and eq. 23 is one scatter kernel into float32 (float64)
+// coefficient-gradient accumulators. The blend reads (d + 1) m^2 values per stage against
+// the GEMM's 2 B m^2 flops, so it is negligible from B of a few hundred on.
+//
+// Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages, K checkpoint
+// interval, TB rows of a tile.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/layer_config.h"
+#include "dense_program.h"
+
+namespace splinet {
+
+// Paths: 0 chooses (small when m <= kSmallMaxWidth and its shared memory fits), 1 small, 2 large.
+enum DensePath : int64_t { kPathAuto = 0, kPathSmall = 1, kPathLarge = 2 };
+
+template <typename acc_t>
+inline at::ScalarType acc_type_of() {
+  return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+}
+
+inline DenseParams dense_params(const at::Tensor& x, const at::Tensor& weight, bool has_bias, int64_t steps,
+                                int64_t degree, c10::string_view scheme, c10::string_view variant, double gamma,
+                                int64_t checkpoint) {
+  DenseParams p{};
+  p.B = x.size(0);
+  p.m = x.size(1);
+  p.n = weight.size(0);
+  p.d = degree;
+  p.L = p.n - degree;
+  p.N = steps;
+  p.K = checkpoint;
+  const Tableau tab = parse_scheme(std::string(scheme));
+  p.S = tab.stages;
+  for (int s = 0; s < 4; ++s) {
+    p.b[s] = tab.b[s];
+    p.c[s] = tab.c[s];
+    for (int j = 0; j < 4; ++j) p.a[s][j] = tab.a[s][j];
+  }
+  p.variant = static_cast<int>(parse_variant(std::string(variant)));
+  p.gamma = gamma;
+  p.h = 1.0 / static_cast<double>(steps);
+  p.has_bias = has_bias;
+  p.ldw = p.m + 1;
+  return p;
+}
+
+// Tile rows for the small path: enough rows that a tile has ~1024 elements, halved until the
+// backward's shared memory (the larger) fits the budget. Returns 0 when even one row does not.
+inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t smem_budget) {
+  int64_t tb = std::max<int64_t>(1, std::min<int64_t>(256, 1024 / std::max<int64_t>(p.m, 1)));
+  for (; tb >= 1; tb /= 2) {
+    p.TB = tb;
+    if (dense_small_smem_elems(p, true) * elem_bytes <= smem_budget) return tb;
+  }
+  return 0;
+}
+
+template <typename scalar_t, typename acc_t, Act ACT>
+struct SmallFwdBody {
+  using acc_type = acc_t;
+  DenseSmallArgs<scalar_t, acc_t> args;
+  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
+    dense_small_fwd_block<scalar_t, acc_t, ACT>(args, block, grid, ctx, smem);
+  }
+};
+
+template <typename scalar_t, typename acc_t, Act ACT>
+struct SmallBwdBody {
+  using acc_type = acc_t;
+  DenseSmallArgs<scalar_t, acc_t> args;
+  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
+    dense_small_bwd_block<scalar_t, acc_t, ACT>(args, block, grid, ctx, smem);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// The large-width path (all tensors on x's device; T = scalar_t, the GEMM dtype).
+
+template <typename scalar_t, typename acc_t, Act ACT, typename Exec>
+class DenseLarge {
+ public:
+  DenseLarge(Exec& ex, const DenseParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale)
+      : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale) {
+    const auto st = weight.options(), at_ = weight.options().dtype(acc_type_of<acc_t>());
+    const int64_t B = p.B, m = p.m, S = p.S;
+    cur_ = at::empty({B, m}, at_);
+    X_ = at::empty({S, B, m}, st);
+    A_ = at::empty({S, B, m}, at_);
+    K_ = at::empty({S, B, m}, at_);
+    W_ = at::empty({S, m, m}, st);
+    bv_ = at::empty({S, m}, at_);
+    prod_ = at::empty({B, m}, st);
+    Y_ = at::empty({B, m}, st);
+  }
+
+  at::Tensor& cur() { return cur_; }
+
+  // One step from cur_ (x_i) to cur_ (x_{i+1}), keeping every stage's X_s, A_s, W_s, b_s.
+  void step(int64_t i) {
+    const int64_t Bm = p_.B * p_.m;
+    const acc_t h = static_cast<acc_t>(p_.h);
+    const bool sym = p_.variant == kSymmetric;
+    for (int s = 0; s < p_.S; ++s) {
+      blend(i, s);
+      CombineFn<scalar_t, acc_t> comb{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, nullptr, X_[s].data_ptr<scalar_t>()};
+      for (int j = 0; j < s; ++j) add_term(comb, h * static_cast<acc_t>(p_.a[s][j]), K_[j]);
+      ex_.for_each(Bm, comb);
+      at::mm_out(prod_, X_[s], W_[s].t());
+      EpilogueFn<scalar_t, acc_t, ACT> epi{prod_.data_ptr<scalar_t>(), p_.has_bias ? bv_[s].data_ptr<acc_t>() : nullptr,
+                                           p_.m, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
+                                           K_[s].data_ptr<acc_t>(), sym ? Y_.data_ptr<scalar_t>() : nullptr};
+      ex_.for_each(Bm, epi);
+      if (sym) {
+        at::mm_out(prod_, Y_, W_[s]);
+        ex_.for_each(Bm, NegScaleFn<scalar_t, acc_t>{prod_.data_ptr<scalar_t>(), scale_.data_ptr<scalar_t>(),
+                                                     K_[s].data_ptr<acc_t>()});
+      }
+    }
+    CombineFn<scalar_t, acc_t> upd{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, cur_.data_ptr<acc_t>(), nullptr};
+    for (int s = 0; s < p_.S; ++s) add_term(upd, h * static_cast<acc_t>(p_.b[s]), K_[s]);
+    ex_.for_each(Bm, upd);
+  }
+
+  // Adjoint of the step just run by step(i): z (acc_t) from dL/dx_{i+1} to dL/dx_i.
+  void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
+    const int64_t B = p_.B, m = p_.m, Bm = B * m;
+    const acc_t h = static_cast<acc_t>(p_.h);
+    const bool sym = p_.variant == kSymmetric;
+    const auto at_ = cur_.options();
+    if (!kbar_.defined()) {
+      kbar_ = at::empty({B, m}, at_);
+      kbar_st_ = at::empty({B, m}, weight_.options());
+      G_ = at::empty({B, m}, weight_.options());
+      P_ = at::empty({B, m}, at_);
+      dW_ = at::empty({m, m}, weight_.options());
+      dW2_ = at::empty({m, m}, weight_.options());
+    }
+    // K_ holds the slopes; from here on K_[s] is overwritten with dL/dX_s, last stage first.
+    for (int s = p_.S - 1; s >= 0; --s) {
+      CombineFn<scalar_t, acc_t> kb{z.data_ptr<acc_t>(), h * static_cast<acc_t>(p_.b[s]), {}, {}, 0,
+                                    kbar_.data_ptr<acc_t>(), sym ? kbar_st_.data_ptr<scalar_t>() : nullptr};
+      for (int q = s + 1; q < p_.S; ++q) add_term(kb, h * static_cast<acc_t>(p_.a[q][s]), K_[q]);
+      ex_.for_each(Bm, kb);
+      if (sym) at::mm_out(prod_, kbar_st_, W_[s].t());
+      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
+                                             sym ? prod_.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
+                                             G_.data_ptr<scalar_t>(), P_.data_ptr<acc_t>(),
+                                             sym ? Y_.data_ptr<scalar_t>() : nullptr};
+      ex_.for_each(Bm, adj);
+      glam.add_(at::sum(P_, at::kDouble));
+      if (std::is_same<scalar_t, acc_t>::value) {
+        at::Tensor xbar = K_[s];
+        at::mm_out(xbar, G_, W_[s]);
+      } else {
+        at::mm_out(prod_, G_, W_[s]);
+        K_[s].copy_(prod_);
+      }
+      at::mm_out(dW_, G_.t(), X_[s]);
+      if (sym) at::mm_out(dW2_, Y_.t(), kbar_st_);
+      at::Tensor colsum;
+      if (p_.has_bias) colsum = at::sum(G_, {0}, false, acc_type_of<acc_t>());
+      ScatterFn<scalar_t, acc_t> sc{p_, 0, {}, dW_.data_ptr<scalar_t>(), sym ? dW2_.data_ptr<scalar_t>() : nullptr,
+                                    p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
+                                    gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
+      sc.k = stage_basis(p_, i, s, sc.w);
+      ex_.for_each(m * m + (p_.has_bias ? m : 0), sc);
+    }
+    CombineFn<scalar_t, acc_t> zs{z.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, z.data_ptr<acc_t>(), nullptr};
+    for (int s = 0; s < p_.S; ++s) add_term(zs, acc_t(1), K_[s]);
+    ex_.for_each(Bm, zs);
+  }
+
+ private:
+  static void add_term(CombineFn<scalar_t, acc_t>& f, acc_t c, const at::Tensor& K) {
+    if (c == acc_t(0)) return;
+    f.K[f.nk] = K.data_ptr<acc_t>();
+    f.c[f.nk++] = c;
+  }
+
+  void blend(int64_t i, int s) {
+    BlendFn<scalar_t, acc_t> bl{p_, weight_.data_ptr<scalar_t>(), p_.has_bias ? bias_.data_ptr<scalar_t>() : nullptr,
+                                0, {}, W_[s].data_ptr<scalar_t>(), bv_[s].data_ptr<acc_t>()};
+    bl.k = stage_basis(p_, i, s, bl.w);
+    ex_.for_each(p_.m * p_.m + (p_.has_bias ? p_.m : 0), bl);
+  }
+
+  Exec& ex_;
+  DenseParams p_;
+  at::Tensor weight_, bias_, scale_;
+  at::Tensor cur_, X_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
+};
+
+// ---------------------------------------------------------------------------------------
+// The ops.
+
+inline void check_dense_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
+                                int64_t degree, int64_t checkpoint, bool half_types) {
+  check_dense_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
+  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
+  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+}
+
+inline bool dense_use_small(int64_t path, const DenseParams& p, int64_t elem_bytes, int64_t smem_budget) {
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathLarge, "spline_dense: path must be 0, 1 or 2, got ", path);
+  if (path == kPathLarge) return false;
+  const bool fits = dense_small_tile_rows(p, elem_bytes, smem_budget) > 0;
+  if (path == kPathSmall) {
+    TORCH_CHECK_VALUE(fits, "spline_dense: width ", p.m, " does not fit the small-width kernel's shared memory");
+    return true;
+  }
+  return p.m <= kSmallMaxWidth && fits;
+}
+
+template <typename scalar_t, Act ACT, typename Exec>
+at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& scale, DenseParams p, int64_t path, int64_t tile_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Ns = num_saved_states(p.N, p.K);
+  at::Tensor states = at::empty({Ns, p.B, p.m}, x.options());
+  if (p.B == 0) return states;
+  if (dense_use_small(path, p, sizeof(acc_t), ex.max_smem_bytes())) {
+    p.TB = tile_rows > 0 ? tile_rows : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes());
+    const int64_t smem = dense_small_smem_elems(p, false) * sizeof(acc_t);
+    const int64_t tiles = (p.B + p.TB - 1) / p.TB;
+    using Body = SmallFwdBody<scalar_t, acc_t, ACT>;
+    const int64_t grid = ex.template grid<Body>(tiles, ex.threads(), smem);
+    Body body{};
+    body.args.p = p;
+    body.args.x = x.data_ptr<scalar_t>();
+    body.args.weight = weight.data_ptr<scalar_t>();
+    body.args.bias = p.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    body.args.scale = scale.data_ptr<scalar_t>();
+    body.args.states = states.data_ptr<scalar_t>();
+    ex.launch(body, grid, ex.threads(), smem);
+    return states;
+  }
+  DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale);
+  states[0].copy_(x);
+  run.cur().copy_(x);
+  for (int64_t i = 0; i < p.N; ++i) {
+    run.step(i);
+    const int64_t slot = saved_slot(i + 1, p.N, p.K);
+    if (slot >= 0) states[slot].copy_(run.cur());
+  }
+  return states;
+}
+
+template <typename scalar_t, Act ACT, typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    Exec& ex, const at::Tensor& grad_states, bool last_only, const at::Tensor& states, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& scale, DenseParams p, int64_t path, int64_t tile_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_opts = states.options().dtype(acc_type_of<acc_t>());
+  const int64_t Ns = num_saved_states(p.N, p.K);
+  at::Tensor grad_x = at::empty({p.B, p.m}, states.options());
+  at::Tensor grad_b_out = p.has_bias ? at::zeros_like(bias) : at::empty({0}, states.options());
+  if (p.B == 0)
+    return {grad_x, at::zeros_like(weight), grad_b_out, at::zeros(scale.sizes(), scale.options())};
+  at::Tensor gW, gb, glam;
+  if (dense_use_small(path, p, sizeof(acc_t), ex.max_smem_bytes())) {
+    p.TB = tile_rows > 0 ? tile_rows : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes());
+    const int64_t smem = dense_small_smem_elems(p, true) * sizeof(acc_t);
+    const int64_t tiles = (p.B + p.TB - 1) / p.TB, threads = ex.threads();
+    using Body = SmallBwdBody<scalar_t, acc_t, ACT>;
+    const int64_t grid = ex.template grid<Body>(tiles, threads, smem);
+    // Per-block partial gradients, summed over blocks below in block order.
+    at::Tensor pW = at::zeros({grid, p.n, p.m, p.m}, acc_opts);
+    at::Tensor pb = p.has_bias ? at::zeros({grid, p.n, p.m}, acc_opts) : at::Tensor();
+    at::Tensor plam = at::zeros({grid * threads}, states.options().dtype(at::kDouble));
+    at::Tensor seg = p.K > 1 ? at::empty({grid, p.K - 1, p.TB, p.m}, acc_opts) : at::Tensor();
+    Body body{};
+    body.args.p = p;
+    body.args.weight = weight.data_ptr<scalar_t>();
+    body.args.bias = p.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    body.args.scale = scale.data_ptr<scalar_t>();
+    body.args.states = states.data_ptr<scalar_t>();
+    body.args.grad_states = grad_states.data_ptr<scalar_t>();
+    body.args.last_only = last_only;
+    body.args.grad_x = grad_x.data_ptr<scalar_t>();
+    body.args.pW = pW.data_ptr<acc_t>();
+    body.args.pb = p.has_bias ? pb.data_ptr<acc_t>() : nullptr;
+    body.args.plam = plam.data_ptr<double>();
+    body.args.seg = p.K > 1 ? seg.data_ptr<acc_t>() : nullptr;
+    ex.launch(body, grid, threads, smem);
+    gW = pW.sum(0);
+    if (p.has_bias) gb = pb.sum(0);
+    glam = plam.sum();
+  } else {
+    DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale);
+    gW = at::zeros({p.n, p.m, p.m}, acc_opts);
+    gb = p.has_bias ? at::zeros({p.n, p.m}, acc_opts) : at::Tensor();
+    glam = at::zeros({}, states.options().dtype(at::kDouble));
+    at::Tensor z = at::empty({p.B, p.m}, acc_opts);  // dL/dx_i, from i = N down
+    z.copy_(last_only ? grad_states : grad_states[Ns - 1]);
+    at::Tensor seg = p.K > 1 ? at::empty({std::min(p.K, p.N) - 1, p.B, p.m}, acc_opts) : at::Tensor();
+    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
+      const int64_t i1 = std::min(i0 + p.K, p.N);
+      run.cur().copy_(states[i0 / p.K]);
+      for (int64_t i = i0; i + 1 < i1; ++i) {
+        run.step(i);
+        seg[i - i0].copy_(run.cur());
+      }
+      for (int64_t i = i1 - 1; i >= i0; --i) {
+        run.cur().copy_(i == i0 ? states[i0 / p.K] : seg[i - i0 - 1]);
+        run.step(i);
+        run.adjoint(i, z, gW, gb, glam);
+        const int64_t slot = last_only ? -1 : saved_slot(i, p.N, p.K);
+        if (slot >= 0) z.add_(grad_states[slot]);
+      }
+    }
+    grad_x.copy_(z);
+  }
+  if (p.has_bias) grad_b_out.copy_(gb);
+  return {grad_x, gW.to(weight.scalar_type()), grad_b_out, glam.to(scale.scalar_type()).reshape(scale.sizes())};
+}
+
+}  // namespace splinet

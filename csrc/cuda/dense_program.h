@@ -1,0 +1,515 @@
+// Device code of the CUDA dense SpliNet layer, written as __host__ __device__ block programs
+// so that the same code runs on the GPU (csrc/cuda/dense_cuda.cu) and, one thread per block,
+// on the CPU in the test-only emulation ops (csrc/cpu/dense_emulated.cpp): that is how the
+// kernels' arithmetic and indexing are tested on machines without a GPU.
+//
+// Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages, K checkpoint
+// interval, TB rows of one batch tile, acc_t the accumulation type (float for float32,
+// bfloat16 and float16; double for float64).
+//
+// Small widths (m <= kSmallMaxWidth): one block owns a tile of TB batch rows and walks all N
+// steps with the tile's state, stage inputs, pre-activations and slopes in shared memory.
+// At every stage the d + 1 nonzero coefficient matrices are blended into one m x m shared
+// buffer (eq. 14) and the products, bias, activation and update run from shared memory.
+// The adjoint walks back from step N - 1 to 0 in the same launch, recomputing each step's
+// stages from the saved (or segment-recomputed) state, and accumulates eq. 23 into the block's
+// own slice of a partial coefficient-gradient buffer (no atomics); the host sums the slices
+// in block order, so the gradients are deterministic for a given grid.
+//
+// Every phase is a block-strided loop `for (e = tid; e < count; e += nthreads)` followed by a
+// barrier: with tid = 0, nthreads = 1 and no barrier it is the sequential program.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/activations.h"
+#include "../common/bspline.h"
+
+namespace splinet {
+
+// Widths handled by the shared-memory trajectory program; wider layers take the GEMM path
+// (dense_driver.h).
+constexpr int64_t kSmallMaxWidth = 64;
+constexpr int kMaxDegree = 15;
+
+// POD copy of the layer's configuration, passed by value to the kernels.
+struct DenseParams {
+  int64_t B, m, n, d, L, N, K;
+  int S;                              // stages
+  double a[4][4], b[4], c[4];         // Butcher tableau (layer_config.h)
+  int variant;                        // Variant as int
+  double gamma, h;
+  bool has_bias;
+  int64_t TB;                         // rows per tile (small path)
+  int64_t ldw;                        // leading dimension of the shared W buffer (m + 1: no bank conflicts)
+};
+
+constexpr int kStandard = 0, kSymmetric = 1, kAntisymmetric = 2;  // == Variant
+
+struct BlockCtx {
+  int64_t tid, nthreads;
+  SPLINET_HD void sync() const {
+#ifdef __CUDA_ARCH__
+    __syncthreads();
+#endif
+  }
+};
+
+// acc + x * y. In float64 on the GPU the product and the sum are rounded separately (never
+// contracted to an FMA), as on the CPU, so the kernel can match the CPU backend bit for bit
+// in float64 where the summation order is the same; float32 may use FMA.
+template <typename T>
+SPLINET_HD T mul_add(T acc, T x, T y) {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::is_same<T, double>::value) return __dadd_rn(acc, __dmul_rn(x, y));
+#endif
+  return acc + x * y;
+}
+
+// act'(a) * v * lam with the same expression order as the CPU kernel (csrc/cpu/dense_cpu.cpp).
+template <Act A, typename T>
+SPLINET_HD T act_grad(T a, T y, T v, T lam) {
+  if constexpr (A == Act::Relu) {
+    return lam * v * (a > T(0) ? T(1) : T(0));
+  } else {
+    return lam * Activation<A>::df(a, y) * v;
+  }
+}
+
+// Basis of step i, stage s: weights (acc_t) of the d + 1 nonzero coefficients; returns the first.
+template <typename acc_t>
+SPLINET_HD int64_t stage_basis(const DenseParams& p, int64_t i, int s, acc_t* w) {
+  double wd[kMaxDegree + 1];
+  const int64_t k = grid_basis<double>(i, p.c[s], p.L, p.N, static_cast<int>(p.d), wd);
+  for (int64_t r = 0; r <= p.d; ++r) w[r] = static_cast<acc_t>(wd[r]);
+  return k;
+}
+
+// Entry (j, q) of the blended matrix of step i, stage s (eq. 14): W(t) = sum_r w_r weight[k + r],
+// or A(t) = W(t) - W(t)^T - gamma I for the antisymmetric variant.
+template <typename scalar_t, typename acc_t>
+SPLINET_HD acc_t blend_entry(const DenseParams& p, const scalar_t* weight, int64_t k, const acc_t* w, int64_t j,
+                             int64_t q) {
+  const int64_t m = p.m, mm = m * m;
+  const scalar_t* src = weight + k * mm;
+  acc_t v = w[0] * static_cast<acc_t>(src[j * m + q]);
+  for (int64_t r = 1; r <= p.d; ++r) v = mul_add(v, w[r], static_cast<acc_t>(src[r * mm + j * m + q]));
+  if (p.variant == kAntisymmetric) {
+    acc_t t = w[0] * static_cast<acc_t>(src[q * m + j]);
+    for (int64_t r = 1; r <= p.d; ++r) t = mul_add(t, w[r], static_cast<acc_t>(src[r * mm + q * m + j]));
+    v = v - t;
+    if (j == q) v -= static_cast<acc_t>(p.gamma);
+  }
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+SPLINET_HD acc_t blend_bias(const DenseParams& p, const scalar_t* bias, int64_t k, const acc_t* w, int64_t j) {
+  acc_t v = w[0] * static_cast<acc_t>(bias[k * p.m + j]);
+  for (int64_t r = 1; r <= p.d; ++r) v = mul_add(v, w[r], static_cast<acc_t>(bias[(k + r) * p.m + j]));
+  return v;
+}
+
+// Saved-state slot of x_i (layer_config.h's saved_slot, usable on the device).
+SPLINET_HD int64_t state_slot(int64_t i, int64_t N, int64_t K) {
+  if (i == N) return (N + K - 1) / K;
+  return i % K == 0 ? i / K : -1;
+}
+
+// ---------------------------------------------------------------------------------------
+// Small widths: the trajectory program of one block.
+
+// Pointers of one launch. Partial gradients are per block: pW (grid, n, m, m), pb (grid, n, m),
+// plam (grid * nthreads) in acc_t / double; seg (grid, K - 1, TB, m) holds the states a
+// backward segment recomputes (K > 1).
+template <typename scalar_t, typename acc_t>
+struct DenseSmallArgs {
+  DenseParams p;
+  const scalar_t* x;           // fwd: x0 (B, m)
+  const scalar_t* weight;      // (n, m, m)
+  const scalar_t* bias;        // (n, m) or null
+  const scalar_t* scale;       // 1 value: lam
+  scalar_t* states;            // fwd: out; bwd: in (saved, B, m)
+  const scalar_t* grad_states; // bwd: (saved, B, m) or (B, m) when last_only
+  bool last_only;
+  scalar_t* grad_x;            // bwd: (B, m)
+  acc_t* pW;
+  acc_t* pb;
+  double* plam;
+  acc_t* seg;
+};
+
+// Shared-memory layout (acc_t elements): W (m x ldw), bias (m), then TB x m buffers: cur, kbar,
+// G, Y, Z, and S (or 1 in the forward) blocks each of stage inputs X_s and pre-activations
+// A_s, and S blocks of slopes K_s (reused as dL/dX_s in the adjoint).
+inline int64_t dense_small_smem_elems(const DenseParams& p, bool backward) {
+  const int64_t TBm = p.TB * p.m, Sk = backward ? p.S : 1;
+  return p.m * p.ldw + p.m + TBm * (5 + 2 * Sk + p.S);
+}
+
+template <typename scalar_t, typename acc_t, Act ACT>
+struct DenseTile {
+  const DenseSmallArgs<scalar_t, acc_t>& g;
+  const DenseParams& p;
+  BlockCtx ctx;
+  bool keep;  // keep X_s, A_s of every stage (backward)
+  acc_t lam;
+  acc_t *W, *bv, *cur, *kbar, *G, *Y, *Z, *Xs, *As, *Ks;
+
+  SPLINET_HD DenseTile(const DenseSmallArgs<scalar_t, acc_t>& args, BlockCtx c, acc_t* smem, bool backward)
+      : g(args), p(args.p), ctx(c), keep(backward), lam(static_cast<acc_t>(args.scale[0])) {
+    const int64_t TBm = p.TB * p.m, Sk = backward ? p.S : 1;
+    W = smem;
+    bv = W + p.m * p.ldw;
+    cur = bv + p.m;
+    kbar = cur + TBm;
+    G = kbar + TBm;
+    Y = G + TBm;
+    Z = Y + TBm;
+    Xs = Z + TBm;
+    As = Xs + Sk * TBm;
+    Ks = As + Sk * TBm;
+  }
+
+  SPLINET_HD acc_t* X_of(int s) const { return Xs + (keep ? s : 0) * p.TB * p.m; }
+  SPLINET_HD acc_t* A_of(int s) const { return As + (keep ? s : 0) * p.TB * p.m; }
+  SPLINET_HD acc_t* K_of(int s) const { return Ks + s * p.TB * p.m; }
+
+  // W, bv <- the blended matrix and bias of step i, stage s. No barrier.
+  SPLINET_HD void blend(int64_t i, int s) {
+    acc_t w[kMaxDegree + 1];
+    const int64_t k = stage_basis(p, i, s, w), m = p.m;
+    for (int64_t e = ctx.tid; e < m * m; e += ctx.nthreads) {
+      const int64_t j = e / m, q = e % m;
+      W[j * p.ldw + q] = blend_entry(p, g.weight, k, w, j, q);
+    }
+    if (p.has_bias)
+      for (int64_t j = ctx.tid; j < m; j += ctx.nthreads) bv[j] = blend_bias(p, g.bias, k, w, j);
+  }
+
+  // One step of the scheme for the R rows of the tile: cur <- x_{i+1} from cur = x_i.
+  SPLINET_HD void step(int64_t i, int64_t R) {
+    const int64_t m = p.m, Rm = R * m;
+    const acc_t h = static_cast<acc_t>(p.h);
+    for (int s = 0; s < p.S; ++s) {
+      blend(i, s);
+      acc_t *X = X_of(s), *A = A_of(s), *Kc = K_of(s);
+      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // X_s = x + h sum_j a_sj K_j
+        acc_t v = cur[e];
+        for (int j = 0; j < s; ++j) {
+          const acc_t c = h * static_cast<acc_t>(p.a[s][j]);
+          if (c != acc_t(0)) v = mul_add(v, c, K_of(j)[e]);
+        }
+        X[e] = v;
+      }
+      ctx.sync();
+      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // a = X_s W^T + b, K_s = lam act(a)
+        const int64_t r = e / m, j = e % m;
+        const acc_t* xr = X + r * m;
+        const acc_t* wj = W + j * p.ldw;
+        acc_t acc = acc_t(0);
+        for (int64_t q = 0; q < m; ++q) acc = mul_add(acc, xr[q], wj[q]);
+        if (p.has_bias) acc = acc + bv[j];
+        A[e] = acc;
+        const acc_t y = Activation<ACT>::f(acc);
+        if (p.variant == kSymmetric) Y[e] = y; else Kc[e] = lam * y;
+      }
+      ctx.sync();
+      if (p.variant == kSymmetric) {  // K_s = -lam act(a) W
+        for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {
+          const int64_t r = e / m, q = e % m;
+          acc_t acc = acc_t(0);
+          for (int64_t j = 0; j < m; ++j) acc = mul_add(acc, Y[r * m + j], W[j * p.ldw + q]);
+          Kc[e] = -lam * acc;
+        }
+        ctx.sync();
+      }
+    }
+    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // x' = x + h sum_s b_s K_s
+      acc_t v = cur[e];
+      for (int s = 0; s < p.S; ++s) {
+        const acc_t c = h * static_cast<acc_t>(p.b[s]);
+        if (c != acc_t(0)) v = mul_add(v, c, K_of(s)[e]);
+      }
+      cur[e] = v;
+    }
+    ctx.sync();
+  }
+
+  // Adjoint of the step just recomputed by step(i, R) (paper eqs. 17-23, general explicit RK):
+  // Z holds dL/dx_{i+1} on entry, dL/dx_i on exit; eq. 23 goes to this block's partials.
+  SPLINET_HD void adjoint(int64_t i, int64_t R, acc_t* pW, acc_t* pb, double& glam) {
+    const int64_t m = p.m, Rm = R * m, mm = m * m;
+    const acc_t h = static_cast<acc_t>(p.h);
+    for (int s = p.S - 1; s >= 0; --s) {
+      blend(i, s);
+      const acc_t cb = h * static_cast<acc_t>(p.b[s]);
+      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // kbar = dL/dK_s
+        acc_t v = cb * Z[e];
+        for (int q = s + 1; q < p.S; ++q) {
+          const acc_t c = h * static_cast<acc_t>(p.a[q][s]);
+          if (c != acc_t(0)) v = mul_add(v, c, K_of(q)[e]);  // K_of(q) now holds dL/dX_q
+        }
+        kbar[e] = v;
+      }
+      ctx.sync();
+      const acc_t* A = A_of(s);
+      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // G = lam act'(a) V
+        const int64_t r = e / m, j = e % m;
+        acc_t v = kbar[e];
+        if (p.variant == kSymmetric) {  // V = -kbar W^T
+          acc_t acc = acc_t(0);
+          for (int64_t q = 0; q < m; ++q) acc = mul_add(acc, kbar[r * m + q], W[j * p.ldw + q]);
+          v = -acc;
+        }
+        const acc_t a = A[e], y = Activation<ACT>::f(a);
+        Y[e] = y;
+        glam += static_cast<double>(y) * static_cast<double>(v);  // dL/dlam += act(a) . V
+        G[e] = act_grad<ACT>(a, y, v, lam);
+      }
+      ctx.sync();
+      acc_t* Xbar = K_of(s);  // K_s is not needed any more
+      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // dL/dX_s = G W
+        const int64_t r = e / m, q = e % m;
+        acc_t acc = acc_t(0);
+        for (int64_t j = 0; j < m; ++j) acc = mul_add(acc, G[r * m + j], W[j * p.ldw + q]);
+        Xbar[e] = acc;
+      }
+      acc_t w[kMaxDegree + 1];
+      const int64_t k = stage_basis(p, i, s, w);
+      const acc_t* X = X_of(s);
+      for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads) {  // eq. 23: dL/dW_s = G^T X_s -> d + 1 slots
+        const int64_t j = e / m, q = e % m;
+        acc_t dw = acc_t(0);
+        for (int64_t r = 0; r < R; ++r) dw = mul_add(dw, G[r * m + j], X[r * m + q]);
+        if (p.variant == kSymmetric) {  // - lam act(a)^T kbar
+          acc_t t = acc_t(0);
+          for (int64_t r = 0; r < R; ++r) t = mul_add(t, Y[r * m + j], kbar[r * m + q]);
+          dw = mul_add(dw, -lam, t);
+        } else if (p.variant == kAntisymmetric) {  // dW = dA - dA^T
+          acc_t t = acc_t(0);
+          for (int64_t r = 0; r < R; ++r) t = mul_add(t, G[r * m + q], X[r * m + j]);
+          dw = dw - t;
+        }
+        for (int64_t r = 0; r <= p.d; ++r) pW[(k + r) * mm + e] = mul_add(pW[(k + r) * mm + e], w[r], dw);
+      }
+      if (p.has_bias)
+        for (int64_t j = ctx.tid; j < m; j += ctx.nthreads) {
+          acc_t cs = acc_t(0);
+          for (int64_t r = 0; r < R; ++r) cs = cs + G[r * m + j];
+          for (int64_t r = 0; r <= p.d; ++r) pb[(k + r) * m + j] = mul_add(pb[(k + r) * m + j], w[r], cs);
+        }
+      ctx.sync();
+    }
+    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // dL/dx_i = dL/dx_{i+1} + sum_s dL/dX_s
+      acc_t v = Z[e];
+      for (int s = 0; s < p.S; ++s) v = v + K_of(s)[e];
+      Z[e] = v;
+    }
+    ctx.sync();
+  }
+
+  SPLINET_HD void load(acc_t* dst, const scalar_t* src, int64_t Rm) {
+    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) dst[e] = static_cast<acc_t>(src[e]);
+  }
+  SPLINET_HD void store(scalar_t* dst, const acc_t* src, int64_t Rm) {
+    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) dst[e] = static_cast<scalar_t>(src[e]);
+  }
+
+  SPLINET_HD void forward_tile(int64_t tile) {
+    const int64_t r0 = tile * p.TB, R = (p.B - r0 < p.TB ? p.B - r0 : p.TB), Rm = R * p.m;
+    load(cur, g.x + r0 * p.m, Rm);
+    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) g.states[r0 * p.m + e] = g.x[r0 * p.m + e];
+    ctx.sync();
+    for (int64_t i = 0; i < p.N; ++i) {
+      step(i, R);
+      const int64_t slot = state_slot(i + 1, p.N, p.K);
+      if (slot >= 0) store(g.states + (slot * p.B + r0) * p.m, cur, Rm);  // own elements: no barrier
+    }
+  }
+
+  SPLINET_HD void backward_tile(int64_t tile, int64_t block, int64_t nthreads_total) {
+    const int64_t r0 = tile * p.TB, R = (p.B - r0 < p.TB ? p.B - r0 : p.TB), Rm = R * p.m, TBm = p.TB * p.m;
+    const int64_t Ns = (p.N + p.K - 1) / p.K + 1;
+    const int64_t mm = p.m * p.m;
+    acc_t* pW = g.pW + block * p.n * mm;
+    acc_t* pb = g.pb ? g.pb + block * p.n * p.m : nullptr;
+    acc_t* seg = g.seg ? g.seg + block * (p.K - 1) * TBm : nullptr;
+    double& glam = g.plam[block * nthreads_total + ctx.tid];
+    load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, Rm);
+    ctx.sync();
+    // Segments [i0, i1) of K steps, last first; each starts from its saved state (slot i0 / K)
+    // and recomputes the states inside it into seg (all saved when K = 1).
+    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
+      const int64_t i1 = (i0 + p.K < p.N ? i0 + p.K : p.N);
+      const scalar_t* saved = g.states + ((i0 / p.K) * p.B + r0) * p.m;
+      if (i1 - i0 > 1) {
+        load(cur, saved, Rm);
+        ctx.sync();
+        for (int64_t i = i0; i + 1 < i1; ++i) {
+          step(i, R);
+          acc_t* dst = seg + (i - i0) * TBm;  // x_{i+1}
+          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) dst[e] = cur[e];
+        }
+      }
+      for (int64_t i = i1 - 1; i >= i0; --i) {
+        if (i == i0) {
+          load(cur, saved, Rm);
+        } else {
+          const acc_t* src = seg + (i - i0 - 1) * TBm;
+          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) cur[e] = src[e];
+        }
+        ctx.sync();
+        step(i, R);
+        adjoint(i, R, pW, pb, glam);
+        const int64_t slot = g.last_only ? -1 : state_slot(i, p.N, p.K);
+        if (slot >= 0) {  // dL/dx_i also has the loss's direct term
+          const scalar_t* gs = g.grad_states + (slot * p.B + r0) * p.m;
+          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) Z[e] = Z[e] + static_cast<acc_t>(gs[e]);
+          ctx.sync();
+        }
+      }
+    }
+    store(g.grad_x + r0 * p.m, Z, Rm);
+    ctx.sync();
+  }
+};
+
+// Block entry points: block `block` of `grid` walks the tiles block, block + grid, ...
+template <typename scalar_t, typename acc_t, Act ACT>
+SPLINET_HD void dense_small_fwd_block(const DenseSmallArgs<scalar_t, acc_t>& args, int64_t block, int64_t grid,
+                                      BlockCtx ctx, acc_t* smem) {
+  DenseTile<scalar_t, acc_t, ACT> t(args, ctx, smem, false);
+  const int64_t tiles = (args.p.B + args.p.TB - 1) / args.p.TB;
+  for (int64_t tile = block; tile < tiles; tile += grid) t.forward_tile(tile);
+}
+
+template <typename scalar_t, typename acc_t, Act ACT>
+SPLINET_HD void dense_small_bwd_block(const DenseSmallArgs<scalar_t, acc_t>& args, int64_t block, int64_t grid,
+                                      BlockCtx ctx, acc_t* smem) {
+  DenseTile<scalar_t, acc_t, ACT> t(args, ctx, smem, true);
+  const int64_t tiles = (args.p.B + args.p.TB - 1) / args.p.TB;
+  for (int64_t tile = block; tile < tiles; tile += grid) t.backward_tile(tile, block, ctx.nthreads);
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Large widths: elementwise pieces around the GEMMs (dense_driver.h); each is a functor
+// over a flat index e, launched as one grid-stride kernel on the GPU.
+
+// W (m x m, the GEMM's dtype) and bias (m, acc_t) of one stage: e < m^2 an entry of W, then
+// the m bias entries.
+template <typename scalar_t, typename acc_t>
+struct BlendFn {
+  DenseParams p;
+  const scalar_t* weight;
+  const scalar_t* bias;
+  int64_t k;
+  acc_t w[kMaxDegree + 1];
+  scalar_t* W;
+  acc_t* bv;
+  SPLINET_HD void operator()(int64_t e) const {
+    const int64_t mm = p.m * p.m;
+    if (e < mm) W[e] = static_cast<scalar_t>(blend_entry(p, weight, k, w, e / p.m, e % p.m));
+    else if (p.has_bias) bv[e - mm] = blend_bias(p, bias, k, w, e - mm);
+  }
+};
+
+// out = c0 base + sum_j c_j K_j, written in acc_t (out_acc) and/or the GEMM dtype (out_st).
+template <typename scalar_t, typename acc_t>
+struct CombineFn {
+  const acc_t* base;
+  acc_t c0;
+  const acc_t* K[4];
+  acc_t c[4];
+  int nk;
+  acc_t* out_acc;
+  scalar_t* out_st;
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t v = c0 * base[e];
+    for (int j = 0; j < nk; ++j) v = mul_add(v, c[j], K[j][e]);
+    if (out_acc) out_acc[e] = v;
+    if (out_st) out_st[e] = static_cast<scalar_t>(v);
+  }
+};
+
+// Forward epilogue of a stage: a = (X W^T)[e] + b, kept for the adjoint (A, acc_t);
+// K = lam act(a), or act(a) into Y (GEMM dtype) for the symmetric variant.
+template <typename scalar_t, typename acc_t, Act ACT>
+struct EpilogueFn {
+  const scalar_t* prod;
+  const acc_t* bv;
+  int64_t m;
+  const scalar_t* scale;
+  acc_t* A;
+  acc_t* K;
+  scalar_t* Y;
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t a = static_cast<acc_t>(prod[e]);
+    if (bv) a = a + bv[e % m];
+    if (A) A[e] = a;
+    const acc_t y = Activation<ACT>::f(a);
+    if (Y) Y[e] = static_cast<scalar_t>(y);
+    else K[e] = static_cast<acc_t>(scale[0]) * y;
+  }
+};
+
+// K = -lam (act(a) W)[e] (symmetric variant).
+template <typename scalar_t, typename acc_t>
+struct NegScaleFn {
+  const scalar_t* prod;
+  const scalar_t* scale;
+  acc_t* K;
+  SPLINET_HD void operator()(int64_t e) const { K[e] = -static_cast<acc_t>(scale[0]) * static_cast<acc_t>(prod[e]); }
+};
+
+// Adjoint through the activation: V = kbar (or -(kbar W^T)[e] for the symmetric variant),
+// G = lam act'(a) V (GEMM dtype), P = act(a) V (for dL/dlam), Y = act(a) (symmetric).
+template <typename scalar_t, typename acc_t, Act ACT>
+struct AdjointActFn {
+  const acc_t* A;
+  const acc_t* kbar;
+  const scalar_t* VT;  // symmetric: kbar W^T
+  const scalar_t* scale;
+  scalar_t* G;
+  acc_t* P;
+  scalar_t* Y;
+  SPLINET_HD void operator()(int64_t e) const {
+    const acc_t a = A[e], y = Activation<ACT>::f(a);
+    const acc_t v = VT ? -static_cast<acc_t>(VT[e]) : kbar[e];
+    P[e] = y * v;
+    G[e] = static_cast<scalar_t>(act_grad<ACT>(a, y, v, static_cast<acc_t>(scale[0])));
+    if (Y) Y[e] = static_cast<scalar_t>(y);
+  }
+};
+
+// Eq. 23 for one stage: dL/dW_s = G^T X_s (dA - dA^T for the antisymmetric variant,
+// - lam act(a)^T kbar added for the symmetric one) and dL/db_s = column sums of G, scattered
+// into the d + 1 coefficient slots k .. k + d of the acc_t gradients. e < m^2, then m.
+template <typename scalar_t, typename acc_t>
+struct ScatterFn {
+  DenseParams p;
+  int64_t k;
+  acc_t w[kMaxDegree + 1];
+  const scalar_t* dW;
+  const scalar_t* dW2;  // symmetric: act(a)^T kbar
+  const acc_t* colsum;
+  const scalar_t* scale;
+  acc_t* gW;
+  acc_t* gb;
+  SPLINET_HD void operator()(int64_t e) const {
+    const int64_t m = p.m, mm = m * m;
+    if (e < mm) {
+      acc_t dw = static_cast<acc_t>(dW[e]);
+      if (p.variant == kAntisymmetric) dw = dw - static_cast<acc_t>(dW[(e % m) * m + e / m]);
+      if (dW2) dw = mul_add(dw, -static_cast<acc_t>(scale[0]), static_cast<acc_t>(dW2[e]));
+      for (int64_t r = 0; r <= p.d; ++r) gW[(k + r) * mm + e] = mul_add(gW[(k + r) * mm + e], w[r], dw);
+    } else if (gb) {
+      const int64_t j = e - mm;
+      for (int64_t r = 0; r <= p.d; ++r) gb[(k + r) * m + j] = mul_add(gb[(k + r) * m + j], w[r], colsum[j]);
+    }
+  }
+};
+
+}  // namespace splinet

@@ -1,0 +1,222 @@
+"""The CUDA dense kernels (csrc/cuda/dense_program.h, dense_driver.h, dense_cuda.cu).
+
+Without a GPU their block programs and the large-width path run on the CPU through the
+test-only emulation ops (csrc/cpu/dense_emulated.cpp: one thread per block, the same code),
+checked against the fused CPU kernel, which test_fused_dense.py checks against the
+reference. With a GPU the real kernels are checked against the CPU kernel here (bf16/fp16
+tolerances, bitwise float64) and by the whole of test_fused_dense.py (backend "cuda").
+
+Legend: B batch, m width, n = L + d coefficients, d degree, N steps, K checkpoint interval.
+"""
+import itertools
+
+import pytest
+import torch
+
+import splinet_cuda as sc
+from splinet_cuda import _ext
+
+ops = torch.ops.splinet_cuda
+HAS_EMU = _ext.has_kernel("cuda_dense_fwd_emulated", "CPU")
+HAS_CUDA = "cuda" in sc.available_backends() and torch.cuda.is_available()
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason="splinet_cuda._C not built")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
+
+ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
+SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
+VARIANTS = ["standard", "symmetric", "antisymmetric"]
+SMALL, LARGE = 1, 2
+
+
+def make(B, m, L, d, *, dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, m, generator=g, dtype=torch.float64)
+    w = torch.randn(L + d, m, m, generator=g, dtype=torch.float64) * (0.8 / m ** 0.5)
+    b = torch.randn(L + d, m, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    s = torch.tensor(1.3, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
+    return cast(x), cast(w), cast(b), cast(s)
+
+
+def cpu_op(x, w, b, s, cfg, grad=None):
+    """States and gradients of the fused CPU kernel."""
+    states = ops.spline_dense_fwd(x, w, b, s, *cfg)
+    grad = torch.randn_like(states) if grad is None else grad
+    return states, grad, ops.spline_dense_bwd(grad, states, w, b, s, *cfg)
+
+
+def emulated(x, w, b, s, cfg, grad, path, tile_rows=0, blocks=0, states=None):
+    got = ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_rows, blocks)
+    states = got if states is None else states
+    return got, ops.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks)
+
+
+def assert_all_close(got, ref, **tol):
+    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"], got, ref):
+        torch.testing.assert_close(g, r, **tol, msg=lambda msg: f"{name}: {msg}")
+
+
+GRID = [(v, s, a, i % 4, i % 3 != 0) for i, (v, s, a) in enumerate(itertools.product(VARIANTS, SCHEMES, ACTS))]
+
+
+@needs_emu
+@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID)
+def test_emulated_matches_cpu_kernel(path, variant, scheme, activation, degree, bias):
+    """Every variant x scheme x activation, degrees 0-3: several tiles of uneven size spread
+    over fewer blocks than tiles (the persistent loop), checkpointing with K = 3."""
+    x, w, b, s = make(7, 5, 3, degree, bias=bias)
+    cfg = (8, degree, activation, scheme, variant, 0.25, 3)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=3, blocks=2, states=states)
+    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
+@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("B,m,N,L,K", [(1, 1, 1, 1, 1), (1, 4, 3, 2, 2), (5, 1, 4, 4, 1), (3, 2, 1, 1, 4),
+                                       (4, 3, 6, 2, 6), (2, 3, 7, 3, 10)])
+def test_emulated_edge_shapes(path, B, m, N, L, K):
+    for degree in (0, 3):
+        x, w, b, s = make(B, m, L, degree, seed=B + m + N)
+        cfg = (N, degree, "tanh", "rk4", "standard", 0.0, K)
+        states, grad, ref = cpu_op(x, w, b, s, cfg)
+        got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
+        assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
+@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("checkpoint", [1, 4])
+def test_emulated_last_only_gradient(path, checkpoint):
+    """dLoss/dx_N alone (the layer's usual backward) equals the full form with zeros elsewhere."""
+    x, w, b, s = make(6, 4, 2, 2)
+    cfg = (9, 2, "sigmoid", "midpoint", "symmetric", 0.0, checkpoint)
+    states = ops.spline_dense_fwd(x, w, b, s, *cfg)
+    g_last = torch.randn_like(states[-1])
+    full = torch.zeros_like(states)
+    full[-1] = g_last
+    _, a = emulated(x, w, b, s, cfg, g_last, path, tile_rows=4, states=states)
+    _, c = emulated(x, w, b, s, cfg, full, path, tile_rows=4, states=states)
+    _, _, ref = cpu_op(x, w, b, s, cfg, grad=full)
+    assert_all_close(a, c, rtol=0, atol=0)
+    assert_all_close(a, ref, rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
+@pytest.mark.parametrize("path", [SMALL, LARGE])
+def test_emulated_float32(path):
+    x, w, b, s = make(9, 6, 2, 3, dtype=torch.float32)
+    cfg = (12, 3, "tanh", "rk4", "standard", 0.0, 1)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
+    assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+
+
+@needs_emu
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("variant,scheme", [("standard", "rk4"), ("symmetric", "euler"), ("antisymmetric", "rk4_38")])
+def test_emulated_small_path_bitwise_float64(activation, variant, scheme):
+    """With one tile in one block the small-width program sums in the CPU kernel's order
+    (single chunk, raw loops for m < 16, no FMA in float64), so states and every gradient
+    but the scale's (summed in another order) agree bit for bit."""
+    x, w, b, s = make(6, 5, 3, 2)
+    cfg = (10, 2, activation, scheme, variant, 0.5, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one CPU chunk
+    try:
+        states, grad, ref = cpu_op(x, w, b, s, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, tile_rows=6, blocks=1)
+    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias"], [got_states, *got[:3]], [states, *ref[:3]]):
+        assert torch.equal(g, r), name
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-13, atol=0)
+
+
+@needs_emu
+def test_emulated_large_width_paths_agree():
+    """m = 70 > 64: auto takes the GEMM path; the small program forced on it agrees."""
+    x, w, b, s = make(5, 70, 2, 1)
+    cfg = (3, 1, "softplus", "euler", "symmetric", 0.0, 1)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    for path in (0, SMALL, LARGE):
+        got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
+        assert_all_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
+
+
+@needs_emu
+def test_emulated_ops_opcheck_and_errors():
+    x, w, b, s = make(3, 4, 2, 1)
+    cfg = (4, 1, "tanh", "rk4", "standard", 0.0, 2)
+    torch.library.opcheck(ops.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1))
+    states = ops.spline_dense_fwd(x, w, b, s, *cfg)
+    torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
+                          (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0))
+    with pytest.raises(ValueError, match="path"):
+        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 3, 0, 0)
+    with pytest.raises(ValueError, match="weight"):
+        ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0)
+    with pytest.raises(TypeError, match="scale dtype"):
+        ops.cuda_dense_fwd_emulated(x, w, b, s.float(), *cfg, SMALL, 0, 0)
+    with pytest.raises(ValueError, match="shared memory"):  # one row of m = 200 needs > 100 KB
+        big = make(1, 200, 1, 0)
+        ops.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [4, 48, 96])
+@pytest.mark.parametrize("variant,scheme,activation", [("standard", "rk4", "tanh"), ("symmetric", "euler", "relu"),
+                                                       ("antisymmetric", "midpoint", "softplus")])
+def test_cuda_matches_cpu_kernel(m, variant, scheme, activation):
+    x, w, b, s = make(37, m, 3, 3)
+    cfg = (7, 3, activation, scheme, variant, 0.2, 2)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    dev = [t.cuda() for t in (x, w, b, s)]
+    got_states = ops.spline_dense_fwd(*dev, *cfg)
+    got = ops.spline_dense_bwd(grad.cuda(), states.cuda(), *dev[1:], *cfg)
+    assert_all_close([t.cpu() for t in (got_states, *got)], [states, *ref], rtol=1e-10, atol=1e-11)
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_cuda_bitwise_float64(activation):
+    """One tile (B <= TB) in one block: the GPU kernel sums in the CPU kernel's order and
+    never fuses a float64 multiply-add, so it matches the CPU backend bit for bit."""
+    x, w, b, s = make(6, 5, 3, 2)
+    cfg = (10, 2, activation, "rk4", "standard", 0.0, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        states, grad, ref = cpu_op(x, w, b, s, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    dev = [t.cuda() for t in (x, w, b, s)]
+    got_states = ops.spline_dense_fwd(*dev, *cfg)
+    got = ops.spline_dense_bwd(grad.cuda(), states.cuda(), *dev[1:], *cfg)
+    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias"], [got_states, *got[:3]], [states, *ref[:3]]):
+        assert torch.equal(g.cpu(), r), name
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [8, 64, 256])
+def test_cuda_half_precision(dtype, m):
+    """bf16/fp16 storage with float32 accumulation against the float64 reference."""
+    x, w, b, s = make(64, m, 4, 3)
+    kw = dict(steps=16, degree=3, activation="tanh", scheme="euler")
+    ref_args = [t.cuda().requires_grad_() for t in (x, w, b, s)]
+    args = [t.to(dtype).cuda().requires_grad_() for t in (x, w, b, s)]
+    y_ref = sc.spline_ode(*ref_args, backend="reference", **kw)
+    y = sc.spline_ode(*args, backend="cuda", **kw)
+    probe = torch.randn_like(y_ref)
+    y_ref.backward(probe)
+    y.backward(probe.to(dtype))
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.double(), y_ref.detach(), **tol)
+    for a, r in zip(args, ref_args):
+        scale = r.grad.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(a.grad.double() / scale, r.grad / scale, **tol)
