@@ -47,14 +47,20 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
-  // --- Test-only: the CUDA dense kernels' programs run on the CPU (csrc/cpu/dense_emulated.cpp)
+  // --- Test-only: the CUDA kernels' drivers and programs run on the CPU (csrc/cpu/cuda_emulated.cpp)
   // with one thread per block, so their arithmetic and indexing are tested without a GPU.
-  // Same arguments as spline_dense_fwd / _bwd, then path (0 auto, 1 small-width trajectory
-  // program, 2 large-width GEMM path), tile_rows (0: as on the GPU) and blocks (the grid).
+  // Dense: the arguments of spline_dense_fwd / _bwd, then path (0 auto, 1 small-width
+  // trajectory program, 2 large-width GEMM path), tile_rows (0: as on the GPU) and blocks
+  // (the grid). Conv: the arguments of spline_conv_fwd / _bwd.
   m.def("cuda_dense_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int tile_rows, int blocks) "
         "-> Tensor");
   m.def("cuda_dense_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
         "int tile_rows, int blocks) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_conv_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+  m.def("cuda_conv_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

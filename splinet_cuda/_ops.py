@@ -47,6 +47,8 @@ def register_cpp_fakes() -> None:
     for layer in ("dense", "conv"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
-    # Test-only CPU emulation of the CUDA dense kernels (csrc/cpu/dense_emulated.cpp).
+    # Test-only CPU emulation of the CUDA dense kernels (csrc/cpu/cuda_emulated.cpp).
     torch.library.register_fake("splinet_cuda::cuda_dense_fwd_emulated", _emulated_fwd_fake)
     torch.library.register_fake("splinet_cuda::cuda_dense_bwd_emulated", _emulated_bwd_fake)
+    torch.library.register_fake("splinet_cuda::cuda_conv_fwd_emulated", layer_fwd_fake)
+    torch.library.register_fake("splinet_cuda::cuda_conv_bwd_emulated", layer_bwd_fake)

@@ -45,4 +45,42 @@ inline void check_dense_args(const char* op, const at::Tensor& x, const at::Tens
   TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
 }
 
+// Conv layer ops: x (B, C, *spatial) with 1-3 spatial dims, weight (n, C, C, *kernel) with odd
+// kernel sizes, bias (n, C) or none, one-value scale. `half_types` as for check_dense_args.
+inline void check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
+                     int64_t checkpoint, bool half_types) {
+  TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 5, op, ": x must have shape (B, C, *spatial) with 1 to 3 spatial dims, got ",
+                    x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == x.dim() + 1 && weight.size(1) == C && weight.size(2) == C, op,
+                    ": weight must have shape (n, C, C, *kernel) with C = ", C, " and ", x.dim() - 2,
+                    " kernel dims, got ", weight.sizes());
+  for (int64_t j = 3; j < weight.dim(); ++j)
+    TORCH_CHECK_VALUE(weight.size(j) % 2 == 1, op, ": kernel sizes must be odd for 'same' padding, got weight ",
+                      weight.sizes());
+  const auto dt = x.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble || (half_types && (dt == at::kHalf || dt == at::kBFloat16));
+  TORCH_CHECK_TYPE(ok, op, half_types ? "" : " (cpu)", ": x must be float32 or float64",
+                   half_types ? ", bfloat16 or float16" : "", ", got ", dt);
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ",
+                    x.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == C, op,
+                      ": bias must have shape (n, C) = (", weight.size(0), ", ", C, "), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                     " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got shape ", scale.sizes());
+  TORCH_CHECK_TYPE(scale.is_floating_point(), op, ": scale must be a floating tensor, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
+  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
+  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
+                    weight.size(0), ", degree = ", degree);
+  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+}
+
 }  // namespace splinet

@@ -41,6 +41,7 @@
 
 #include "../common/activations.h"
 #include "../common/bspline.h"
+#include "../common/checks.h"
 #include "../common/layer_config.h"
 
 namespace splinet {
@@ -356,40 +357,6 @@ class ConvStepper {
   std::vector<int64_t> k_;
 };
 
-void check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
-                     int64_t checkpoint) {
-  TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 5, op, ": x must have shape (B, C, *spatial) with 1 to 3 spatial dims, got ",
-                    x.sizes());
-  const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(weight.dim() == x.dim() + 1 && weight.size(1) == C && weight.size(2) == C, op,
-                    ": weight must have shape (n, C, C, *kernel) with C = ", C, " and ", x.dim() - 2,
-                    " kernel dims, got ", weight.sizes());
-  for (int64_t j = 3; j < weight.dim(); ++j)
-    TORCH_CHECK_VALUE(weight.size(j) % 2 == 1, op, ": kernel sizes must be odd for 'same' padding, got weight ",
-                      weight.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   " (cpu): x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ",
-                    x.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == C, op,
-                      ": bias must have shape (n, C) = (", weight.size(0), ", ", C, "), got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                     " differs from x dtype ", x.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
-  }
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got shape ", scale.sizes());
-  TORCH_CHECK_TYPE(scale.is_floating_point(), op, ": scale must be a floating tensor, got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
-  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
-  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
-                    weight.size(0), ", degree = ", degree);
-  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
-}
-
 ConvArgs make_conv_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& scale,
                         int64_t steps, int64_t degree, c10::string_view scheme, c10::string_view variant,
                         int64_t checkpoint) {
@@ -429,7 +396,7 @@ at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_
                                int64_t degree, c10::string_view activation, c10::string_view scheme,
                                c10::string_view variant, double /*gamma*/, int64_t checkpoint) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  check_conv_args("spline_conv_fwd", x_in, weight_in, bias_in, scale, steps, degree, checkpoint);
+  check_conv_args("spline_conv_fwd", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const ConvArgs a = make_conv_args(x, weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
@@ -468,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   TORCH_CHECK_VALUE(states_in.dim() >= 4 && states_in.dim() <= 6,
                     "spline_conv_bwd: states must have shape (saved, B, C, *spatial), got ", states_in.sizes());
-  check_conv_args("spline_conv_bwd", states_in[0], weight_in, bias_in, scale, steps, degree, checkpoint);
+  check_conv_args("spline_conv_bwd", states_in[0], weight_in, bias_in, scale, steps, degree, checkpoint, false);
   const int64_t Ns = num_saved_states(steps, checkpoint);
   TORCH_CHECK_VALUE(states_in.size(0) == Ns, "spline_conv_bwd: states holds ", states_in.size(0),
                     " states, expected ", Ns, " for steps = ", steps, ", checkpoint = ", checkpoint);

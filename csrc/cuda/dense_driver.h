@@ -1,8 +1,8 @@
 // Host side of the CUDA dense SpliNet layer: argument checks, the choice between the
 // small-width trajectory program and the large-width GEMM path, buffers, launches and the
 // final reductions. Templated on an executor so the same driver runs the GPU kernels
-// (CudaExec, csrc/cuda/dense_cuda.cu) and the CPU emulation of the same block programs
-// (HostExec, csrc/cpu/dense_emulated.cpp). An executor provides:
+// (CudaExec, csrc/cuda/cuda_exec.cuh) and the CPU emulation of the same block programs
+// (HostExec, csrc/cpu/cuda_emulated.cpp). An executor provides:
 //   grid<Body>(tiles, threads, smem_bytes) -> blocks to launch (persistent: <= tiles)
 //   launch(Body, grid, threads, smem_bytes): body(block, grid, BlockCtx, acc_t* smem) per block
 //   for_each(n, F): f(e) for e in [0, n)
@@ -19,6 +19,7 @@
 // interval, TB rows of a tile.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,6 +36,7 @@
 #include "../common/checks.h"
 #include "../common/layer_config.h"
 #include "dense_program.h"
+#include "step_functors.h"
 
 namespace splinet {
 
@@ -46,13 +48,13 @@ inline at::ScalarType acc_type_of() {
   return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
 }
 
-inline DenseParams dense_params(const at::Tensor& x, const at::Tensor& weight, bool has_bias, int64_t steps,
-                                int64_t degree, c10::string_view scheme, c10::string_view variant, double gamma,
-                                int64_t checkpoint) {
+// B rows of m features, n coefficients.
+inline DenseParams dense_params(int64_t B, int64_t m, int64_t n, bool has_bias, int64_t steps, int64_t degree,
+                                c10::string_view scheme, c10::string_view variant, double gamma, int64_t checkpoint) {
   DenseParams p{};
-  p.B = x.size(0);
-  p.m = x.size(1);
-  p.n = weight.size(0);
+  p.B = B;
+  p.m = m;
+  p.n = n;
   p.d = degree;
   p.L = p.n - degree;
   p.N = steps;
@@ -135,7 +137,7 @@ class DenseLarge {
       ex_.for_each(Bm, comb);
       at::mm_out(prod_, X_[s], W_[s].t());
       EpilogueFn<scalar_t, acc_t, ACT> epi{prod_.data_ptr<scalar_t>(), p_.has_bias ? bv_[s].data_ptr<acc_t>() : nullptr,
-                                           p_.m, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
+                                           p_.m, 1, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
                                            K_[s].data_ptr<acc_t>(), sym ? Y_.data_ptr<scalar_t>() : nullptr};
       ex_.for_each(Bm, epi);
       if (sym) {
@@ -187,7 +189,8 @@ class DenseLarge {
       if (sym) at::mm_out(dW2_, Y_.t(), kbar_st_);
       at::Tensor colsum;
       if (p_.has_bias) colsum = at::sum(G_, {0}, false, acc_type_of<acc_t>());
-      ScatterFn<scalar_t, acc_t> sc{p_, 0, {}, dW_.data_ptr<scalar_t>(), sym ? dW2_.data_ptr<scalar_t>() : nullptr,
+      ScatterFn<scalar_t, acc_t> sc{p_.d, 0, {}, m * m, m, p_.variant == kAntisymmetric ? m : 0,
+                                    dW_.data_ptr<scalar_t>(), sym ? dW2_.data_ptr<scalar_t>() : nullptr,
                                     p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
                                     gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
       sc.k = stage_basis(p_, i, s, sc.w);
@@ -343,6 +346,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
   }
   if (p.has_bias) grad_b_out.copy_(gb);
   return {grad_x, gW.to(weight.scalar_type()), grad_b_out, glam.to(scale.scalar_type()).reshape(scale.sizes())};
+}
+
+// ---------------------------------------------------------------------------------------
+// Op entry points shared by the CUDA ops (dense_cuda.cu) and the emulation ops: checks,
+// contiguous inputs, dtype and activation dispatch. Exec::kHalfTypes says whether bfloat16
+// and float16 are taken.
+
+#define SPLINET_DISPATCH_TYPES(HALF, TYPE, NAME, ...)                                   \
+  [&] {                                                                                 \
+    if constexpr (HALF) {                                                               \
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__); \
+    } else {                                                                            \
+      AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__);                              \
+    }                                                                                   \
+  }()
+
+template <typename Exec>
+at::Tensor dense_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
+                           const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
+                           int64_t degree, c10::string_view activation, c10::string_view scheme,
+                           c10::string_view variant, double gamma, int64_t checkpoint, int64_t path,
+                           int64_t tile_rows) {
+  check_dense_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const DenseParams p = dense_params(x.size(0), x.size(1), weight.size(0), bias.defined(), steps, degree, scheme,
+                                     variant, gamma, checkpoint);
+  const Act act = parse_activation(std::string(activation));
+  at::Tensor out;
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
+    SPLINET_DISPATCH_ACT(act, [&] { out = dense_forward<scalar_t, ACT>(ex, x, weight, bias, scale, p, path, tile_rows); });
+  });
+  return out;
+}
+
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_entry(
+    Exec& ex, const char* op, const at::Tensor& grad_states_in, const at::Tensor& states_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
+    int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant, double gamma,
+    int64_t checkpoint, int64_t path, int64_t tile_rows) {
+  TORCH_CHECK_VALUE(states_in.dim() == 3, op, ": states must have shape (saved, B, m), got ", states_in.sizes());
+  check_dense_op_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint), op, ": states holds ",
+                    states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
+                    steps, ", checkpoint = ", checkpoint);
+  const bool last_only = check_state_grad(op, grad_states_in, states_in);
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const DenseParams p = dense_params(states.size(1), states.size(2), weight.size(0), bias.defined(), steps, degree,
+                                     scheme, variant, gamma, checkpoint);
+  const Act act = parse_activation(std::string(activation));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
+    SPLINET_DISPATCH_ACT(act, [&] {
+      out = dense_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, p, path, tile_rows);
+    });
+  });
+  return out;
 }
 
 }  // namespace splinet

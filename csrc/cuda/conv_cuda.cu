@@ -1,0 +1,42 @@
+// CUDA implementations of splinet_cuda::spline_conv_fwd / spline_conv_bwd (schemas in
+// csrc/splinet_ops.cpp): cuDNN convolutions through ATen around the blend, epilogue and
+// eq. 23 scatter kernels; the host driver is conv_driver.h, the launches cuda_exec.cuh.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "conv_driver.h"
+#include "cuda_exec.cuh"
+
+namespace splinet {
+namespace {
+
+at::Tensor spline_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation,
+                                c10::string_view scheme, c10::string_view variant, double /*gamma*/,
+                                int64_t checkpoint) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  CudaExec ex(x.get_device());
+  return conv_fwd_entry(ex, "spline_conv_fwd (cuda)", x, weight, bias, scale, steps, degree, activation, scheme,
+                        variant, checkpoint);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cuda(
+    const at::Tensor& grad_states, const at::Tensor& states, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
+    c10::string_view activation, c10::string_view scheme, c10::string_view variant, double /*gamma*/,
+    int64_t checkpoint) {
+  const c10::cuda::CUDAGuard guard(states.device());
+  CudaExec ex(states.get_device());
+  return conv_bwd_entry(ex, "spline_conv_bwd (cuda)", grad_states, states, weight, bias, scale, steps, degree,
+                        activation, scheme, variant, checkpoint);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splinet_cuda, CUDA, m) {
+  m.impl("spline_conv_fwd", &spline_conv_fwd_cuda);
+  m.impl("spline_conv_bwd", &spline_conv_bwd_cuda);
+}
+
+}  // namespace splinet

@@ -1,0 +1,304 @@
+// Host side of the CUDA convolutional SpliNet layer (1-3 spatial dims, "same" zero padding,
+// stride 1; standard and symmetric variants), templated on an executor like dense_driver.h
+// (CudaExec on the GPU, HostExec in the CPU emulation used by the tests).
+//
+// Per stage a blend kernel writes the filter K(t) and bias b(t) from the d + 1 nonzero
+// coefficients (eq. 14; never a per-step filter tensor), the convolution is ATen's (cuDNN on
+// the GPU, float32 accumulation for bfloat16/float16), and bias, activation, slope and the
+// Runge-Kutta combinations are single elementwise kernels (step_functors.h). The adjoint walks
+// back from step N - 1 to 0 recomputing each step from its saved (or segment-recomputed)
+// state, takes dL/dX_s and dL/dK_s of every stage from cuDNN's data and weight gradients, and
+// a scatter kernel adds dL/dK_s and dL/db_s into the d + 1 coefficient slots (eq. 23) of
+// float32 (float64) accumulators.
+//
+// Legend: B batch, C channels, P points of one (b, c) plane, fw = C^2 prod(kernel) entries of
+// one filter, n = L + d coefficients, d degree, N steps, S stages, K checkpoint interval.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/layer_config.h"
+#include "dense_driver.h"
+#include "step_functors.h"
+
+namespace splinet {
+
+struct ConvSetup {
+  DenseParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias (gamma, TB unused)
+  int64_t P, fw;
+  std::vector<int64_t> state_shape, ones, zeros, padding, sum_dims;
+};
+
+inline ConvSetup conv_setup(const at::Tensor& x, const at::Tensor& weight, bool has_bias, int64_t steps,
+                            int64_t degree, c10::string_view scheme, c10::string_view variant, int64_t checkpoint) {
+  ConvSetup c;
+  c.p = dense_params(x.size(0), x.size(1), weight.size(0), has_bias, steps, degree, scheme, variant, 0.0, checkpoint);
+  TORCH_CHECK_VALUE(c.p.variant != kAntisymmetric,
+                    "spline_conv: variant 'antisymmetric' is defined for dense layers only; expected standard or "
+                    "symmetric");
+  c.P = 1;
+  for (int64_t j = 2; j < x.dim(); ++j) c.P *= x.size(j);
+  c.fw = weight.numel() / weight.size(0);
+  c.state_shape = x.sizes().vec();
+  const size_t sd = static_cast<size_t>(x.dim() - 2);
+  c.ones.assign(sd, 1);
+  c.zeros.assign(sd, 0);
+  c.padding.resize(sd);
+  for (size_t j = 0; j < sd; ++j) c.padding[j] = weight.size(3 + static_cast<int64_t>(j)) / 2;
+  c.sum_dims.push_back(0);
+  for (int64_t j = 2; j < x.dim(); ++j) c.sum_dims.push_back(j);
+  return c;
+}
+
+template <typename scalar_t, typename acc_t, Act ACT, typename Exec>
+class ConvLarge {
+ public:
+  ConvLarge(Exec& ex, const ConvSetup& c, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale)
+      : ex_(ex), c_(c), p_(c.p), weight_(weight), bias_(bias), scale_(scale) {
+    const auto st = weight.options(), acc = weight.options().dtype(acc_type_of<acc_t>());
+    std::vector<int64_t> stage_shape{p_.S};
+    stage_shape.insert(stage_shape.end(), c.state_shape.begin(), c.state_shape.end());
+    std::vector<int64_t> filt_shape{p_.S};
+    filt_shape.insert(filt_shape.end(), weight.sizes().begin() + 1, weight.sizes().end());
+    cur_ = at::empty(c.state_shape, acc);
+    X_ = at::empty(stage_shape, st);
+    A_ = at::empty(stage_shape, acc);
+    K_ = at::empty(stage_shape, acc);
+    filt_ = at::empty(filt_shape, st);
+    bv_ = at::empty({p_.S, p_.m}, acc);
+    Y_ = at::empty(c.state_shape, st);
+  }
+
+  at::Tensor& cur() { return cur_; }
+
+  void step(int64_t i) {
+    const int64_t E = cur_.numel();
+    const acc_t h = static_cast<acc_t>(p_.h);
+    const bool sym = p_.variant == kSymmetric;
+    for (int s = 0; s < p_.S; ++s) {
+      blend(i, s);
+      CombineFn<scalar_t, acc_t> comb{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, nullptr, X_[s].data_ptr<scalar_t>()};
+      for (int j = 0; j < s; ++j) add_term(comb, h * static_cast<acc_t>(p_.a[s][j]), K_[j]);
+      ex_.for_each(E, comb);
+      const at::Tensor prod = conv(X_[s], s, false);
+      EpilogueFn<scalar_t, acc_t, ACT> epi{prod.data_ptr<scalar_t>(), p_.has_bias ? bv_[s].data_ptr<acc_t>() : nullptr,
+                                           p_.m, c_.P, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
+                                           K_[s].data_ptr<acc_t>(), sym ? Y_.data_ptr<scalar_t>() : nullptr};
+      ex_.for_each(E, epi);
+      if (sym) {  // K_s = -lam conv_transpose(act(a), K)
+        const at::Tensor t = conv(Y_, s, true);
+        ex_.for_each(E, NegScaleFn<scalar_t, acc_t>{t.data_ptr<scalar_t>(), scale_.data_ptr<scalar_t>(),
+                                                    K_[s].data_ptr<acc_t>()});
+      }
+    }
+    CombineFn<scalar_t, acc_t> upd{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, cur_.data_ptr<acc_t>(), nullptr};
+    for (int s = 0; s < p_.S; ++s) add_term(upd, h * static_cast<acc_t>(p_.b[s]), K_[s]);
+    ex_.for_each(E, upd);
+  }
+
+  void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
+    const int64_t E = cur_.numel();
+    const acc_t h = static_cast<acc_t>(p_.h);
+    const bool sym = p_.variant == kSymmetric;
+    if (!kbar_.defined()) {
+      kbar_ = at::empty(c_.state_shape, cur_.options());
+      kbar_st_ = at::empty(c_.state_shape, weight_.options());
+      G_ = at::empty(c_.state_shape, weight_.options());
+      P_ = at::empty(c_.state_shape, cur_.options());
+    }
+    for (int s = p_.S - 1; s >= 0; --s) {
+      CombineFn<scalar_t, acc_t> kb{z.data_ptr<acc_t>(), h * static_cast<acc_t>(p_.b[s]), {}, {}, 0,
+                                    kbar_.data_ptr<acc_t>(), sym ? kbar_st_.data_ptr<scalar_t>() : nullptr};
+      for (int q = s + 1; q < p_.S; ++q) add_term(kb, h * static_cast<acc_t>(p_.a[q][s]), K_[q]);
+      ex_.for_each(E, kb);
+      // V = kbar, or -conv(kbar, K) (the adjoint of conv_transpose is conv) for the symmetric variant.
+      at::Tensor vt;
+      if (sym) vt = conv(kbar_st_, s, false);
+      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
+                                             sym ? vt.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
+                                             G_.data_ptr<scalar_t>(), P_.data_ptr<acc_t>(),
+                                             sym ? Y_.data_ptr<scalar_t>() : nullptr};
+      ex_.for_each(E, adj);
+      glam.add_(at::sum(P_, at::kDouble));
+      // dL/dX_s = conv_transpose(G, K) and dL/dK_s = G (x) X_s (G carries lam).
+      auto grads = at::convolution_backward(G_, X_[s], filt_[s], c10::nullopt, c_.ones, c_.padding, c_.ones, false,
+                                            c_.zeros, 1, {true, true, false});
+      K_[s].copy_(std::get<0>(grads));
+      const at::Tensor dK = std::get<1>(grads).contiguous();
+      at::Tensor dK2;  // symmetric: the explicit K of conv_transpose, dL/dK of <conv(kbar, K), act(a)>
+      if (sym)
+        dK2 = std::get<1>(at::convolution_backward(Y_, kbar_st_, filt_[s], c10::nullopt, c_.ones, c_.padding,
+                                                   c_.ones, false, c_.zeros, 1, {false, true, false}))
+                  .contiguous();
+      at::Tensor colsum;
+      if (p_.has_bias) colsum = at::sum(G_, c_.sum_dims, false, acc_type_of<acc_t>());
+      ScatterFn<scalar_t, acc_t> sc{p_.d, 0, {}, c_.fw, p_.m, 0, dK.data_ptr<scalar_t>(),
+                                    sym ? dK2.data_ptr<scalar_t>() : nullptr,
+                                    p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
+                                    gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
+      sc.k = stage_basis(p_, i, s, sc.w);
+      ex_.for_each(c_.fw + (p_.has_bias ? p_.m : 0), sc);
+    }
+    CombineFn<scalar_t, acc_t> zs{z.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, z.data_ptr<acc_t>(), nullptr};
+    for (int s = 0; s < p_.S; ++s) add_term(zs, acc_t(1), K_[s]);
+    ex_.for_each(E, zs);
+  }
+
+ private:
+  static void add_term(CombineFn<scalar_t, acc_t>& f, acc_t c, const at::Tensor& K) {
+    if (c == acc_t(0)) return;
+    f.K[f.nk] = K.data_ptr<acc_t>();
+    f.c[f.nk++] = c;
+  }
+
+  at::Tensor conv(const at::Tensor& in, int s, bool transposed) const {
+    return at::convolution(in, filt_[s], c10::nullopt, c_.ones, c_.padding, c_.ones, transposed, c_.zeros, 1)
+        .contiguous();
+  }
+
+  void blend(int64_t i, int s) {
+    FlatBlendFn<scalar_t, acc_t> bl{p_.d, 0, {}, c_.fw, p_.m, weight_.data_ptr<scalar_t>(),
+                                    p_.has_bias ? bias_.data_ptr<scalar_t>() : nullptr, filt_[s].data_ptr<scalar_t>(),
+                                    bv_[s].data_ptr<acc_t>()};
+    bl.k = stage_basis(p_, i, s, bl.w);
+    ex_.for_each(c_.fw + (p_.has_bias ? p_.m : 0), bl);
+  }
+
+  Exec& ex_;
+  ConvSetup c_;
+  DenseParams p_;
+  at::Tensor weight_, bias_, scale_;
+  at::Tensor cur_, X_, A_, K_, filt_, bv_, Y_, kbar_, kbar_st_, G_, P_;
+};
+
+inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
+                               int64_t degree, int64_t checkpoint, bool half_types) {
+  check_conv_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
+  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
+  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+}
+
+template <typename scalar_t, Act ACT, typename Exec>
+at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        const at::Tensor& scale, const ConvSetup& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DenseParams& p = c.p;
+  std::vector<int64_t> shape{num_saved_states(p.N, p.K)};
+  shape.insert(shape.end(), c.state_shape.begin(), c.state_shape.end());
+  at::Tensor states = at::empty(shape, x.options());
+  states[0].copy_(x);
+  if (x.numel() == 0) {
+    states.copy_(x.unsqueeze(0).expand_as(states));
+    return states;
+  }
+  ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
+  run.cur().copy_(x);
+  for (int64_t i = 0; i < p.N; ++i) {
+    run.step(i);
+    const int64_t slot = saved_slot(i + 1, p.N, p.K);
+    if (slot >= 0) states[slot].copy_(run.cur());
+  }
+  return states;
+}
+
+template <typename scalar_t, Act ACT, typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    Exec& ex, const at::Tensor& grad_states, bool last_only, const at::Tensor& states, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& scale, const ConvSetup& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const DenseParams& p = c.p;
+  const auto acc_opts = states.options().dtype(acc_type_of<acc_t>());
+  const int64_t Ns = num_saved_states(p.N, p.K);
+  at::Tensor z = at::empty(c.state_shape, acc_opts);  // dL/dx_i, from i = N down
+  z.copy_(last_only ? grad_states : grad_states[Ns - 1]);
+  at::Tensor gW = at::zeros(weight.sizes(), acc_opts);
+  at::Tensor gb = p.has_bias ? at::zeros(bias.sizes(), acc_opts) : at::Tensor();
+  at::Tensor glam = at::zeros({}, states.options().dtype(at::kDouble));
+  if (states.numel() > 0) {
+    ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
+    std::vector<int64_t> seg_shape{std::max<int64_t>(1, std::min(p.K, p.N) - 1)};
+    seg_shape.insert(seg_shape.end(), c.state_shape.begin(), c.state_shape.end());
+    at::Tensor seg = p.K > 1 ? at::empty(seg_shape, acc_opts) : at::Tensor();
+    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
+      const int64_t i1 = std::min(i0 + p.K, p.N);
+      run.cur().copy_(states[i0 / p.K]);
+      for (int64_t i = i0; i + 1 < i1; ++i) {
+        run.step(i);
+        seg[i - i0].copy_(run.cur());
+      }
+      for (int64_t i = i1 - 1; i >= i0; --i) {
+        run.cur().copy_(i == i0 ? states[i0 / p.K] : seg[i - i0 - 1]);
+        run.step(i);
+        run.adjoint(i, z, gW, gb, glam);
+        const int64_t slot = last_only ? -1 : saved_slot(i, p.N, p.K);
+        if (slot >= 0) z.add_(grad_states[slot]);
+      }
+    }
+  }
+  at::Tensor grad_b = p.has_bias ? gb.to(bias.scalar_type()) : at::empty({0}, states.options());
+  return {z.to(states.scalar_type()), gW.to(weight.scalar_type()), grad_b,
+          glam.to(scale.scalar_type()).reshape(scale.sizes())};
+}
+
+// Op entry points (see dense_fwd_entry).
+template <typename Exec>
+at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
+                          const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
+                          int64_t degree, c10::string_view activation, c10::string_view scheme,
+                          c10::string_view variant, int64_t checkpoint) {
+  check_conv_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvSetup c = conv_setup(x, weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
+  const Act act = parse_activation(std::string(activation));
+  at::Tensor out;
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
+    SPLINET_DISPATCH_ACT(act, [&] { out = conv_forward<scalar_t, ACT>(ex, x, weight, bias, scale, c); });
+  });
+  return out;
+}
+
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_entry(
+    Exec& ex, const char* op, const at::Tensor& grad_states_in, const at::Tensor& states_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
+    int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant,
+    int64_t checkpoint) {
+  TORCH_CHECK_VALUE(states_in.dim() >= 4 && states_in.dim() <= 6, op,
+                    ": states must have shape (saved, B, C, *spatial), got ", states_in.sizes());
+  check_conv_op_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint), op, ": states holds ",
+                    states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
+                    steps, ", checkpoint = ", checkpoint);
+  const bool last_only = check_state_grad(op, grad_states_in, states_in);
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvSetup c = conv_setup(states[0], weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
+  const Act act = parse_activation(std::string(activation));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
+    SPLINET_DISPATCH_ACT(act, [&] {
+      out = conv_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, c);
+    });
+  });
+  return out;
+}
+
+}  // namespace splinet

@@ -1,0 +1,79 @@
+// The GPU executor of the layer drivers (dense_driver.h, conv_driver.h): launches the block
+// programs and elementwise functors on the current stream, with dynamic shared memory above
+// 48 KB, a persistent grid sized by the occupancy calculator, and a launch check after every
+// kernel. The caller holds a device guard for the tensors' device.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "dense_program.h"
+
+namespace splinet {
+
+template <typename Body, typename acc_t>
+__global__ void block_kernel(const Body body) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  body(blockIdx.x, gridDim.x, BlockCtx{threadIdx.x, blockDim.x}, reinterpret_cast<acc_t*>(smem_raw));
+}
+
+template <typename F>
+__global__ void for_each_kernel(int64_t n, const F f) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    f(e);
+}
+
+struct CudaExec {
+  static constexpr bool kHalfTypes = true;
+  cudaDeviceProp props;
+
+  explicit CudaExec(int device) { C10_CUDA_CHECK(cudaGetDeviceProperties(&props, device)); }
+
+  int64_t threads() const { return 256; }
+  // Shared memory a block may take: the opt-in maximum, capped so that two blocks share an SM.
+  int64_t max_smem_bytes() const {
+    return std::min<int64_t>(static_cast<int64_t>(props.sharedMemPerBlockOptin), 100 * 1024);
+  }
+
+  template <typename Body>
+  static auto kernel_of() {
+    return &block_kernel<Body, typename Body::acc_type>;
+  }
+
+  // Persistent grid: as many blocks as are resident on the device at once, at most one per tile.
+  template <typename Body>
+  int64_t grid(int64_t tiles, int64_t threads, int64_t smem) {
+    auto kernel = kernel_of<Body>();
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(threads),
+                                                                 static_cast<size_t>(smem)));
+    const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * props.multiProcessorCount);
+    return std::max<int64_t>(1, std::min<int64_t>(tiles, resident));
+  }
+
+  template <typename Body>
+  void launch(const Body& body, int64_t grid, int64_t threads, int64_t smem) {
+    auto kernel = kernel_of<Body>();
+    kernel<<<static_cast<unsigned>(grid), static_cast<unsigned>(threads), static_cast<size_t>(smem),
+             c10::cuda::getCurrentCUDAStream()>>>(body);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename F>
+  void for_each(int64_t n, const F& f) {
+    if (n <= 0) return;
+    const int64_t block = 256;
+    const int64_t blocks = std::min<int64_t>((n + block - 1) / block, 16 * props.multiProcessorCount);
+    for_each_kernel<F><<<static_cast<unsigned>(blocks), block, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace splinet

@@ -1,0 +1,154 @@
+// Elementwise pieces of the layers' large-width (dense) and cuDNN (conv) paths, around the
+// GEMMs / convolutions that ATen runs: each is a functor over a flat index e, launched as one
+// grid-stride kernel on the GPU (and run as a loop by the CPU emulation). Shared by
+// dense_driver.h and conv_driver.h.
+//
+// Legend: m features (dense width or conv channels C), d degree, k first nonzero coefficient,
+// w its d + 1 basis weights, acc_t the accumulation type.
+#pragma once
+
+#include "dense_program.h"
+
+namespace splinet {
+
+
+// W (m x m, the GEMM's dtype) and bias (m, acc_t) of one stage: e < m^2 an entry of W, then
+// the m bias entries.
+template <typename scalar_t, typename acc_t>
+struct BlendFn {
+  DenseParams p;
+  const scalar_t* weight;
+  const scalar_t* bias;
+  int64_t k;
+  acc_t w[kMaxDegree + 1];
+  scalar_t* W;
+  acc_t* bv;
+  SPLINET_HD void operator()(int64_t e) const {
+    const int64_t mm = p.m * p.m;
+    if (e < mm) W[e] = static_cast<scalar_t>(blend_entry(p, weight, k, w, e / p.m, e % p.m));
+    else if (p.has_bias) bv[e - mm] = blend_bias(p, bias, k, w, e - mm);
+  }
+};
+
+// out = c0 base + sum_j c_j K_j, written in acc_t (out_acc) and/or the GEMM dtype (out_st).
+template <typename scalar_t, typename acc_t>
+struct CombineFn {
+  const acc_t* base;
+  acc_t c0;
+  const acc_t* K[4];
+  acc_t c[4];
+  int nk;
+  acc_t* out_acc;
+  scalar_t* out_st;
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t v = c0 * base[e];
+    for (int j = 0; j < nk; ++j) v = mul_add(v, c[j], K[j][e]);
+    if (out_acc) out_acc[e] = v;
+    if (out_st) out_st[e] = static_cast<scalar_t>(v);
+  }
+};
+
+// Forward epilogue of a stage: a = (X W^T)[e] + b, kept for the adjoint (A, acc_t);
+// K = lam act(a), or act(a) into Y (GEMM dtype) for the symmetric variant.
+template <typename scalar_t, typename acc_t, Act ACT>
+struct EpilogueFn {
+  const scalar_t* prod;
+  const acc_t* bv;  // bias of feature / channel (e / inner) % m
+  int64_t m, inner;
+  const scalar_t* scale;
+  acc_t* A;
+  acc_t* K;
+  scalar_t* Y;
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t a = static_cast<acc_t>(prod[e]);
+    if (bv) a = a + bv[(e / inner) % m];
+    if (A) A[e] = a;
+    const acc_t y = Activation<ACT>::f(a);
+    if (Y) Y[e] = static_cast<scalar_t>(y);
+    else K[e] = static_cast<acc_t>(scale[0]) * y;
+  }
+};
+
+// K = -lam (act(a) W)[e] (symmetric variant).
+template <typename scalar_t, typename acc_t>
+struct NegScaleFn {
+  const scalar_t* prod;
+  const scalar_t* scale;
+  acc_t* K;
+  SPLINET_HD void operator()(int64_t e) const { K[e] = -static_cast<acc_t>(scale[0]) * static_cast<acc_t>(prod[e]); }
+};
+
+// Adjoint through the activation: V = kbar (or -(kbar W^T)[e] for the symmetric variant),
+// G = lam act'(a) V (GEMM dtype), P = act(a) V (for dL/dlam), Y = act(a) (symmetric).
+template <typename scalar_t, typename acc_t, Act ACT>
+struct AdjointActFn {
+  const acc_t* A;
+  const acc_t* kbar;
+  const scalar_t* VT;  // symmetric: kbar W^T
+  const scalar_t* scale;
+  scalar_t* G;
+  acc_t* P;
+  scalar_t* Y;
+  SPLINET_HD void operator()(int64_t e) const {
+    const acc_t a = A[e], y = Activation<ACT>::f(a);
+    const acc_t v = VT ? -static_cast<acc_t>(VT[e]) : kbar[e];
+    P[e] = y * v;
+    G[e] = static_cast<scalar_t>(act_grad<ACT>(a, y, v, static_cast<acc_t>(scale[0])));
+    if (Y) Y[e] = static_cast<scalar_t>(y);
+  }
+};
+
+// Eq. 23 for one stage: the stage's weight gradient dW (dA - dA^T for the antisymmetric
+// dense variant, with - lam dW2 added for the symmetric variants) and bias gradient (colsum)
+// scattered into the d + 1 coefficient slots k .. k + d of the acc_t gradients:
+// e < wsize an entry of one coefficient (m^2 or C^2 prod(kernel)), then bsize bias entries.
+template <typename scalar_t, typename acc_t>
+struct ScatterFn {
+  int64_t d, k;
+  acc_t w[kMaxDegree + 1];
+  int64_t wsize, bsize;
+  int64_t antisym_m;    // m for the antisymmetric dense variant, else 0
+  const scalar_t* dW;
+  const scalar_t* dW2;  // symmetric: act(a)^T kbar (dense) or its conv analogue, else null
+  const acc_t* colsum;
+  const scalar_t* scale;
+  acc_t* gW;
+  acc_t* gb;
+  SPLINET_HD void operator()(int64_t e) const {
+    if (e < wsize) {
+      acc_t dw = static_cast<acc_t>(dW[e]);
+      if (antisym_m) dw = dw - static_cast<acc_t>(dW[(e % antisym_m) * antisym_m + e / antisym_m]);
+      if (dW2) dw = mul_add(dw, -static_cast<acc_t>(scale[0]), static_cast<acc_t>(dW2[e]));
+      for (int64_t r = 0; r <= d; ++r) gW[(k + r) * wsize + e] = mul_add(gW[(k + r) * wsize + e], w[r], dw);
+    } else if (gb) {
+      const int64_t j = e - wsize;
+      for (int64_t r = 0; r <= d; ++r) gb[(k + r) * bsize + j] = mul_add(gb[(k + r) * bsize + j], w[r], colsum[j]);
+    }
+  }
+};
+
+// A conv filter (C, C, *kernel; wsize entries) and bias (C) of one stage, blended flat (eq. 14).
+template <typename scalar_t, typename acc_t>
+struct FlatBlendFn {
+  int64_t d, k;
+  acc_t w[kMaxDegree + 1];
+  int64_t wsize, bsize;
+  const scalar_t* weight;
+  const scalar_t* bias;
+  scalar_t* W;
+  acc_t* bv;
+  SPLINET_HD void operator()(int64_t e) const {
+    if (e < wsize) {
+      acc_t v = w[0] * static_cast<acc_t>(weight[k * wsize + e]);
+      for (int64_t r = 1; r <= d; ++r) v = mul_add(v, w[r], static_cast<acc_t>(weight[(k + r) * wsize + e]));
+      W[e] = static_cast<scalar_t>(v);
+    } else if (bias) {
+      const int64_t j = e - wsize;
+      acc_t v = w[0] * static_cast<acc_t>(bias[k * bsize + j]);
+      for (int64_t r = 1; r <= d; ++r) v = mul_add(v, w[r], static_cast<acc_t>(bias[(k + r) * bsize + j]));
+      bv[j] = v;
+    }
+  }
+};
+
+}  // namespace splinet

@@ -1,0 +1,151 @@
+"""The CUDA conv kernels (csrc/cuda/conv_driver.h, conv_cuda.cu; elementwise pieces in
+step_functors.h).
+
+Without a GPU the driver runs on the CPU through the test-only emulation ops
+(csrc/cpu/cuda_emulated.cpp: the same code, each kernel a loop, convolutions through ATen),
+checked against the fused CPU conv kernel, which test_fused_conv.py checks against the
+reference. With a GPU the real ops are checked against the reference and the CPU kernel
+(1-3 spatial dims, variants, schemes, activations, gradcheck, opcheck, bf16/fp16).
+
+Legend: B batch, C channels, n = L + d coefficients, d degree, N steps, K checkpoint interval.
+"""
+import itertools
+
+import pytest
+import torch
+
+import splinet_cuda as sc
+from splinet_cuda import _ext
+
+ops = torch.ops.splinet_cuda
+HAS_EMU = _ext.has_kernel("cuda_conv_fwd_emulated", "CPU")
+HAS_CUDA = ("cuda" in sc.available_backends() and torch.cuda.is_available()
+            and _ext.has_kernel("spline_conv_fwd", "CUDA"))
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason="splinet_cuda._C not built")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
+
+SPATIAL = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}
+KERNEL = {1: (3,), 2: (3, 1), 3: (3, 3, 1)}
+
+
+def make(sd, *, B=2, C=3, L=2, d=2, dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, *SPATIAL[sd], generator=g, dtype=torch.float64)
+    w = torch.randn(L + d, C, C, *KERNEL[sd], generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(L + d, C, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    s = torch.tensor(1.2, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
+    return cast(x), cast(w), cast(b), cast(s)
+
+
+def cpu_op(args, cfg, grad=None):
+    states = ops.spline_conv_fwd(*args, *cfg)
+    grad = torch.randn_like(states) if grad is None else grad
+    return states, grad, ops.spline_conv_bwd(grad, states, *args[1:], *cfg)
+
+
+def assert_all_close(got, ref, **tol):
+    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"], got, ref):
+        torch.testing.assert_close(g, r, **tol, msg=lambda msg: f"{name}: {msg}")
+
+
+GRID = [(sd, v, s, a, i % 4, i % 3 != 0) for i, (sd, v, s, a) in enumerate(
+    itertools.product([1, 2, 3], ["standard", "symmetric"], ["euler", "rk4", "midpoint"],
+                      ["identity", "relu", "tanh", "sigmoid", "softplus"]))]
+
+
+@needs_emu
+@pytest.mark.parametrize("sd,variant,scheme,activation,degree,bias", GRID)
+def test_emulated_matches_cpu_kernel(sd, variant, scheme, activation, degree, bias):
+    args = make(sd, d=degree, bias=bias)
+    cfg = (5, degree, activation, scheme, variant, 0.0, 2)
+    states, grad, ref = cpu_op(args, cfg)
+    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
+    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
+    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
+@pytest.mark.parametrize("B,C,N,K", [(1, 1, 1, 1), (1, 2, 3, 5), (3, 1, 4, 2)])
+def test_emulated_edge_shapes_and_last_only(B, C, N, K):
+    args = make(2, B=B, C=C, d=1, seed=B + C)
+    cfg = (N, 1, "tanh", "rk4_38", "standard", 0.0, K)
+    states, grad, ref = cpu_op(args, cfg)
+    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
+    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
+    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    g_last = torch.randn_like(states[-1])
+    full = torch.zeros_like(states)
+    full[-1] = g_last
+    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg)
+    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg)
+    assert_all_close(a, c, rtol=0, atol=0)
+
+
+@needs_emu
+def test_emulated_float32():
+    args = make(2, C=4, d=3, dtype=torch.float32)
+    cfg = (6, 3, "relu", "rk4", "symmetric", 0.0, 1)
+    states, grad, ref = cpu_op(args, cfg)
+    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
+    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
+    assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+
+
+@needs_emu
+def test_emulated_ops_opcheck_and_errors():
+    x, w, b, s = make(1, d=1)
+    cfg = (3, 1, "tanh", "euler", "standard", 0.0, 2)
+    torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg))
+    states = ops.spline_conv_fwd(x, w, b, s, *cfg)
+    torch.library.opcheck(ops.cuda_conv_bwd_emulated.default, (torch.randn_like(states), states, w, b, s, *cfg))
+    with pytest.raises(ValueError, match="antisymmetric"):
+        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1)
+    with pytest.raises(ValueError, match="odd"):
+        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg)
+    with pytest.raises(TypeError, match="scale dtype"):
+        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+def _run(backend, x, w, b, s, **kw):
+    y = sc.spline_ode_conv(x, w, b, s, backend=backend, **kw)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
+    loss = (y.sin() * probe).sum()
+    return [y.detach()] + list(torch.autograd.grad(loss, [t for t in (x, w, b, s) if t is not None]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("sd,variant,scheme,activation,degree,bias", GRID[::3])
+def test_cuda_matches_reference(sd, variant, scheme, activation, degree, bias):
+    args = [None if t is None else t.cuda().requires_grad_() for t in make(sd, d=degree, bias=bias)]
+    kw = dict(steps=4, degree=degree, activation=activation, scheme=scheme, variant=variant)
+    for g, r in zip(_run("cuda", *args, **kw), _run("reference", *args, **kw)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@needs_gpu
+def test_cuda_gradcheck_and_opcheck():
+    x, w, b, s = [t.cuda().requires_grad_() for t in make(2, d=2)]
+    kw = dict(steps=3, degree=2, activation="tanh", scheme="rk4", variant="symmetric", backend="cuda")
+    assert torch.autograd.gradcheck(lambda *a: sc.spline_ode_conv(*a, **kw), (x, w, b, s))
+    cfg = (3, 2, "tanh", "rk4", "symmetric", 0.0, 2)
+    torch.library.opcheck(ops.spline_conv_fwd.default, (x.detach(), w.detach(), b.detach(), s.detach(), *cfg))
+    states = ops.spline_conv_fwd(x.detach(), w.detach(), b.detach(), s.detach(), *cfg)
+    torch.library.opcheck(ops.spline_conv_bwd.default,
+                          (torch.randn_like(states), states, w.detach(), b.detach(), s.detach(), *cfg))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision(dtype):
+    ref_args = [t.cuda().requires_grad_() for t in make(2, B=4, C=8, d=3)]
+    args = [t.detach().to(dtype).requires_grad_() for t in ref_args]
+    kw = dict(steps=8, degree=3, activation="relu", scheme="euler")
+    got, ref = _run("cuda", *args, **kw), _run("reference", *ref_args, **kw)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    for g, r in zip(got, ref):
+        scale = r.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(g.double() / scale, r / scale, **tol)
