@@ -47,6 +47,19 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // --- Hamiltonian layer (csrc/cpu/hamiltonian_cpu.cpp; Ruthotto-Haber's Verlet scheme) ---
+  // x = [y | z] (B, 2m), the two states side by side; weight (n, 2, m, m) ([:, 0] = K1,
+  // [:, 1] = K2), bias (n, 2, m), scale 0-dim. The dense ops' schema, so one autograd
+  // wrapper serves both: scheme must be "verlet", variant "hamiltonian", gamma is unused.
+  // Forward: the saved states (num_saved, B, 2m), same convention as spline_dense_fwd.
+  m.def("spline_hamiltonian_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+  // Discrete adjoint of the Verlet steps, given dLoss/d(saved states) or dLoss/dx_N alone:
+  // (grad_x (B, 2m), grad_weight (n, 2, m, m), grad_bias (n, 2, m) or empty (0,), grad_scale).
+  m.def("spline_hamiltonian_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // --- Test-only: the CUDA kernels' drivers and programs run on the CPU (csrc/cpu/cuda_emulated.cpp)
   // with one thread per block, so their arithmetic and indexing are tested without a GPU.
   // Dense: the arguments of spline_dense_fwd / _bwd, then path (0 auto, 1 small-width

@@ -7,10 +7,9 @@ from . import _ext, continuous, reference
 from . import _autograd  # noqa: F401  (registers the fused backends that are built)
 from . import _triton  # noqa: F401  (registers the triton backend when triton imports)
 from ._basis import basis_grid, bspline_basis
-from ._dispatch import available_backends, spline_ode, spline_ode_conv
+from ._dispatch import available_backends, spline_ode, spline_ode_conv, spline_ode_hamiltonian
 from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov
 from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d, SplineODEHamiltonian
-from .reference import spline_ode_hamiltonian
 
 __version__ = "0.1.0"
 

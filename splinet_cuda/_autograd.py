@@ -1,4 +1,5 @@
-"""Autograd for the fused ops: one torch.autograd.Function per layer kind (dense, conv),
+"""Autograd for the fused ops: one torch.autograd.Function per layer kind (dense, conv,
+Hamiltonian),
 whose setup_context/backward are also registered with torch.library.register_autograd,
 so the ops differentiate when called directly and under torch.compile.
 
@@ -17,8 +18,8 @@ import torch
 from . import _ext
 from ._dispatch import register_backend
 
-__all__ = ["SplineDenseFunction", "SplineConvFunction", "spline_ode_fused", "spline_ode_conv_fused",
-           "layer_function", "run_layer"]
+__all__ = ["SplineDenseFunction", "SplineConvFunction", "SplineHamiltonianFunction", "spline_ode_fused",
+           "spline_ode_conv_fused", "spline_ode_hamiltonian_fused", "layer_function", "run_layer"]
 
 
 def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable]) -> type:
@@ -77,6 +78,10 @@ def _cpp_op(name: str) -> Callable[[], Callable]:
 
 SplineDenseFunction = layer_function("SplineDenseFunction", _cpp_op("spline_dense_fwd"), _cpp_op("spline_dense_bwd"))
 SplineConvFunction = layer_function("SplineConvFunction", _cpp_op("spline_conv_fwd"), _cpp_op("spline_conv_bwd"))
+# The Hamiltonian ops take the states packed, x = [y | z] (B, 2m), and the dense schema
+# (scheme "verlet", variant "hamiltonian"), so the same wrapper serves them.
+SplineHamiltonianFunction = layer_function("SplineHamiltonianFunction", _cpp_op("spline_hamiltonian_fwd"),
+                                           _cpp_op("spline_hamiltonian_bwd"))
 
 
 def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
@@ -106,10 +111,22 @@ def spline_ode_conv_fused(x, weight, bias, scale, *, steps, degree, activation="
                 return_trajectory, checkpoint)
 
 
+def spline_ode_hamiltonian_fused(y, z, weight, bias, scale, *, steps, degree, activation="tanh",
+                                 return_trajectory=False, checkpoint=None):
+    """The Hamiltonian layer on the fused ops (arguments validated by
+    splinet_cuda.spline_ode_hamiltonian): (y_N, z_N), or their trajectories."""
+    m = y.shape[1]
+    x = torch.cat([y, z], dim=1)
+    out = run_layer(SplineHamiltonianFunction, x, weight, bias, scale, steps, degree, activation, "verlet",
+                    "hamiltonian", 0.0, return_trajectory, checkpoint)
+    return out[..., :m], out[..., m:]
+
+
 def _register() -> None:
     built = {}
     for fn, op, impl in ((SplineDenseFunction, "spline_dense_fwd", spline_ode_fused),
-                         (SplineConvFunction, "spline_conv_fwd", spline_ode_conv_fused)):
+                         (SplineConvFunction, "spline_conv_fwd", spline_ode_conv_fused),
+                         (SplineHamiltonianFunction, "spline_hamiltonian_fwd", spline_ode_hamiltonian_fused)):
         if _ext.has_op(op):
             torch.library.register_autograd(f"splinet_cuda::{op}", fn.op_backward,
                                             setup_context=fn.op_setup_context)
@@ -117,7 +134,8 @@ def _register() -> None:
     cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
     if cpu:
         register_backend("cpu", dense=cpu.get("spline_dense_fwd"), conv=cpu.get("spline_conv_fwd"),
-                         device_types=("cpu",), dtypes=(torch.float32, torch.float64))
+                         hamiltonian=cpu.get("spline_hamiltonian_fwd"), device_types=("cpu",),
+                         dtypes=(torch.float32, torch.float64))
     cuda = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CUDA")}
     if cuda:  # the CUDA extension (csrc/cuda/), built when a toolkit and a CUDA torch were present
         register_backend("cuda", dense=cuda.get("spline_dense_fwd"), conv=cuda.get("spline_conv_fwd"),

@@ -9,9 +9,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import _ext, reference
-from ._validate import Scale, check_checkpoint, check_conv, check_dense
+from ._validate import Scale, check_checkpoint, check_conv, check_dense, check_hamiltonian
 
-__all__ = ["spline_ode", "spline_ode_conv", "available_backends", "register_backend"]
+__all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "available_backends", "register_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
@@ -32,23 +32,27 @@ class Backend(NamedTuple):
     dtypes: Tuple[torch.dtype, ...]
     conv_dims: Tuple[int, ...]  # spatial dims its conv kernels take
     auto_device_types: Tuple[str, ...]  # where "auto" may pick it
+    spline_ode_hamiltonian: Optional[Callable] = None
 
 
 # Fused backends register themselves here when their kernels are importable;
 # "auto" prefers them in this order on the tensors' device.
 _REGISTRY: Dict[str, Backend] = {}
 _AUTO_ORDER = ("cuda", "triton", "cpu")
+# The backends with a Hamiltonian (Verlet) layer; the others have no kernel for it in any build.
+HAMILTONIAN_BACKENDS = ("auto", "reference", "cpu")
 
 
 def register_backend(name: str, *, dense: Optional[Callable], conv: Optional[Callable],
                      device_types: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...],
                      conv_dims: Tuple[int, ...] = (1, 2, 3),
-                     auto_device_types: Optional[Tuple[str, ...]] = None) -> None:
+                     auto_device_types: Optional[Tuple[str, ...]] = None,
+                     hamiltonian: Optional[Callable] = None) -> None:
     """Makes a fused backend selectable (called by the backend modules at import)."""
     if name not in BACKENDS or name in ("auto", "reference"):
         raise ValueError(f"cannot register backend {name!r}")
     auto = device_types if auto_device_types is None else auto_device_types
-    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes, conv_dims, auto)
+    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes, conv_dims, auto, hamiltonian)
 
 
 def available_backends() -> List[str]:
@@ -155,3 +159,55 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     fn = _select(backend, "spline_ode_conv", x)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
               variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
+
+
+def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           scale: Scale, *, steps: int, degree: int, activation: str = "tanh", reverse: bool = False,
+                           return_trajectory: bool = False, backend: str = "auto",
+                           checkpoint: Optional[int] = None):
+    """Integrates the Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004) with N symplectic
+    Verlet steps, h = 1/N, t_j = j h, lam = scale, F_sym(x; K, b) = -act(x K^T + b) K::
+
+        y_{j+1} = y_j + h lam F_sym(z_j;     K1(t_j), b1(t_j))
+        z_{j+1} = z_j - h lam F_sym(y_{j+1}; K2(t_j), b2(t_j))
+
+    K1, b1 = weight[:, 0], bias[:, 0] and K2, b2 = weight[:, 1], bias[:, 1] are B-spline
+    coefficients (paper eqs. 12-15); see :func:`splinet_cuda.reference.spline_ode_hamiltonian`.
+    Gradients are exact for the discrete steps.
+
+    Args:
+        y, z: (B, m) states. weight: (n, 2, m, m). bias: (n, 2, m) or None.
+        scale: lam, float or 0-dim tensor. steps: N >= 1. degree: d >= 0 (n = L + d > d).
+        activation: as in :func:`spline_ode`.
+        reverse: run the steps backwards from (y_N, z_N) (the layer is reversible); reference only.
+        return_trajectory: return all N + 1 states of each.
+        backend: "auto" (the fused CPU kernels for float32/float64 CPU tensors when built,
+            else the reference), "reference" or "cpu"; "triton" and "cuda" have no
+            Hamiltonian kernel (ValueError).
+        checkpoint: the fused backend keeps only every ``checkpoint``-th state for the
+            backward and recomputes the others (None or 1: keep all; ignored with
+            ``return_trajectory`` and by the reference).
+
+    Returns:
+        (y_N, z_N), each (B, m), or the trajectories ((N+1, B, m), (N+1, B, m)) (from t = 1
+        down to 0 when ``reverse``).
+    """
+    check_hamiltonian(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation)
+    check_checkpoint(checkpoint)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    if isinstance(backend, str) and backend in BACKENDS and backend not in HAMILTONIAN_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no Hamiltonian layer; spline_ode_hamiltonian runs on "
+                         f"{list(HAMILTONIAN_BACKENDS)}")
+    if reverse:
+        if backend not in ("auto", "reference"):
+            _select(backend, "spline_ode_hamiltonian", y)  # the usual errors for a bad or unbuilt backend
+            raise ValueError(f"reverse=True runs on the reference only (no fused kernel for the reversed steps); "
+                             f"use backend='auto' or 'reference', got {backend!r}")
+        backend = "reference"
+    fn = _select(backend, "spline_ode_hamiltonian", y)
+    if fn is reference.spline_ode_hamiltonian:
+        return fn(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation, reverse=reverse,
+                  return_trajectory=return_trajectory)
+    return fn(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+              return_trajectory=return_trajectory, checkpoint=checkpoint)

@@ -44,7 +44,7 @@ def _emulated_bwd_fake(*args):
 def register_cpp_fakes() -> None:
     """Called once splinet_cuda._C (which defines the schemas) has loaded."""
     torch.library.register_fake("splinet_cuda::basis_table", _basis_table_fake)
-    for layer in ("dense", "conv"):
+    for layer in ("dense", "conv", "hamiltonian"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
     # Test-only CPU emulation of the CUDA dense kernels (csrc/cpu/cuda_emulated.cpp).

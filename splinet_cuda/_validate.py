@@ -145,6 +145,35 @@ def check_conv(x, weight, bias, scale, *, steps, degree, activation, scheme, var
     return _common(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, CONV_VARIANTS)
 
 
+def check_hamiltonian(y, z, weight, bias, scale, *, steps, degree, activation) -> Config:
+    """Validates the arguments of spline_ode_hamiltonian: y, z (B, m), weight (n, 2, m, m),
+    bias (n, 2, m) or None (the scheme is Verlet; there is no variant or gamma)."""
+    y = _tensor_arg("y", y, "of shape (B, m)")
+    z = _tensor_arg("z", z, "of shape (B, m)")
+    weight = _tensor_arg("weight", weight, "of shape (n, 2, m, m)")
+    steps = _int_arg("steps", steps, 1)
+    degree = _int_arg("degree", degree, 0)
+    _choice("activation", activation, ACTIVATIONS)
+    if y.dim() != 2 or tuple(z.shape) != tuple(y.shape):
+        raise ValueError(f"y and z must both have shape (B, m), got {tuple(y.shape)} and {tuple(z.shape)}")
+    m = y.shape[1]
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (2, m, m):
+        raise ValueError(f"weight must have shape (n, 2, m, m) = (n, 2, {m}, {m}), got {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if n <= degree:
+        raise ValueError(f"weight has n = {n} coefficients but degree = {degree}: need n = L + degree, L >= 1")
+    if bias is not None:
+        bias = _tensor_arg("bias", bias, "of shape (n, 2, m)")
+        if tuple(bias.shape) != (n, 2, m):
+            raise ValueError(f"bias must have shape (n, 2, m) = {(n, 2, m)}, got {tuple(bias.shape)}")
+    for name, t in (("z", z), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != y.dtype or t.device != y.device):
+            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but y has dtype {y.dtype} on {y.device}: "
+                            f"all tensors must share one dtype and device")
+    _check_scale(scale, y)
+    return Config(steps, degree, n - degree, activation, "verlet", "hamiltonian", 0.0)
+
+
 def check_checkpoint(checkpoint) -> None:
     """checkpoint: None, or the interval K >= 1 of the states kept for the backward."""
     if checkpoint is not None:

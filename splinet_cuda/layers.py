@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import continuous
-from ._dispatch import spline_ode, spline_ode_conv
+from ._dispatch import spline_ode, spline_ode_conv, spline_ode_hamiltonian
 from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg
 from ._schemes import TABLEAUS
 
@@ -208,8 +208,9 @@ class SplineODEHamiltonian(_SplineODEBase):
 
     Args:
         width: m, the (even) feature size of x; y and z have m/2 each. Other arguments as
-        in :class:`SplineODE`. Only the pure-PyTorch reference exists for this layer
-        (``backend`` "auto" or "reference"; no fused kernel).
+        in :class:`SplineODE`. ``backend``: "auto" (the fused CPU kernels for float32/float64
+        CPU tensors when built, else the reference), "reference" or "cpu"; see
+        :func:`splinet_cuda.spline_ode_hamiltonian`. :meth:`inverse` always runs on the reference.
 
     Parameters: ``weight`` (n, 2, m/2, m/2) ([:, 0] = K1, [:, 1] = K2), ``bias`` (n, 2, m/2), ``scale``.
     """
@@ -221,12 +222,12 @@ class SplineODEHamiltonian(_SplineODEBase):
         self.width = _int_arg("width", width, 2)
         if width % 2:
             raise ValueError(f"width must be even (x is split into two states y, z of width/2), got {width}")
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"SplineODEHamiltonian has only the reference backend ('auto' or 'reference'), "
-                             f"got {backend!r}")
+        if backend not in ("auto", "reference", "cpu"):
+            raise ValueError(f"SplineODEHamiltonian runs on backend 'auto', 'reference' or 'cpu' (no Triton/CUDA "
+                             f"kernel for it), got {backend!r}")
         half = width // 2
         self._setup((2, half, half), (2, half), half, knots, degree, steps, activation, "euler", "hamiltonian",
-                    ("hamiltonian",), scale, learn_scale, 0.0, bias, init_amplitude, "reference", device, dtype)
+                    ("hamiltonian",), scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype)
         self.scheme = "verlet"
 
     def _run(self, x: torch.Tensor, steps: Optional[int], reverse: bool) -> torch.Tensor:
@@ -234,10 +235,11 @@ class SplineODEHamiltonian(_SplineODEBase):
             raise ValueError(f"SplineODEHamiltonian expects x of shape (B, {self.width}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         half = self.width // 2
-        from .reference import spline_ode_hamiltonian
+        # The reversed steps have no fused kernel: inverse() runs on the reference.
         y, z = spline_ode_hamiltonian(x[:, :half], x[:, half:], self.weight, self.bias, self.scale,
                                       steps=self.steps if steps is None else steps, degree=self.degree,
-                                      activation=self.activation, reverse=reverse)
+                                      activation=self.activation, reverse=reverse,
+                                      backend="reference" if reverse else self.backend)
         return torch.cat([y, z], dim=1)
 
     def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ._basis import basis_grid
 from ._schemes import get_tableau
-from ._validate import Config, Scale, check_conv, check_dense
+from ._validate import Config, Scale, check_conv, check_dense, check_hamiltonian
 
 __all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "dense_rhs", "conv_rhs", "ACTIVATION_FNS"]
 
@@ -154,7 +154,9 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
     z_j = z_{j+1} + h lam F_sym(y_{j+1}; theta2(t_j)), y_j = y_{j+1} - h lam F_sym(z_j; theta1(t_j)),
     j = N-1 .. 0, recovering (y_0, z_0) up to rounding.
 
-    Reference (autograd) implementation only: there is no fused kernel for this layer.
+    This is the pure-PyTorch oracle (autograd does the backward). The public
+    :func:`splinet_cuda.spline_ode_hamiltonian` takes the same arguments plus ``backend``
+    and ``checkpoint`` and runs the forward direction on the fused CPU kernels when built.
 
     Args:
         y, z: (B, m) states. weight: (n, 2, m, m). bias: (n, 2, m) or None.
@@ -163,31 +165,8 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
         (y_N, z_N), or with ``return_trajectory`` the trajectories ((N+1, B, m), (N+1, B, m))
         in the order computed (from t = 1 down to 0 when ``reverse``).
     """
-    from ._validate import ACTIVATIONS, _check_scale, _choice, _int_arg, _tensor_arg
-
-    y = _tensor_arg("y", y, "of shape (B, m)")
-    z = _tensor_arg("z", z, "of shape (B, m)")
-    weight = _tensor_arg("weight", weight, "of shape (n, 2, m, m)")
-    steps = _int_arg("steps", steps, 1)
-    degree = _int_arg("degree", degree, 0)
-    _choice("activation", activation, ACTIVATIONS)
-    if y.dim() != 2 or tuple(z.shape) != tuple(y.shape):
-        raise ValueError(f"y and z must both have shape (B, m), got {tuple(y.shape)} and {tuple(z.shape)}")
-    m = y.shape[1]
-    if weight.dim() != 4 or tuple(weight.shape[1:]) != (2, m, m):
-        raise ValueError(f"weight must have shape (n, 2, m, m) = (n, 2, {m}, {m}), got {tuple(weight.shape)}")
+    check_hamiltonian(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation)
     n = weight.shape[0]
-    if n <= degree:
-        raise ValueError(f"weight has n = {n} coefficients but degree = {degree}: need n = L + degree, L >= 1")
-    if bias is not None:
-        bias = _tensor_arg("bias", bias, "of shape (n, 2, m)")
-        if tuple(bias.shape) != (n, 2, m):
-            raise ValueError(f"bias must have shape (n, 2, m) = {(n, 2, m)}, got {tuple(bias.shape)}")
-    for name, t in (("z", z), ("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != y.dtype or t.device != y.device):
-            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but y has dtype {y.dtype} on {y.device}: "
-                            f"all tensors must share one dtype and device")
-    _check_scale(scale, y)
 
     act = ACTIVATION_FNS[activation]
     h = 1.0 / steps

@@ -409,5 +409,5 @@ def test_hamiltonian_layer_gradcheck_inverse_and_errors():
         sc.spline_ode_hamiltonian(x[:, :2], x[:, 2:], torch.randn(4, 2, 3, 3, dtype=DT), None, 1.0,
                                   steps=2, degree=1)
     with pytest.raises(ValueError, match="reference"):
-        sc.SplineODEHamiltonian(4, 2, 1, 4, backend="cpu")
+        sc.SplineODEHamiltonian(4, 2, 1, 4, backend="cuda")
     assert _f(sc.smoothness_in_time(layer)) > 0 and _f(sc.tikhonov(layer)) > 0

@@ -13,44 +13,26 @@
 // d + 1 coefficient slots; per-chunk partial gradients are summed in chunk order, so the
 // gradients are bitwise reproducible for a given thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros_like.h>
-#include <ATen/ops/exp.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/softplus.h>
-#include <ATen/ops/tanh.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <functional>
-#include <type_traits>
+#include <string>
 #include <vector>
 
 #include "../common/activations.h"
 #include "../common/bspline.h"
 #include "../common/checks.h"
 #include "../common/layer_config.h"
+#include "cpu_kernels.h"  // MatOps, act_forward/act_backward, dot_double, chunk_bounds, run_chunks
 
 namespace splinet {
 namespace {
 
-// Widths from which the products of a chunk go through ATen's GEMM (MKL/oneDNN, one
-// thread per chunk) instead of the raw loops below: at B = 4096 the raw loops lost to it
-// from m = 16 on (bench --sizes sweep on a 2-core x86 machine).
-constexpr int64_t kGemmMinWidth = 16;
-// Rows x width of one chunk's working arrays on the raw-loop path, so that they stay in L2
-// (the GEMM path takes one chunk per thread: its products want many rows).
-constexpr int64_t kChunkElements = 16384;
-// Cap on the elements of all per-chunk partial weight gradients (n m^2 each).
-constexpr int64_t kPartialElements = int64_t(1) << 27;
+using namespace cpu;
 
 struct DenseArgs {
   int64_t B, m, n, d, L, N, K;
@@ -60,193 +42,6 @@ struct DenseArgs {
   double gamma, lam, h;
   bool has_bias, use_gemm;
 };
-
-template <typename T>
-at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// Row-major products on a chunk: X (R x m), W (m x m, out x in, and WT = W^T), results
-// overwrite `out`. M > 0 is the width as a compile-time constant (small widths, loops
-// unrolled), M = 0 reads it at run time. The raw loops are all in axpy form, so they
-// vectorise without reassociating sums.
-template <typename T, int M>
-struct MatOps {
-  int64_t R, m_rt;
-  bool gemm;
-
-  int64_t m() const { return M > 0 ? M : m_rt; }
-
-  // out = X W^T
-  void nt(const T* __restrict__ X, const T* W, const T* __restrict__ WT, T* __restrict__ out) const {
-    const int64_t m = this->m();
-    if (gemm) {
-      at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(X, R, m), wrap(W, m, m).t());
-      return;
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      T* o = out + r * m;
-      for (int64_t j = 0; j < m; ++j) o[j] = T(0);
-      for (int64_t k = 0; k < m; ++k) {
-        const T xk = X[r * m + k];
-        const T* wt = WT + k * m;
-        for (int64_t j = 0; j < m; ++j) o[j] += xk * wt[j];
-      }
-    }
-  }
-  // out = G W
-  void nn(const T* __restrict__ G, const T* __restrict__ W, T* __restrict__ out) const {
-    const int64_t m = this->m();
-    if (gemm) {
-      at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(G, R, m), wrap(W, m, m));
-      return;
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      T* o = out + r * m;
-      for (int64_t k = 0; k < m; ++k) o[k] = T(0);
-      for (int64_t j = 0; j < m; ++j) {
-        const T g = G[r * m + j];
-        const T* w = W + j * m;
-        for (int64_t k = 0; k < m; ++k) o[k] += g * w[k];
-      }
-    }
-  }
-  // out (m x m) = G^T X
-  void tn(const T* __restrict__ G, const T* __restrict__ X, T* __restrict__ out) const {
-    const int64_t m = this->m();
-    if (gemm) {
-      at::Tensor o = wrap(out, m, m);
-      at::mm_out(o, wrap(G, R, m).t(), wrap(X, R, m));
-      return;
-    }
-    if constexpr (M > 0) {
-      // Small widths: the m x m sum stays in registers instead of a store-to-load chain.
-      T acc[M * M] = {};
-      for (int64_t r = 0; r < R; ++r)
-        for (int j = 0; j < M; ++j) {
-          const T g = G[r * M + j];
-          for (int k = 0; k < M; ++k) acc[j * M + k] += g * X[r * M + k];
-        }
-      std::copy(acc, acc + M * M, out);
-      return;
-    }
-    std::fill(out, out + m * m, T(0));
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < m; ++j) {
-        const T g = G[r * m + j];
-        const T* x = X + r * m;
-        T* o = out + j * m;
-        for (int64_t k = 0; k < m; ++k) o[k] += g * x[k];
-      }
-  }
-  // out (m) = column sums of G
-  void colsum(const T* __restrict__ G, T* __restrict__ out) const {
-    const int64_t m = this->m();
-    if constexpr (M > 0) {
-      T acc[M] = {};
-      for (int64_t r = 0; r < R; ++r)
-        for (int j = 0; j < M; ++j) acc[j] += G[r * M + j];
-      std::copy(acc, acc + M, out);
-      return;
-    }
-    std::fill(out, out + m, T(0));
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < m; ++j) out[j] += G[r * m + j];
-  }
-};
-
-template <typename T>
-at::Tensor wrap1d(const T* p, int64_t n) {
-  return at::from_blob(const_cast<T*>(p), {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// float32 tanh in branch-free arithmetic that the compiler vectorises (no call): for the
-// short arrays of small widths ATen's per-call overhead outweighs its vectorised kernel.
-// |x| < 0.3: the odd Taylor series to x^13 (truncation < 1e-9 relative); otherwise
-// 1 - 2 / (e^{2|x|} + 1) with e^y = 2^k e^r, k = round(y / ln 2), Cody-Waite reduction and
-// a degree-6 polynomial for e^r, |r| <= ln(2) / 2. Within 3 ulp of torch.tanh.
-inline float tanh_poly(float x) {
-  const float ax = std::fabs(x), x2 = x * x;
-  const float small = x + x * x2 * (-0.333333333f + x2 * (0.133333333f + x2 * (-0.0539682540f +
-                      x2 * (0.0218694885f + x2 * (-0.00886323552f + x2 * 0.00359212803f)))));
-  const float y = 2.0f * ax < 40.0f ? 2.0f * ax : 40.0f;  // tanh(20) = 1 in float; no libm call
-  const int32_t k = static_cast<int32_t>(y * 1.44269504f + 0.5f);
-  const float kf = static_cast<float>(k);
-  const float r = (y - kf * 0.693145752f) - kf * 1.42860677e-06f;
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666679f +
-                  r * (0.00833333377f + r * 0.00138888892f)))));
-  const int32_t bits = (k + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(two_k));
-  const float big = 1.0f - 2.0f / (p * two_k + 1.0f);
-  return ax < 0.3f ? small : (x < 0.0f ? -big : big);
-}
-
-// y = act(a) over an array. The transcendental activations go through ATen's vectorised
-// kernels (the same code as the reference, so the values agree bit for bit), except
-// float32 tanh on short arrays (tanh_poly); inside a parallel region ATen runs them on
-// the calling thread.
-constexpr int64_t kAtenActMinElements = 8192;
-
-template <typename T>
-void act_forward(Act act, const T* a, T* y, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (act == Act::Tanh && n < kAtenActMinElements) {
-      for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
-      return;
-    }
-  }
-  at::Tensor out = wrap1d(y, n);
-  const at::Tensor in = wrap1d(a, n);
-  switch (act) {
-    case Act::Identity: std::copy(a, a + n, y); break;
-    case Act::Relu: for (int64_t e = 0; e < n; ++e) y[e] = Activation<Act::Relu>::f(a[e]); break;
-    case Act::Tanh: at::tanh_out(out, in); break;
-    case Act::Sigmoid: at::sigmoid_out(out, in); break;
-    case Act::Softplus: at::softplus_out(out, in, 1, 20); break;
-  }
-}
-
-// g = scale * act'(a) * v over an array, act' by PyTorch's backward formulas (from the
-// output y where PyTorch uses it; softplus from exp(a)).
-template <Act A, typename T>
-void act_backward_loop(const T* __restrict__ a, const T* __restrict__ y, const T* __restrict__ v, T scale,
-                       T* __restrict__ g, int64_t n) {
-  if constexpr (A == Act::Relu) {  // a mask, not a branch: the signs are unpredictable
-    for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * static_cast<T>(a[e] > T(0));
-  } else {
-    for (int64_t e = 0; e < n; ++e) g[e] = scale * Activation<A>::df(a[e], y[e]) * v[e];
-  }
-}
-
-template <typename T>
-void act_backward(Act act, const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
-  switch (act) {
-    case Act::Identity: act_backward_loop<Act::Identity>(a, y, v, scale, g, n); break;
-    case Act::Relu: act_backward_loop<Act::Relu>(a, y, v, scale, g, n); break;
-    case Act::Tanh: act_backward_loop<Act::Tanh>(a, y, v, scale, g, n); break;
-    case Act::Sigmoid: act_backward_loop<Act::Sigmoid>(a, y, v, scale, g, n); break;
-    case Act::Softplus: {
-      at::Tensor ez = wrap1d(g, n);
-      at::exp_out(ez, wrap1d(a, n));
-      for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
-      break;
-    }
-  }
-}
-
-// sum_e x[e] y[e] accumulated in double, in four independent chains (a fixed order).
-template <typename T>
-double dot_double(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t e = 0;
-  for (; e + 4 <= n; e += 4)
-    for (int q = 0; q < 4; ++q) acc[q] += static_cast<double>(x[e + q]) * static_cast<double>(y[e + q]);
-  for (; e < n; ++e) acc[0] += static_cast<double>(x[e]) * static_cast<double>(y[e]);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
 
 // One chunk of rows [r0, r0 + R) walked through the trajectory and back.
 template <typename T, int M>
@@ -447,45 +242,6 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
   return a;
 }
 
-// Row chunks, one thread each: at least one per thread, small enough for L2, few enough
-// for the partial gradients' memory. The count depends only on the sizes and the thread
-// count, so the reduction order (and the gradients) are reproducible.
-std::vector<int64_t> chunk_bounds(const DenseArgs& a) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t chunks = threads;
-  if (!a.use_gemm) chunks = std::max<int64_t>(threads, (a.B * a.m + kChunkElements - 1) / kChunkElements);
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, kPartialElements / (a.n * a.m * a.m)));
-  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, a.B));
-  std::vector<int64_t> bounds(chunks + 1);
-  for (int64_t c = 0; c <= chunks; ++c) bounds[c] = a.B * c / chunks;
-  return bounds;
-}
-
-void run_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
-  if (chunks == 1) {
-    fn(0);  // outside a parallel region, so ATen's kernels may use every thread
-    return;
-  }
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) fn(c);
-  });
-}
-
-// Calls fn(std::integral_constant<int, M>) with M = m for the widths that get unrolled
-// loops, M = 0 (run-time width) otherwise.
-template <typename F>
-void dispatch_width(int64_t m, F&& fn) {
-  switch (m) {
-    case 2: return fn(std::integral_constant<int, 2>());
-    case 3: return fn(std::integral_constant<int, 3>());
-    case 4: return fn(std::integral_constant<int, 4>());
-    case 5: return fn(std::integral_constant<int, 5>());
-    case 8: return fn(std::integral_constant<int, 8>());
-    default: return fn(std::integral_constant<int, 0>());
-  }
-}
-
-
 at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                 const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
                                 int64_t degree, c10::string_view activation, c10::string_view scheme,
@@ -498,7 +254,7 @@ at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const int64_t Ns = num_saved_states(a.N, a.K);
   at::Tensor states = at::empty({Ns, a.B, a.m}, x.options());
   if (a.B == 0) return states;
-  const auto bounds = chunk_bounds(a);
+  const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_dense_fwd_cpu", [&] {
     dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
       constexpr int M = decltype(width)::value;
@@ -545,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
   at::Tensor grad_b = bias.defined() ? at::zeros_like(bias) : at::empty({0}, states.options());
   double glam = 0.0;
   if (a.B > 0) {
-    const auto bounds = chunk_bounds(a);
+    const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm);
     const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
     const int64_t nW = a.n * a.m * a.m, nb = a.n * a.m;
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_cpu", [&] {

@@ -1,0 +1,269 @@
+// CPU building blocks shared by the fused layer kernels (dense_cpu.cpp, hamiltonian_cpu.cpp):
+// the row-major products of a chunk of the batch (raw loops for small widths, ATen's GEMM
+// for large ones), the activations and their derivatives over arrays, a fixed-order dot
+// product, and the row chunking / parallel loop that keeps the reductions reproducible.
+//
+// Legend: B batch, R rows of one chunk of the batch, m width, n = L + d coefficients.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softplus.h>
+#include <ATen/ops/tanh.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#include "../common/activations.h"
+
+namespace splinet {
+namespace cpu {
+
+// Widths from which the products of a chunk go through ATen's GEMM (MKL/oneDNN, one
+// thread per chunk) instead of the raw loops below: at B = 4096 the raw loops lost to it
+// from m = 16 on (bench --sizes sweep on a 2-core x86 machine).
+constexpr int64_t kGemmMinWidth = 16;
+// Rows x width of one chunk's working arrays on the raw-loop path, so that they stay in L2
+// (the GEMM path takes one chunk per thread: its products want many rows).
+constexpr int64_t kChunkElements = 16384;
+// Cap on the elements of all per-chunk partial weight gradients (n m^2 each).
+constexpr int64_t kPartialElements = int64_t(1) << 27;
+
+template <typename T>
+at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Row-major products on a chunk: X (R x m), W (m x m, out x in, and WT = W^T), results
+// overwrite `out`. M > 0 is the width as a compile-time constant (small widths, loops
+// unrolled), M = 0 reads it at run time. The raw loops are all in axpy form, so they
+// vectorise without reassociating sums.
+template <typename T, int M>
+struct MatOps {
+  int64_t R, m_rt;
+  bool gemm;
+
+  int64_t m() const { return M > 0 ? M : m_rt; }
+
+  // out = X W^T
+  void nt(const T* __restrict__ X, const T* W, const T* __restrict__ WT, T* __restrict__ out) const {
+    const int64_t m = this->m();
+    if (gemm) {
+      at::Tensor o = wrap(out, R, m);
+      at::mm_out(o, wrap(X, R, m), wrap(W, m, m).t());
+      return;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      T* o = out + r * m;
+      for (int64_t j = 0; j < m; ++j) o[j] = T(0);
+      for (int64_t k = 0; k < m; ++k) {
+        const T xk = X[r * m + k];
+        const T* wt = WT + k * m;
+        for (int64_t j = 0; j < m; ++j) o[j] += xk * wt[j];
+      }
+    }
+  }
+  // out = G W
+  void nn(const T* __restrict__ G, const T* __restrict__ W, T* __restrict__ out) const {
+    const int64_t m = this->m();
+    if (gemm) {
+      at::Tensor o = wrap(out, R, m);
+      at::mm_out(o, wrap(G, R, m), wrap(W, m, m));
+      return;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      T* o = out + r * m;
+      for (int64_t k = 0; k < m; ++k) o[k] = T(0);
+      for (int64_t j = 0; j < m; ++j) {
+        const T g = G[r * m + j];
+        const T* w = W + j * m;
+        for (int64_t k = 0; k < m; ++k) o[k] += g * w[k];
+      }
+    }
+  }
+  // out (m x m) = G^T X
+  void tn(const T* __restrict__ G, const T* __restrict__ X, T* __restrict__ out) const {
+    const int64_t m = this->m();
+    if (gemm) {
+      at::Tensor o = wrap(out, m, m);
+      at::mm_out(o, wrap(G, R, m).t(), wrap(X, R, m));
+      return;
+    }
+    if constexpr (M > 0) {
+      // Small widths: the m x m sum stays in registers instead of a store-to-load chain.
+      T acc[M * M] = {};
+      for (int64_t r = 0; r < R; ++r)
+        for (int j = 0; j < M; ++j) {
+          const T g = G[r * M + j];
+          for (int k = 0; k < M; ++k) acc[j * M + k] += g * X[r * M + k];
+        }
+      std::copy(acc, acc + M * M, out);
+      return;
+    }
+    std::fill(out, out + m * m, T(0));
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < m; ++j) {
+        const T g = G[r * m + j];
+        const T* x = X + r * m;
+        T* o = out + j * m;
+        for (int64_t k = 0; k < m; ++k) o[k] += g * x[k];
+      }
+  }
+  // out (m) = column sums of G
+  void colsum(const T* __restrict__ G, T* __restrict__ out) const {
+    const int64_t m = this->m();
+    if constexpr (M > 0) {
+      T acc[M] = {};
+      for (int64_t r = 0; r < R; ++r)
+        for (int j = 0; j < M; ++j) acc[j] += G[r * M + j];
+      std::copy(acc, acc + M, out);
+      return;
+    }
+    std::fill(out, out + m, T(0));
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < m; ++j) out[j] += G[r * m + j];
+  }
+};
+
+template <typename T>
+at::Tensor wrap1d(const T* p, int64_t n) {
+  return at::from_blob(const_cast<T*>(p), {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// float32 tanh in branch-free arithmetic that the compiler vectorises (no call): for the
+// short arrays of small widths ATen's per-call overhead outweighs its vectorised kernel.
+// |x| < 0.3: the odd Taylor series to x^13 (truncation < 1e-9 relative); otherwise
+// 1 - 2 / (e^{2|x|} + 1) with e^y = 2^k e^r, k = round(y / ln 2), Cody-Waite reduction and
+// a degree-6 polynomial for e^r, |r| <= ln(2) / 2. Within 3 ulp of torch.tanh.
+inline float tanh_poly(float x) {
+  const float ax = std::fabs(x), x2 = x * x;
+  const float small = x + x * x2 * (-0.333333333f + x2 * (0.133333333f + x2 * (-0.0539682540f +
+                      x2 * (0.0218694885f + x2 * (-0.00886323552f + x2 * 0.00359212803f)))));
+  const float y = 2.0f * ax < 40.0f ? 2.0f * ax : 40.0f;  // tanh(20) = 1 in float; no libm call
+  const int32_t k = static_cast<int32_t>(y * 1.44269504f + 0.5f);
+  const float kf = static_cast<float>(k);
+  const float r = (y - kf * 0.693145752f) - kf * 1.42860677e-06f;
+  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666679f +
+                  r * (0.00833333377f + r * 0.00138888892f)))));
+  const int32_t bits = (k + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  const float big = 1.0f - 2.0f / (p * two_k + 1.0f);
+  return ax < 0.3f ? small : (x < 0.0f ? -big : big);
+}
+
+// y = act(a) over an array. The transcendental activations go through ATen's vectorised
+// kernels (the same code as the reference, so the values agree bit for bit), except
+// float32 tanh on short arrays (tanh_poly); inside a parallel region ATen runs them on
+// the calling thread.
+constexpr int64_t kAtenActMinElements = 8192;
+
+template <typename T>
+void act_forward(Act act, const T* a, T* y, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (act == Act::Tanh && n < kAtenActMinElements) {
+      for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
+      return;
+    }
+  }
+  at::Tensor out = wrap1d(y, n);
+  const at::Tensor in = wrap1d(a, n);
+  switch (act) {
+    case Act::Identity: std::copy(a, a + n, y); break;
+    case Act::Relu: for (int64_t e = 0; e < n; ++e) y[e] = Activation<Act::Relu>::f(a[e]); break;
+    case Act::Tanh: at::tanh_out(out, in); break;
+    case Act::Sigmoid: at::sigmoid_out(out, in); break;
+    case Act::Softplus: at::softplus_out(out, in, 1, 20); break;
+  }
+}
+
+// g = scale * act'(a) * v over an array, act' by PyTorch's backward formulas (from the
+// output y where PyTorch uses it; softplus from exp(a)).
+template <Act A, typename T>
+void act_backward_loop(const T* __restrict__ a, const T* __restrict__ y, const T* __restrict__ v, T scale,
+                       T* __restrict__ g, int64_t n) {
+  if constexpr (A == Act::Relu) {  // a mask, not a branch: the signs are unpredictable
+    for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * static_cast<T>(a[e] > T(0));
+  } else {
+    for (int64_t e = 0; e < n; ++e) g[e] = scale * Activation<A>::df(a[e], y[e]) * v[e];
+  }
+}
+
+template <typename T>
+void act_backward(Act act, const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
+  switch (act) {
+    case Act::Identity: act_backward_loop<Act::Identity>(a, y, v, scale, g, n); break;
+    case Act::Relu: act_backward_loop<Act::Relu>(a, y, v, scale, g, n); break;
+    case Act::Tanh: act_backward_loop<Act::Tanh>(a, y, v, scale, g, n); break;
+    case Act::Sigmoid: act_backward_loop<Act::Sigmoid>(a, y, v, scale, g, n); break;
+    case Act::Softplus: {
+      at::Tensor ez = wrap1d(g, n);
+      at::exp_out(ez, wrap1d(a, n));
+      for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
+      break;
+    }
+  }
+}
+
+// sum_e x[e] y[e] accumulated in double, in four independent chains (a fixed order).
+template <typename T>
+double dot_double(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t e = 0;
+  for (; e + 4 <= n; e += 4)
+    for (int q = 0; q < 4; ++q) acc[q] += static_cast<double>(x[e + q]) * static_cast<double>(y[e + q]);
+  for (; e < n; ++e) acc[0] += static_cast<double>(x[e]) * static_cast<double>(y[e]);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Row chunks, one thread each: at least one per thread, small enough for L2, few enough
+// for the partial gradients' memory. `row_elements` is the working width of one row (m for
+// the dense layer), `partial_elements` the size of one chunk's partial weight gradient.
+// The count depends only on the sizes and the thread count, so the reduction order (and
+// the gradients) are reproducible.
+inline std::vector<int64_t> chunk_bounds(int64_t B, int64_t row_elements, int64_t partial_elements, bool use_gemm) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunks = threads;
+  if (!use_gemm) chunks = std::max<int64_t>(threads, (B * row_elements + kChunkElements - 1) / kChunkElements);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, kPartialElements / std::max<int64_t>(1, partial_elements)));
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, B));
+  std::vector<int64_t> bounds(chunks + 1);
+  for (int64_t c = 0; c <= chunks; ++c) bounds[c] = B * c / chunks;
+  return bounds;
+}
+
+inline void run_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
+  if (chunks == 1) {
+    fn(0);  // outside a parallel region, so ATen's kernels may use every thread
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(c);
+  });
+}
+
+// Calls fn(std::integral_constant<int, M>) with M = m for the widths that get unrolled
+// loops, M = 0 (run-time width) otherwise.
+template <typename F>
+void dispatch_width(int64_t m, F&& fn) {
+  switch (m) {
+    case 2: return fn(std::integral_constant<int, 2>());
+    case 3: return fn(std::integral_constant<int, 3>());
+    case 4: return fn(std::integral_constant<int, 4>());
+    case 5: return fn(std::integral_constant<int, 5>());
+    case 8: return fn(std::integral_constant<int, 8>());
+    default: return fn(std::integral_constant<int, 0>());
+  }
+}
+
+}  // namespace cpu
+}  // namespace splinet
