@@ -64,7 +64,8 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // with one thread per block, so their arithmetic and indexing are tested without a GPU.
   // Dense: the arguments of spline_dense_fwd / _bwd, then path (0 auto, 1 small-width
   // trajectory program, 2 large-width GEMM path), tile_rows (0: as on the GPU) and blocks
-  // (the grid). Conv: the arguments of spline_conv_fwd / _bwd.
+  // (the grid). Conv: the arguments of spline_conv_fwd / _bwd, then path (0 auto, 1 direct
+  // single-launch program, 2 cuDNN path) and blocks.
   m.def("cuda_dense_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int tile_rows, int blocks) "
         "-> Tensor");
@@ -72,8 +73,8 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
         "int tile_rows, int blocks) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_conv_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
-        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+        "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int blocks) -> Tensor");
   m.def("cuda_conv_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
+        "int blocks) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -54,57 +54,79 @@ GRID = [(sd, v, s, a, i % 4, i % 3 != 0) for i, (sd, v, s, a) in enumerate(
                       ["identity", "relu", "tanh", "sigmoid", "softplus"]))]
 
 
+DIRECT, CUDNN = 1, 2
+
+
+def emulated(args, cfg, grad, states, path, blocks=0):
+    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg, path, blocks)
+    return [got_states, *ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg, path, blocks)]
+
+
 @needs_emu
+@pytest.mark.parametrize("path", [DIRECT, CUDNN])
 @pytest.mark.parametrize("sd,variant,scheme,activation,degree,bias", GRID)
-def test_emulated_matches_cpu_kernel(sd, variant, scheme, activation, degree, bias):
-    args = make(sd, d=degree, bias=bias)
+def test_emulated_matches_cpu_kernel(path, sd, variant, scheme, activation, degree, bias):
+    """Both paths, every dims x variant x scheme x activation, degrees 0-3, checkpoint K = 2;
+    the direct program with fewer blocks than samples (the persistent loop)."""
+    args = make(sd, B=3, d=degree, bias=bias)
     cfg = (5, degree, activation, scheme, variant, 0.0, 2)
     states, grad, ref = cpu_op(args, cfg)
-    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
-    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
-    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    got = emulated(args, cfg, grad, states, path, blocks=2)
+    assert_all_close(got, [states, *ref], rtol=1e-11, atol=1e-12)
 
 
 @needs_emu
+@pytest.mark.parametrize("path", [DIRECT, CUDNN])
 @pytest.mark.parametrize("B,C,N,K", [(1, 1, 1, 1), (1, 2, 3, 5), (3, 1, 4, 2)])
-def test_emulated_edge_shapes_and_last_only(B, C, N, K):
+def test_emulated_edge_shapes_and_last_only(path, B, C, N, K):
     args = make(2, B=B, C=C, d=1, seed=B + C)
     cfg = (N, 1, "tanh", "rk4_38", "standard", 0.0, K)
     states, grad, ref = cpu_op(args, cfg)
-    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
-    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
-    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_all_close(emulated(args, cfg, grad, states, path), [states, *ref], rtol=1e-11, atol=1e-12)
     g_last = torch.randn_like(states[-1])
     full = torch.zeros_like(states)
     full[-1] = g_last
-    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg)
-    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg)
+    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0)
+    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0)
     assert_all_close(a, c, rtol=0, atol=0)
 
 
 @needs_emu
-def test_emulated_float32():
+@pytest.mark.parametrize("path", [DIRECT, CUDNN])
+def test_emulated_float32_and_wide_kernels(path):
     args = make(2, C=4, d=3, dtype=torch.float32)
     cfg = (6, 3, "relu", "rk4", "symmetric", 0.0, 1)
     states, grad, ref = cpu_op(args, cfg)
-    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg)
-    got = ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg)
-    assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+    assert_all_close(emulated(args, cfg, grad, states, path), [states, *ref], rtol=2e-5, atol=2e-5)
+    # 5 x 5 kernel wider than the 5 x 4 plane: every offset clipped on some side.
+    g = torch.Generator().manual_seed(3)
+    x, w, b, s = make(2, C=2, d=1)
+    w = torch.randn(3, 2, 2, 5, 5, generator=g, dtype=torch.float64) * 0.2
+    cfg = (3, 1, "softplus", "midpoint", "standard", 0.0, 1)
+    states, grad, ref = cpu_op((x, w, b, s), cfg)
+    assert_all_close(emulated((x, w, b, s), cfg, grad, states, path), [states, *ref], rtol=1e-11, atol=1e-12)
 
 
 @needs_emu
 def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(1, d=1)
     cfg = (3, 1, "tanh", "euler", "standard", 0.0, 2)
-    torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg))
-    states = ops.spline_conv_fwd(x, w, b, s, *cfg)
-    torch.library.opcheck(ops.cuda_conv_bwd_emulated.default, (torch.randn_like(states), states, w, b, s, *cfg))
+    for path in (DIRECT, CUDNN):
+        torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1))
+        states = ops.spline_conv_fwd(x, w, b, s, *cfg)
+        torch.library.opcheck(ops.cuda_conv_bwd_emulated.default,
+                              (torch.randn_like(states), states, w, b, s, *cfg, path, 1))
     with pytest.raises(ValueError, match="antisymmetric"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1)
+        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0)
     with pytest.raises(ValueError, match="odd"):
-        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg)
+        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0)
     with pytest.raises(TypeError, match="scale dtype"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg)
+        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg, 0, 0)
+    with pytest.raises(ValueError, match="path"):
+        ops.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0)
+    with pytest.raises(ValueError, match="shared memory"):  # 64^2 * 9 doubles > 100 KB
+        big = torch.zeros(3, 64, 64, 3, 3, dtype=x.dtype)
+        ops.cuda_conv_fwd_emulated(torch.zeros(1, 64, 3, 3, dtype=x.dtype), big, None, s, *cfg, DIRECT, 0)
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -118,9 +140,10 @@ def _run(backend, x, w, b, s, **kw):
 
 
 @needs_gpu
+@pytest.mark.parametrize("C", [3, 40])  # the direct path and the cuDNN path under "auto"
 @pytest.mark.parametrize("sd,variant,scheme,activation,degree,bias", GRID[::3])
-def test_cuda_matches_reference(sd, variant, scheme, activation, degree, bias):
-    args = [None if t is None else t.cuda().requires_grad_() for t in make(sd, d=degree, bias=bias)]
+def test_cuda_matches_reference(C, sd, variant, scheme, activation, degree, bias):
+    args = [None if t is None else t.cuda().requires_grad_() for t in make(sd, C=C, d=degree, bias=bias)]
     kw = dict(steps=4, degree=degree, activation=activation, scheme=scheme, variant=variant)
     for g, r in zip(_run("cuda", *args, **kw), _run("reference", *args, **kw)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)

@@ -10,6 +10,7 @@ Usage: python tools/cuda_check.py [--nvcc PATH] [--archs 80,90] [--jobs N]
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,22 @@ def find_nvcc(explicit):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def empty_block_programs(ptxas_log: str):
+    """Entry points of the block programs (block_kernel<...>) that ptxas reports with no
+    barrier: every program synchronises its phases, so none means the body was dropped."""
+    empty, current = [], None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"used (\d+) barriers", line)
+        if m and current and "block_kernel" in current:
+            if int(m.group(1)) == 0:
+                empty.append(current)
+            current = None
+    return empty
 
 
 def main() -> int:
@@ -58,7 +75,10 @@ def main() -> int:
         obj = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.o")
         cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O1", "--expt-relaxed-constexpr",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-DWITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               "-Xcudafe", "--diag_suppress=20012"] + [f"-I{p}" for p in includes]
+               "-Xcudafe", "--diag_suppress=20012",
+               # A __host__ function called from __host__ __device__ code is only a warning by
+               # default, and the device compiler then drops the caller's code: make it an error.
+               "-Werror", "cross-execution-space-call", "-Xptxas", "-v"] + [f"-I{p}" for p in includes]
         t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True)
         return src, arch, res, time.time() - t0
@@ -67,9 +87,14 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for src, arch, res, dt in pool.map(compile_one, jobs):
             name = os.path.relpath(src, ROOT)
+            empty = empty_block_programs(res.stdout + res.stderr)
             if res.returncode != 0:
                 failed += 1
                 print(f"cuda-check: FAILED {name} sm_{arch} ({dt:.0f} s)\n{res.stdout}{res.stderr}")
+            elif empty:
+                failed += 1
+                print(f"cuda-check: FAILED {name} sm_{arch}: block programs compiled without a barrier "
+                      f"(their code was dropped): {empty[:3]}")
             else:
                 print(f"cuda-check: ok {name} sm_{arch} ({dt:.0f} s)")
     print(f"cuda-check: {len(jobs) - failed}/{len(jobs)} compiled with {nvcc}")

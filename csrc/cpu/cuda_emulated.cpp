@@ -63,20 +63,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_emulated(
 
 at::Tensor conv_fwd_emulated(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation,
-                             c10::string_view scheme, c10::string_view variant, double /*gamma*/, int64_t checkpoint) {
-  HostExec ex{0};
+                             c10::string_view scheme, c10::string_view variant, double /*gamma*/, int64_t checkpoint,
+                             int64_t path, int64_t blocks) {
+  HostExec ex{blocks};
   return conv_fwd_entry(ex, "cuda_conv_fwd_emulated", x, weight, bias, scale, steps, degree, activation, scheme,
-                        variant, checkpoint);
+                        variant, checkpoint, path);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_emulated(
     const at::Tensor& grad_states, const at::Tensor& states, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
     c10::string_view activation, c10::string_view scheme, c10::string_view variant, double /*gamma*/,
-    int64_t checkpoint) {
-  HostExec ex{0};
+    int64_t checkpoint, int64_t path, int64_t blocks) {
+  HostExec ex{blocks};
   return conv_bwd_entry(ex, "cuda_conv_bwd_emulated", grad_states, states, weight, bias, scale, steps, degree,
-                        activation, scheme, variant, checkpoint);
+                        activation, scheme, variant, checkpoint, path);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CUDA implementations of splinet_cuda::spline_conv_fwd / spline_conv_bwd (schemas in
-// csrc/splinet_ops.cpp): cuDNN convolutions through ATen around the blend, epilogue and
+// csrc/splinet_ops.cpp): for few channels the single-launch direct program of
+// conv_program.h, otherwise cuDNN convolutions through ATen around the blend, epilogue and
 // eq. 23 scatter kernels; the host driver is conv_driver.h, the launches cuda_exec.cuh.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,7 +19,7 @@ at::Tensor spline_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, c
   const c10::cuda::CUDAGuard guard(x.device());
   CudaExec ex(x.get_device());
   return conv_fwd_entry(ex, "spline_conv_fwd (cuda)", x, weight, bias, scale, steps, degree, activation, scheme,
-                        variant, checkpoint);
+                        variant, checkpoint, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cuda(
@@ -29,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cuda(
   const c10::cuda::CUDAGuard guard(states.device());
   CudaExec ex(states.get_device());
   return conv_bwd_entry(ex, "spline_conv_bwd (cuda)", grad_states, states, weight, bias, scale, steps, degree,
-                        activation, scheme, variant, checkpoint);
+                        activation, scheme, variant, checkpoint, 0);
 }
 
 }  // namespace

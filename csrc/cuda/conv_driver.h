@@ -31,6 +31,7 @@
 
 #include "../common/checks.h"
 #include "../common/layer_config.h"
+#include "conv_program.h"
 #include "dense_driver.h"
 #include "step_functors.h"
 
@@ -38,6 +39,7 @@ namespace splinet {
 
 struct ConvSetup {
   DenseParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias (gamma, TB unused)
+  ConvGeom geo;
   int64_t P, fw;
   std::vector<int64_t> state_shape, ones, zeros, padding, sum_dims;
 };
@@ -58,6 +60,16 @@ inline ConvSetup conv_setup(const at::Tensor& x, const at::Tensor& weight, bool 
   c.zeros.assign(sd, 0);
   c.padding.resize(sd);
   for (size_t j = 0; j < sd; ++j) c.padding[j] = weight.size(3 + static_cast<int64_t>(j)) / 2;
+  c.geo.C = x.size(1);
+  c.geo.P = c.P;
+  c.geo.fw = c.fw;
+  c.geo.kprod = c.fw / (c.geo.C * c.geo.C);
+  for (int64_t j = 0; j < 3; ++j) {
+    const bool has = j < x.dim() - 2;
+    c.geo.size[j] = has ? x.size(2 + j) : 1;
+    c.geo.ksize[j] = has ? weight.size(3 + j) : 1;
+    c.geo.radius[j] = c.geo.ksize[j] / 2;
+  }
   c.sum_dims.push_back(0);
   for (int64_t j = 2; j < x.dim(); ++j) c.sum_dims.push_back(j);
   return c;
@@ -194,9 +206,34 @@ inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Te
   TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
 }
 
+// Paths: 0 chooses (direct when C <= kConvDirectMaxChannels, C P <= kConvDirectMaxSample and
+// the filter fits in shared memory), 1 the direct single-launch program, 2 the cuDNN path.
+inline bool conv_use_direct(int64_t path, const ConvSetup& c, int64_t elem_bytes, int64_t smem_budget) {
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "spline_conv: path must be 0, 1 or 2, got ", path);
+  if (path == 2) return false;
+  const bool fits = conv_small_smem_elems(c.geo) * elem_bytes <= smem_budget;
+  if (path == 1) {
+    TORCH_CHECK_VALUE(fits, "spline_conv: a filter of ", c.fw, " entries does not fit the direct kernel's shared memory");
+    return true;
+  }
+  return fits && c.geo.C <= kConvDirectMaxChannels && c.geo.C * c.geo.P <= kConvDirectMaxSample;
+}
+
+template <typename scalar_t, typename acc_t>
+ConvSmallArgs<scalar_t, acc_t> conv_small_args(const ConvSetup& c, const at::Tensor& weight, const at::Tensor& bias,
+                                               const at::Tensor& scale) {
+  ConvSmallArgs<scalar_t, acc_t> a{};
+  a.p = c.p;
+  a.geo = c.geo;
+  a.weight = weight.data_ptr<scalar_t>();
+  a.bias = c.p.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+  a.scale = scale.data_ptr<scalar_t>();
+  return a;
+}
+
 template <typename scalar_t, Act ACT, typename Exec>
 at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                        const at::Tensor& scale, const ConvSetup& c) {
+                        const at::Tensor& scale, const ConvSetup& c, int64_t path) {
   using acc_t = at::opmath_type<scalar_t>;
   const DenseParams& p = c.p;
   std::vector<int64_t> shape{num_saved_states(p.N, p.K)};
@@ -205,6 +242,18 @@ at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight,
   states[0].copy_(x);
   if (x.numel() == 0) {
     states.copy_(x.unsqueeze(0).expand_as(states));
+    return states;
+  }
+  if (conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
+    using Body = ConvFwdBody<scalar_t, acc_t, ACT>;
+    const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t);
+    const int64_t grid = ex.template grid<Body>(p.B, ex.threads(), smem);
+    at::Tensor work = at::empty({grid * conv_small_work_samples(p) * c.geo.C * c.P}, x.options().dtype(acc_type_of<acc_t>()));
+    Body body{conv_small_args<scalar_t, acc_t>(c, weight, bias, scale)};
+    body.args.x = x.data_ptr<scalar_t>();
+    body.args.states = states.data_ptr<scalar_t>();
+    body.args.work = work.data_ptr<acc_t>();
+    ex.launch(body, grid, ex.threads(), smem);
     return states;
   }
   ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
@@ -220,7 +269,7 @@ at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight,
 template <typename scalar_t, Act ACT, typename Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     Exec& ex, const at::Tensor& grad_states, bool last_only, const at::Tensor& states, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& scale, const ConvSetup& c) {
+    const at::Tensor& bias, const at::Tensor& scale, const ConvSetup& c, int64_t path) {
   using acc_t = at::opmath_type<scalar_t>;
   const DenseParams& p = c.p;
   const auto acc_opts = states.options().dtype(acc_type_of<acc_t>());
@@ -230,6 +279,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
   at::Tensor gW = at::zeros(weight.sizes(), acc_opts);
   at::Tensor gb = p.has_bias ? at::zeros(bias.sizes(), acc_opts) : at::Tensor();
   at::Tensor glam = at::zeros({}, states.options().dtype(at::kDouble));
+  if (states.numel() > 0 && conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
+    using Body = ConvBwdBody<scalar_t, acc_t, ACT>;
+    const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t), threads = ex.threads();
+    const int64_t grid = ex.template grid<Body>(p.B, threads, smem);
+    at::Tensor work = at::empty({grid * conv_small_work_samples(p) * c.geo.C * c.P}, acc_opts);
+    // Per-block partial gradients, summed over blocks in block order.
+    at::Tensor pW = at::zeros({grid, p.n, c.fw}, acc_opts);
+    at::Tensor pb = p.has_bias ? at::zeros({grid, p.n, p.m}, acc_opts) : at::Tensor();
+    at::Tensor plam = at::zeros({grid * threads}, states.options().dtype(at::kDouble));
+    at::Tensor grad_x = at::empty(c.state_shape, states.options());
+    Body body{conv_small_args<scalar_t, acc_t>(c, weight, bias, scale)};
+    body.args.states = states.data_ptr<scalar_t>();
+    body.args.grad_states = grad_states.data_ptr<scalar_t>();
+    body.args.last_only = last_only;
+    body.args.grad_x = grad_x.data_ptr<scalar_t>();
+    body.args.pW = pW.data_ptr<acc_t>();
+    body.args.pb = p.has_bias ? pb.data_ptr<acc_t>() : nullptr;
+    body.args.plam = plam.data_ptr<double>();
+    body.args.work = work.data_ptr<acc_t>();
+    ex.launch(body, grid, threads, smem);
+    at::Tensor grad_b = p.has_bias ? pb.sum(0).to(bias.scalar_type()) : at::empty({0}, states.options());
+    return {grad_x, pW.sum(0).view(weight.sizes()).to(weight.scalar_type()), grad_b,
+            plam.sum().to(scale.scalar_type()).reshape(scale.sizes())};
+  }
   if (states.numel() > 0) {
     ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
     std::vector<int64_t> seg_shape{std::max<int64_t>(1, std::min(p.K, p.N) - 1)};
@@ -261,7 +334,7 @@ template <typename Exec>
 at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
                           const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
                           int64_t degree, c10::string_view activation, c10::string_view scheme,
-                          c10::string_view variant, int64_t checkpoint) {
+                          c10::string_view variant, int64_t checkpoint, int64_t path) {
   check_conv_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -269,7 +342,7 @@ at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, cons
   const Act act = parse_activation(std::string(activation));
   at::Tensor out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
-    SPLINET_DISPATCH_ACT(act, [&] { out = conv_forward<scalar_t, ACT>(ex, x, weight, bias, scale, c); });
+    SPLINET_DISPATCH_ACT(act, [&] { out = conv_forward<scalar_t, ACT>(ex, x, weight, bias, scale, c, path); });
   });
   return out;
 }
@@ -279,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_entry(
     Exec& ex, const char* op, const at::Tensor& grad_states_in, const at::Tensor& states_in,
     const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
     int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant,
-    int64_t checkpoint) {
+    int64_t checkpoint, int64_t path) {
   TORCH_CHECK_VALUE(states_in.dim() >= 4 && states_in.dim() <= 6, op,
                     ": states must have shape (saved, B, C, *spatial), got ", states_in.sizes());
   check_conv_op_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
@@ -295,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_entry(
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
     SPLINET_DISPATCH_ACT(act, [&] {
-      out = conv_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, c);
+      out = conv_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, c, path);
     });
   });
   return out;
