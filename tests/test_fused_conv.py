@@ -1,10 +1,11 @@
-"""The fused CPU conv backend (splinet_cuda::spline_conv_fwd / spline_conv_bwd) against the
+"""The fused conv backends, CPU and (with a GPU) CUDA (splinet_cuda::spline_conv_fwd / spline_conv_bwd) against the
 pure-PyTorch reference: forward and every gradient over spatial dims, variants, schemes,
 activations, degrees, kernel sizes, checkpointing and edge shapes; the ops' registration
 (opcheck, gradcheck), determinism and input checks of the raw ops.
 
 Legend: B batch, C channels, n = L + d coefficients, d degree, N steps, K checkpoint interval.
 """
+import contextlib
 import itertools
 
 import pytest
@@ -18,12 +19,26 @@ VARIANTS = ["standard", "symmetric"]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 SPATIAL = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
 
+# The fused backends these tests run on: cpu, and cuda when built and a GPU is present.
+FUSED = [(b, b) for b in ("cpu", "cuda") if b in sc.available_backends()
+         and torch._C._dispatch_has_kernel_for_dispatch_key("splinet_cuda::spline_conv_fwd", b.upper())
+         and (b == "cpu" or torch.cuda.is_available())]
+on_fused = pytest.mark.parametrize("backend,device", FUSED)
+
+
+def deterministic(device):
+    """cuDNN (the CUDA backend's path for many channels) is deterministic only when asked."""
+    if device == "cuda":
+        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
+    return contextlib.nullcontext()
+
 pytestmark = pytest.mark.skipif("cpu" not in sc.available_backends()
                                 or not torch._C._dispatch_has_kernel("splinet_cuda::spline_conv_fwd"),
                                 reason="fused CPU conv kernels not built")
 
 
-def make(sd=2, *, B=2, C=3, spatial=None, L=2, d=2, k=3, dtype=torch.float64, bias=True, learn_scale=True, seed=0):
+def make(sd=2, *, B=2, C=3, spatial=None, L=2, d=2, k=3, dtype=torch.float64, bias=True, learn_scale=True, seed=0,
+         device="cpu"):
     g = torch.Generator().manual_seed(seed)
     spatial = SPATIAL[sd] if spatial is None else spatial
     ks = (k,) * sd if isinstance(k, int) else tuple(k)
@@ -34,7 +49,7 @@ def make(sd=2, *, B=2, C=3, spatial=None, L=2, d=2, k=3, dtype=torch.float64, bi
     w = torch.randn(L + d, C, C, *ks, generator=g, dtype=torch.float64) * (0.9 / fan_in ** 0.5)
     b = torch.randn(L + d, C, generator=g, dtype=torch.float64) * 0.3 if bias else None
     s = torch.tensor(1.3, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype=dtype).requires_grad_()
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device).requires_grad_()
     x, w, b, s = cast(x), cast(w), cast(b), cast(s)
     if not learn_scale:
         s = 1.3
@@ -44,14 +59,14 @@ def make(sd=2, *, B=2, C=3, spatial=None, L=2, d=2, k=3, dtype=torch.float64, bi
 def run(backend, x, w, b, s, *, trajectory=False, **kw):
     """Output and gradients of a fixed nonlinear loss wrt every tensor input that requires grad."""
     y = sc.spline_ode_conv(x, w, b, s, backend=backend, return_trajectory=trajectory, **kw)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
     loss = (y.sin() * probe).sum()
     inputs = [t for t in (x, w, b, s) if isinstance(t, torch.Tensor) and t.requires_grad]
     return [y.detach()] + list(torch.autograd.grad(loss, inputs))
 
 
-def assert_match(args, dtype=torch.float64, **kw):
-    got = run("cpu", *args, **kw)
+def assert_match(args, dtype=torch.float64, backend="cpu", **kw):
+    got = run(backend, *args, **kw)
     ref = run("reference", *args, **{k: v for k, v in kw.items() if k != "checkpoint"})
     assert len(got) == len(ref)
     for name, g, r in zip(["out", "x", "weight", "bias/scale", "scale"], got, ref):
@@ -66,42 +81,47 @@ GRID = [(v, s, a, 1 + i % 3, i % 4, (1, 3, 5)[(i // 2) % 3] if i % 3 != 2 else 3
 
 @pytest.mark.parametrize("variant,scheme,activation,sd,degree,k,bias", GRID,
                          ids=[f"{v}-{s}-{a}-{sd}d-d{d}-k{k}-{'b' if b else 'nob'}" for v, s, a, sd, d, k, b in GRID])
-def test_matches_reference_float64(variant, scheme, activation, sd, degree, k, bias):
-    args = make(sd, d=degree, k=k, bias=bias)
-    assert_match(args, steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant)
+@on_fused
+def test_matches_reference_float64(backend, device, variant, scheme, activation, sd, degree, k, bias):
+    args = make(sd, d=degree, k=k, bias=bias, device=device)
+    assert_match(args, backend=backend, steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant)
 
 
 @pytest.mark.parametrize("sd", [1, 2, 3])
 @pytest.mark.parametrize("variant,scheme,activation", [("standard", "euler", "relu"), ("symmetric", "rk4", "tanh"),
                                                        ("standard", "rk4_38", "softplus"),
                                                        ("symmetric", "midpoint", "sigmoid")])
-def test_matches_reference_float32(sd, variant, scheme, activation):
+@on_fused
+def test_matches_reference_float32(backend, device, sd, variant, scheme, activation):
     spatial = {1: (16,), 2: (8, 9), 3: (5, 4, 6)}[sd]
-    args = make(sd, B=3, C=4, spatial=spatial, L=3, d=2, dtype=torch.float32)
-    assert_match(args, dtype=torch.float32, steps=4, degree=2, activation=activation, scheme=scheme, variant=variant)
+    args = make(sd, B=3, C=4, spatial=spatial, L=3, d=2, dtype=torch.float32, device=device)
+    assert_match(args, backend=backend, dtype=torch.float32, steps=4, degree=2, activation=activation, scheme=scheme, variant=variant)
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_degrees_and_kernels(degree, k):
-    args = make(2, spatial=(6, 5), L=3, d=degree, k=k)
-    assert_match(args, steps=5, degree=degree, activation="tanh", scheme="midpoint", variant="symmetric")
+@on_fused
+def test_degrees_and_kernels(backend, device, degree, k):
+    args = make(2, spatial=(6, 5), L=3, d=degree, k=k, device=device)
+    assert_match(args, backend=backend, steps=5, degree=degree, activation="tanh", scheme="midpoint", variant="symmetric")
 
 
 @pytest.mark.parametrize("sd,k", [(2, (3, 1)), (3, (1, 3, 5)), (1, 5)])
-def test_mixed_and_large_kernels(sd, k):
+@on_fused
+def test_mixed_and_large_kernels(backend, device, sd, k):
     """Kernels of different sizes per dim, and kernels larger than the image."""
     spatial = {1: (3,), 2: (4, 2), 3: (2, 3, 4)}[sd]
-    args = make(sd, spatial=spatial, k=k)
-    assert_match(args, steps=2, degree=2, activation="softplus", scheme="rk4", variant="standard")
+    args = make(sd, spatial=spatial, k=k, device=device)
+    assert_match(args, backend=backend, steps=2, degree=2, activation="softplus", scheme="rk4", variant="standard")
 
 
 @pytest.mark.parametrize("sd", [1, 2, 3])
 @pytest.mark.parametrize("B,C,N,L", [(1, 1, 1, 1), (1, 3, 2, 2), (2, 1, 3, 4), (2, 2, 1, 3)],
                          ids=["B1-C1-N1", "B1", "C1", "N1"])
-def test_edge_shapes(sd, B, C, N, L):
-    args = make(sd, B=B, C=C, L=L, d=1)
-    assert_match(args, steps=N, degree=1, activation="sigmoid", scheme="rk4", variant="symmetric")
+@on_fused
+def test_edge_shapes(backend, device, sd, B, C, N, L):
+    args = make(sd, B=B, C=C, L=L, d=1, device=device)
+    assert_match(args, backend=backend, steps=N, degree=1, activation="sigmoid", scheme="rk4", variant="symmetric")
 
 
 def test_remark1_resnet_knots():
@@ -115,32 +135,36 @@ def test_remark1_resnet_knots():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("sd", [1, 3])
-def test_trajectory(variant, sd):
-    args = make(sd, L=2, d=3)
+@on_fused
+def test_trajectory(backend, device, variant, sd):
+    args = make(sd, L=2, d=3, device=device)
     kw = dict(steps=4, degree=3, activation="softplus", scheme="rk4_38", variant=variant)
-    assert_match(args, trajectory=True, **kw)
-    traj = sc.spline_ode_conv(*args, backend="cpu", return_trajectory=True, checkpoint=3, **kw)
+    assert_match(args, backend=backend, trajectory=True, **kw)
+    traj = sc.spline_ode_conv(*args, backend=backend, return_trajectory=True, checkpoint=3, **kw)
     assert traj.shape == (5, *args[0].shape)
     torch.testing.assert_close(traj[0], args[0].detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("learn_scale,bias", [(True, False), (False, True), (False, False)])
-def test_scale_and_bias_options(learn_scale, bias):
-    args = make(2, bias=bias, learn_scale=learn_scale)
-    assert_match(args, steps=3, degree=2, activation="tanh", scheme="euler", variant="symmetric")
+@on_fused
+def test_scale_and_bias_options(backend, device, learn_scale, bias):
+    args = make(2, bias=bias, learn_scale=learn_scale, device=device)
+    assert_match(args, backend=backend, steps=3, degree=2, activation="tanh", scheme="euler", variant="symmetric")
 
 
 @pytest.mark.parametrize("variant,scheme", [("standard", "rk4"), ("symmetric", "rk4_38")])
 @pytest.mark.parametrize("checkpoint", [2, 3, 7])
-def test_checkpointing_is_exact(variant, scheme, checkpoint):
+@on_fused
+def test_checkpointing_is_exact(backend, device, variant, scheme, checkpoint):
     """Recomputed segments replay the forward bit for bit, so gradients equal those of checkpoint=1."""
-    args = make(2, B=2, C=2, L=3)
+    args = make(2, B=2, C=2, L=3, device=device)
     kw = dict(steps=5, degree=2, activation="tanh", scheme=scheme, variant=variant)
-    full = run("cpu", *args, checkpoint=1, **kw)
-    ckpt = run("cpu", *args, checkpoint=checkpoint, **kw)
+    with deterministic(device):
+        full = run(backend, *args, checkpoint=1, **kw)
+        ckpt = run(backend, *args, checkpoint=checkpoint, **kw)
     for a, b in zip(full, ckpt):
         assert torch.equal(a, b)
-    assert_match(args, checkpoint=checkpoint, **kw)
+    assert_match(args, backend=backend, checkpoint=checkpoint, **kw)
 
 
 def test_checkpointed_saved_states():
@@ -164,9 +188,10 @@ def test_noncontiguous_inputs():
         assert_match((xx, w, b, 0.7), steps=3, degree=2, activation="relu", scheme="rk4", variant="symmetric")
 
 
-def test_empty_batch():
-    x, w, b, s = make(2, B=0)
-    y = sc.spline_ode_conv(x, w, b, s, steps=2, degree=2, backend="cpu")
+@on_fused
+def test_empty_batch(backend, device):
+    x, w, b, s = make(2, B=0, device=device)
+    y = sc.spline_ode_conv(x, w, b, s, steps=2, degree=2, backend=backend)
     assert y.shape == x.shape
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and float(s.grad) == 0.0
@@ -196,18 +221,20 @@ def test_auto_picks_fused_on_cpu():
 @pytest.mark.parametrize("sd,variant,scheme,activation", [(1, "standard", "euler", "tanh"),
                                                           (2, "symmetric", "rk4", "softplus"),
                                                           (3, "symmetric", "midpoint", "sigmoid")])
-def test_gradcheck(sd, variant, scheme, activation):
+@on_fused
+def test_gradcheck(backend, device, sd, variant, scheme, activation):
     spatial = {1: (5,), 2: (4, 3), 3: (3, 2, 3)}[sd]
-    x, w, b, s = make(sd, B=2, C=2, spatial=spatial, L=2, d=2)
+    x, w, b, s = make(sd, B=2, C=2, spatial=spatial, L=2, d=2, device=device)
     fn = lambda x, w, b, s: sc.spline_ode_conv(x, w, b, s, steps=3, degree=2, activation=activation, scheme=scheme,
-                                               variant=variant, backend="cpu", checkpoint=2)
+                                               variant=variant, backend=backend, checkpoint=2)
     assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("sd,variant,checkpoint", [(2, "symmetric", 1), (1, "standard", 2), (3, "standard", 1)])
-def test_opcheck(bias, sd, variant, checkpoint):
-    x, w, b, s = (None if t is None else t.detach() for t in make(sd, B=2, C=2, bias=bias))
+@on_fused
+def test_opcheck(backend, device, bias, sd, variant, checkpoint):
+    x, w, b, s = (None if t is None else t.detach() for t in make(sd, B=2, C=2, bias=bias, device=device))
     cfg = (3, 2, "tanh", "rk4", variant, 0.0, checkpoint)
     fwd = torch.ops.splinet_cuda.spline_conv_fwd
     req = lambda t: None if t is None else t.clone().requires_grad_()
@@ -218,11 +245,13 @@ def test_opcheck(bias, sd, variant, checkpoint):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_deterministic(dtype):
-    args = make(2, B=3, C=4, spatial=(70, 65), L=3, dtype=dtype)  # several blocks per plane
+@on_fused
+def test_deterministic(backend, device, dtype):
+    args = make(2, B=3, C=4, spatial=(70, 65), L=3, dtype=dtype, device=device)  # several blocks per plane
     kw = dict(steps=3, degree=2, activation="softplus", scheme="rk4", variant="symmetric")
-    first = run("cpu", *args, **kw)
-    second = run("cpu", *args, **kw)
+    with deterministic(device):
+        first = run(backend, *args, **kw)
+        second = run(backend, *args, **kw)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
