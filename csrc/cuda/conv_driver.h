@@ -98,13 +98,10 @@ class ConvLarge {
 
   void step(int64_t i) {
     const int64_t E = cur_.numel();
-    const acc_t h = static_cast<acc_t>(p_.h);
     const bool sym = p_.variant == kSymmetric;
     for (int s = 0; s < p_.S; ++s) {
       blend(i, s);
-      CombineFn<scalar_t, acc_t> comb{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, nullptr, X_[s].data_ptr<scalar_t>()};
-      for (int j = 0; j < s; ++j) add_term(comb, h * static_cast<acc_t>(p_.a[s][j]), K_[j]);
-      ex_.for_each(E, comb);
+      ex_.for_each(E, combination(Rk::StageInput, s, cur_, nullptr, X_[s].data_ptr<scalar_t>()));
       const at::Tensor prod = conv(X_[s], s, false);
       EpilogueFn<scalar_t, acc_t, ACT> epi{prod.data_ptr<scalar_t>(), p_.has_bias ? bv_[s].data_ptr<acc_t>() : nullptr,
                                            p_.m, c_.P, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
@@ -116,14 +113,11 @@ class ConvLarge {
                                                     K_[s].data_ptr<acc_t>()});
       }
     }
-    CombineFn<scalar_t, acc_t> upd{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, cur_.data_ptr<acc_t>(), nullptr};
-    for (int s = 0; s < p_.S; ++s) add_term(upd, h * static_cast<acc_t>(p_.b[s]), K_[s]);
-    ex_.for_each(E, upd);
+    ex_.for_each(E, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), nullptr));
   }
 
   void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
     const int64_t E = cur_.numel();
-    const acc_t h = static_cast<acc_t>(p_.h);
     const bool sym = p_.variant == kSymmetric;
     if (!kbar_.defined()) {
       kbar_ = at::empty(c_.state_shape, cur_.options());
@@ -132,10 +126,8 @@ class ConvLarge {
       P_ = at::empty(c_.state_shape, cur_.options());
     }
     for (int s = p_.S - 1; s >= 0; --s) {
-      CombineFn<scalar_t, acc_t> kb{z.data_ptr<acc_t>(), h * static_cast<acc_t>(p_.b[s]), {}, {}, 0,
-                                    kbar_.data_ptr<acc_t>(), sym ? kbar_st_.data_ptr<scalar_t>() : nullptr};
-      for (int q = s + 1; q < p_.S; ++q) add_term(kb, h * static_cast<acc_t>(p_.a[q][s]), K_[q]);
-      ex_.for_each(E, kb);
+      ex_.for_each(E, combination(Rk::StageAdjoint, s, z, kbar_.data_ptr<acc_t>(),
+                                   sym ? kbar_st_.data_ptr<scalar_t>() : nullptr));
       // V = kbar, or -conv(kbar, K) (the adjoint of conv_transpose is conv) for the symmetric variant.
       at::Tensor vt;
       if (sym) vt = conv(kbar_st_, s, false);
@@ -164,16 +156,16 @@ class ConvLarge {
       sc.k = stage_basis(p_, i, s, sc.w);
       ex_.for_each(c_.fw + (p_.has_bias ? p_.m : 0), sc);
     }
-    CombineFn<scalar_t, acc_t> zs{z.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, z.data_ptr<acc_t>(), nullptr};
-    for (int s = 0; s < p_.S; ++s) add_term(zs, acc_t(1), K_[s]);
-    ex_.for_each(E, zs);
+    ex_.for_each(E, combination(Rk::AdjointSum, 0, z, z.data_ptr<acc_t>(), nullptr));
   }
 
  private:
-  static void add_term(CombineFn<scalar_t, acc_t>& f, acc_t c, const at::Tensor& K) {
-    if (c == acc_t(0)) return;
-    f.K[f.nk] = K.data_ptr<acc_t>();
-    f.c[f.nk++] = c;
+  // A Runge-Kutta combination (dense_program.h) over the stage buffers K_.
+  CombineFn<scalar_t, acc_t> combination(Rk kind, int s, const at::Tensor& base, acc_t* out_acc,
+                                         scalar_t* out_st) const {
+    const acc_t* ks[4] = {};
+    for (int j = 0; j < p_.S; ++j) ks[j] = K_[j].data_ptr<acc_t>();
+    return rk_combination<scalar_t, acc_t>(p_, kind, s, base.data_ptr<acc_t>(), ks, out_acc, out_st);
   }
 
   at::Tensor conv(const at::Tensor& in, int s, bool transposed) const {
@@ -200,10 +192,7 @@ inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Te
                                const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
                                int64_t degree, int64_t checkpoint, bool half_types) {
   check_conv_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
-  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
-  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+  check_driver_args(op, x, scale, degree);
 }
 
 // Paths: 0 chooses (direct when C <= kConvDirectMaxChannels, C P <= kConvDirectMaxSample and
@@ -257,12 +246,7 @@ at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight,
     return states;
   }
   ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
-  run.cur().copy_(x);
-  for (int64_t i = 0; i < p.N; ++i) {
-    run.step(i);
-    const int64_t slot = saved_slot(i + 1, p.N, p.K);
-    if (slot >= 0) states[slot].copy_(run.cur());
-  }
+  large_forward(run, p, x, states);
   return states;
 }
 
@@ -305,24 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
   }
   if (states.numel() > 0) {
     ConvLarge<scalar_t, acc_t, ACT, Exec> run(ex, c, weight, bias, scale);
-    std::vector<int64_t> seg_shape{std::max<int64_t>(1, std::min(p.K, p.N) - 1)};
-    seg_shape.insert(seg_shape.end(), c.state_shape.begin(), c.state_shape.end());
-    at::Tensor seg = p.K > 1 ? at::empty(seg_shape, acc_opts) : at::Tensor();
-    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
-      const int64_t i1 = std::min(i0 + p.K, p.N);
-      run.cur().copy_(states[i0 / p.K]);
-      for (int64_t i = i0; i + 1 < i1; ++i) {
-        run.step(i);
-        seg[i - i0].copy_(run.cur());
-      }
-      for (int64_t i = i1 - 1; i >= i0; --i) {
-        run.cur().copy_(i == i0 ? states[i0 / p.K] : seg[i - i0 - 1]);
-        run.step(i);
-        run.adjoint(i, z, gW, gb, glam);
-        const int64_t slot = last_only ? -1 : saved_slot(i, p.N, p.K);
-        if (slot >= 0) z.add_(grad_states[slot]);
-      }
-    }
+    large_backward(run, p, states, grad_states, last_only, z, gW, gb, glam);
   }
   at::Tensor grad_b = p.has_bias ? gb.to(bias.scalar_type()) : at::empty({0}, states.options());
   return {z.to(states.scalar_type()), gW.to(weight.scalar_type()), grad_b,

@@ -91,6 +91,13 @@ struct ConvSample {
   SPLINET_HD acc_t* A_of(int s) const { return As + s * CP; }
   SPLINET_HD acc_t* K_of(int s) const { return Ks + s * CP; }
 
+  // out = a Runge-Kutta combination over the stage buffers (dense_program.h), this thread's share.
+  SPLINET_HD void combine(Rk kind, int s, const acc_t* base, acc_t* out) const {
+    const acc_t* ks[4] = {K_of(0), K_of(1), K_of(2), K_of(3)};
+    const auto f = rk_combination<scalar_t, acc_t>(p, kind, s, base, ks, out, nullptr);
+    for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) f(e);
+  }
+
   // Spatial coordinates of point q of a plane.
   SPLINET_HD void coords(int64_t q, int64_t* c3) const {
     c3[2] = q % geo.size[2];
@@ -161,18 +168,10 @@ struct ConvSample {
 
   // One step: cur <- x_{i+1} from cur = x_i, keeping X_s, A_s, K_s of every stage.
   SPLINET_HD void step(int64_t i) {
-    const acc_t h = static_cast<acc_t>(p.h);
     for (int s = 0; s < p.S; ++s) {
       blend(i, s);
       acc_t *X = X_of(s), *A = A_of(s), *Kc = K_of(s);
-      for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {  // X_s = x + h sum_j a_sj K_j
-        acc_t v = cur[e];
-        for (int j = 0; j < s; ++j) {
-          const acc_t c = h * static_cast<acc_t>(p.a[s][j]);
-          if (c != acc_t(0)) v = mul_add(v, c, K_of(j)[e]);
-        }
-        X[e] = v;
-      }
+      combine(Rk::StageInput, s, cur, X);
       ctx.sync();
       for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {  // a = conv(X_s, W) + b, K_s = lam act(a)
         const int64_t c = e / geo.P;
@@ -188,32 +187,16 @@ struct ConvSample {
         ctx.sync();
       }
     }
-    for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {
-      acc_t v = cur[e];
-      for (int s = 0; s < p.S; ++s) {
-        const acc_t c = h * static_cast<acc_t>(p.b[s]);
-        if (c != acc_t(0)) v = mul_add(v, c, K_of(s)[e]);
-      }
-      cur[e] = v;
-    }
+    combine(Rk::Update, 0, cur, cur);
     ctx.sync();
   }
 
   // Adjoint of the step just recomputed by step(i): Z from dL/dx_{i+1} to dL/dx_i.
   SPLINET_HD void adjoint(int64_t i, acc_t* pW, acc_t* pb, double& glam) {
-    const acc_t h = static_cast<acc_t>(p.h);
     const bool sym = p.variant == kSymmetric;
     for (int s = p.S - 1; s >= 0; --s) {
       blend(i, s);
-      const acc_t cb = h * static_cast<acc_t>(p.b[s]);
-      for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {  // kbar = dL/dK_s
-        acc_t v = cb * Z[e];
-        for (int q = s + 1; q < p.S; ++q) {
-          const acc_t c = h * static_cast<acc_t>(p.a[q][s]);
-          if (c != acc_t(0)) v = mul_add(v, c, K_of(q)[e]);
-        }
-        kbar[e] = v;
-      }
+      combine(Rk::StageAdjoint, s, Z, kbar);  // kbar = dL/dK_s
       ctx.sync();
       const acc_t* A = A_of(s);
       for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {  // G = lam act'(a) V
@@ -242,11 +225,7 @@ struct ConvSample {
         }
       ctx.sync();
     }
-    for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) {
-      acc_t v = Z[e];
-      for (int s = 0; s < p.S; ++s) v = v + K_of(s)[e];
-      Z[e] = v;
-    }
+    combine(Rk::AdjointSum, 0, Z, Z);
     ctx.sync();
   }
 
@@ -257,7 +236,8 @@ struct ConvSample {
     for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) dst[e] = src[e];
   }
 
-  SPLINET_HD void forward_sample(int64_t b) {
+  SPLINET_HD void forward_sample(int64_t sample) {
+    b = sample;
     load(cur, g.x + b * CP);
     for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) g.states[b * CP + e] = g.x[b * CP + e];
     ctx.sync();
@@ -271,37 +251,36 @@ struct ConvSample {
     ctx.sync();
   }
 
-  SPLINET_HD void backward_sample(int64_t b, int64_t block) {
+  // Hooks of adjoint_sweep (dense_program.h) for sample b (set by backward_sample).
+  int64_t b = 0;
+  acc_t *pW = nullptr, *pb = nullptr;
+  double* glam = nullptr;
+  SPLINET_HD void load_state(int64_t slot) {
+    load(cur, g.states + (slot * p.B + b) * CP);
+    ctx.sync();
+  }
+  SPLINET_HD void save_segment(int64_t j) { copy(seg + j * CP, cur); }  // own elements: no barrier
+  SPLINET_HD void load_segment(int64_t j) {
+    copy(cur, seg + j * CP);
+    ctx.sync();
+  }
+  SPLINET_HD void replay(int64_t i) { step(i); }
+  SPLINET_HD void run_adjoint(int64_t i) { adjoint(i, pW, pb, *glam); }
+  SPLINET_HD void add_state_grad(int64_t slot) {
+    const scalar_t* gs = g.grad_states + (slot * p.B + b) * CP;
+    for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) Z[e] = Z[e] + static_cast<acc_t>(gs[e]);
+    ctx.sync();
+  }
+
+  SPLINET_HD void backward_sample(int64_t sample, int64_t block) {
+    b = sample;
+    pW = g.pW + block * p.n * geo.fw;
+    pb = g.pb ? g.pb + block * p.n * geo.C : nullptr;
+    glam = g.plam + block * ctx.nthreads + ctx.tid;
     const int64_t Ns = (p.N + p.K - 1) / p.K + 1;
-    acc_t* pW = g.pW + block * p.n * geo.fw;
-    acc_t* pb = g.pb ? g.pb + block * p.n * geo.C : nullptr;
-    double& glam = g.plam[block * ctx.nthreads + ctx.tid];
     load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + b) * CP);
     ctx.sync();
-    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
-      const int64_t i1 = (i0 + p.K < p.N ? i0 + p.K : p.N);
-      const scalar_t* saved = g.states + ((i0 / p.K) * p.B + b) * CP;
-      if (i1 - i0 > 1) {  // recompute the segment's states into seg
-        load(cur, saved);
-        ctx.sync();
-        for (int64_t i = i0; i + 1 < i1; ++i) {
-          step(i);
-          copy(seg + (i - i0) * CP, cur);
-        }
-      }
-      for (int64_t i = i1 - 1; i >= i0; --i) {
-        if (i == i0) load(cur, saved); else copy(cur, seg + (i - i0 - 1) * CP);
-        ctx.sync();
-        step(i);
-        adjoint(i, pW, pb, glam);
-        const int64_t slot = g.last_only ? -1 : state_slot(i, p.N, p.K);
-        if (slot >= 0) {
-          const scalar_t* gs = g.grad_states + (slot * p.B + b) * CP;
-          for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) Z[e] = Z[e] + static_cast<acc_t>(gs[e]);
-          ctx.sync();
-        }
-      }
-    }
+    adjoint_sweep(*this, p, g.last_only);
     for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) g.grad_x[b * CP + e] = static_cast<scalar_t>(Z[e]);
     ctx.sync();
   }

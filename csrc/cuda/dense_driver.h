@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 #include <tuple>
 
 #include "../common/checks.h"
@@ -128,13 +129,10 @@ class DenseLarge {
   // One step from cur_ (x_i) to cur_ (x_{i+1}), keeping every stage's X_s, A_s, W_s, b_s.
   void step(int64_t i) {
     const int64_t Bm = p_.B * p_.m;
-    const acc_t h = static_cast<acc_t>(p_.h);
     const bool sym = p_.variant == kSymmetric;
     for (int s = 0; s < p_.S; ++s) {
       blend(i, s);
-      CombineFn<scalar_t, acc_t> comb{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, nullptr, X_[s].data_ptr<scalar_t>()};
-      for (int j = 0; j < s; ++j) add_term(comb, h * static_cast<acc_t>(p_.a[s][j]), K_[j]);
-      ex_.for_each(Bm, comb);
+      ex_.for_each(Bm, combination(Rk::StageInput, s, cur_, nullptr, X_[s].data_ptr<scalar_t>()));
       at::mm_out(prod_, X_[s], W_[s].t());
       EpilogueFn<scalar_t, acc_t, ACT> epi{prod_.data_ptr<scalar_t>(), p_.has_bias ? bv_[s].data_ptr<acc_t>() : nullptr,
                                            p_.m, 1, scale_.data_ptr<scalar_t>(), A_[s].data_ptr<acc_t>(),
@@ -146,15 +144,12 @@ class DenseLarge {
                                                      K_[s].data_ptr<acc_t>()});
       }
     }
-    CombineFn<scalar_t, acc_t> upd{cur_.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, cur_.data_ptr<acc_t>(), nullptr};
-    for (int s = 0; s < p_.S; ++s) add_term(upd, h * static_cast<acc_t>(p_.b[s]), K_[s]);
-    ex_.for_each(Bm, upd);
+    ex_.for_each(Bm, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), nullptr));
   }
 
   // Adjoint of the step just run by step(i): z (acc_t) from dL/dx_{i+1} to dL/dx_i.
   void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
     const int64_t B = p_.B, m = p_.m, Bm = B * m;
-    const acc_t h = static_cast<acc_t>(p_.h);
     const bool sym = p_.variant == kSymmetric;
     const auto at_ = cur_.options();
     if (!kbar_.defined()) {
@@ -167,10 +162,8 @@ class DenseLarge {
     }
     // K_ holds the slopes; from here on K_[s] is overwritten with dL/dX_s, last stage first.
     for (int s = p_.S - 1; s >= 0; --s) {
-      CombineFn<scalar_t, acc_t> kb{z.data_ptr<acc_t>(), h * static_cast<acc_t>(p_.b[s]), {}, {}, 0,
-                                    kbar_.data_ptr<acc_t>(), sym ? kbar_st_.data_ptr<scalar_t>() : nullptr};
-      for (int q = s + 1; q < p_.S; ++q) add_term(kb, h * static_cast<acc_t>(p_.a[q][s]), K_[q]);
-      ex_.for_each(Bm, kb);
+      ex_.for_each(Bm, combination(Rk::StageAdjoint, s, z, kbar_.data_ptr<acc_t>(),
+                                   sym ? kbar_st_.data_ptr<scalar_t>() : nullptr));
       if (sym) at::mm_out(prod_, kbar_st_, W_[s].t());
       AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
                                              sym ? prod_.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
@@ -196,16 +189,16 @@ class DenseLarge {
       sc.k = stage_basis(p_, i, s, sc.w);
       ex_.for_each(m * m + (p_.has_bias ? m : 0), sc);
     }
-    CombineFn<scalar_t, acc_t> zs{z.data_ptr<acc_t>(), acc_t(1), {}, {}, 0, z.data_ptr<acc_t>(), nullptr};
-    for (int s = 0; s < p_.S; ++s) add_term(zs, acc_t(1), K_[s]);
-    ex_.for_each(Bm, zs);
+    ex_.for_each(Bm, combination(Rk::AdjointSum, 0, z, z.data_ptr<acc_t>(), nullptr));
   }
 
  private:
-  static void add_term(CombineFn<scalar_t, acc_t>& f, acc_t c, const at::Tensor& K) {
-    if (c == acc_t(0)) return;
-    f.K[f.nk] = K.data_ptr<acc_t>();
-    f.c[f.nk++] = c;
+  // A Runge-Kutta combination (dense_program.h) over the stage buffers K_.
+  CombineFn<scalar_t, acc_t> combination(Rk kind, int s, const at::Tensor& base, acc_t* out_acc,
+                                         scalar_t* out_st) const {
+    const acc_t* ks[4] = {};
+    for (int j = 0; j < p_.S; ++j) ks[j] = K_[j].data_ptr<acc_t>();
+    return rk_combination<scalar_t, acc_t>(p_, kind, s, base.data_ptr<acc_t>(), ks, out_acc, out_st);
   }
 
   void blend(int64_t i, int s) {
@@ -221,17 +214,62 @@ class DenseLarge {
   at::Tensor cur_, X_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
 };
 
+// The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).
+template <typename Run>
+void large_forward(Run& run, const DenseParams& p, const at::Tensor& x, at::Tensor& states) {
+  states[0].copy_(x);
+  run.cur().copy_(x);
+  for (int64_t i = 0; i < p.N; ++i) {
+    run.step(i);
+    const int64_t slot = saved_slot(i + 1, p.N, p.K);
+    if (slot >= 0) states[slot].copy_(run.cur());
+  }
+}
+
+// adjoint_sweep's hooks for a large-path runner; z (dL/dx_i) and the gradient accumulators
+// are acc_t tensors, seg holds a segment's recomputed states.
+template <typename Run>
+struct LargeSweep {
+  Run& run;
+  const at::Tensor& states;
+  const at::Tensor& grad_states;
+  at::Tensor seg;
+  at::Tensor &z, &gW, &gb, &glam;
+  void load_state(int64_t slot) { run.cur().copy_(states[slot]); }
+  void save_segment(int64_t j) { seg[j].copy_(run.cur()); }
+  void load_segment(int64_t j) { run.cur().copy_(seg[j]); }
+  void replay(int64_t i) { run.step(i); }
+  void run_adjoint(int64_t i) { run.adjoint(i, z, gW, gb, glam); }
+  void add_state_grad(int64_t slot) { z.add_(grad_states[slot]); }
+};
+
+template <typename Run>
+void large_backward(Run& run, const DenseParams& p, const at::Tensor& states, const at::Tensor& grad_states,
+                    bool last_only, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
+  std::vector<int64_t> seg_shape{std::max<int64_t>(1, std::min(p.K, p.N) - 1)};
+  seg_shape.insert(seg_shape.end(), z.sizes().begin(), z.sizes().end());
+  LargeSweep<Run> sweep{run, states, grad_states, p.K > 1 ? at::empty(seg_shape, z.options()) : at::Tensor(),
+                        z, gW, gb, glam};
+  adjoint_sweep(sweep, p, last_only);
+}
+
 // ---------------------------------------------------------------------------------------
 // The ops.
+
+// What the CUDA drivers add to the layers' shared checks (checks.h): the kernels read the
+// scale on the device in x's dtype, and unroll up to kMaxDegree.
+inline void check_driver_args(const char* op, const at::Tensor& x, const at::Tensor& scale, int64_t degree) {
+  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
+  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+}
 
 inline void check_dense_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
                                 int64_t degree, int64_t checkpoint, bool half_types) {
   check_dense_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
-  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
-  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
+  check_driver_args(op, x, scale, degree);
 }
 
 inline bool dense_use_small(int64_t path, const DenseParams& p, int64_t elem_bytes, int64_t smem_budget) {
@@ -269,13 +307,7 @@ at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight
     return states;
   }
   DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale);
-  states[0].copy_(x);
-  run.cur().copy_(x);
-  for (int64_t i = 0; i < p.N; ++i) {
-    run.step(i);
-    const int64_t slot = saved_slot(i + 1, p.N, p.K);
-    if (slot >= 0) states[slot].copy_(run.cur());
-  }
+  large_forward(run, p, x, states);
   return states;
 }
 
@@ -326,22 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     glam = at::zeros({}, states.options().dtype(at::kDouble));
     at::Tensor z = at::empty({p.B, p.m}, acc_opts);  // dL/dx_i, from i = N down
     z.copy_(last_only ? grad_states : grad_states[Ns - 1]);
-    at::Tensor seg = p.K > 1 ? at::empty({std::min(p.K, p.N) - 1, p.B, p.m}, acc_opts) : at::Tensor();
-    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
-      const int64_t i1 = std::min(i0 + p.K, p.N);
-      run.cur().copy_(states[i0 / p.K]);
-      for (int64_t i = i0; i + 1 < i1; ++i) {
-        run.step(i);
-        seg[i - i0].copy_(run.cur());
-      }
-      for (int64_t i = i1 - 1; i >= i0; --i) {
-        run.cur().copy_(i == i0 ? states[i0 / p.K] : seg[i - i0 - 1]);
-        run.step(i);
-        run.adjoint(i, z, gW, gb, glam);
-        const int64_t slot = last_only ? -1 : saved_slot(i, p.N, p.K);
-        if (slot >= 0) z.add_(grad_states[slot]);
-      }
-    }
+    large_backward(run, p, states, grad_states, last_only, z, gW, gb, glam);
     grad_x.copy_(z);
   }
   if (p.has_bias) grad_b_out.copy_(gb);

@@ -77,6 +77,60 @@ SPLINET_HD T act_grad(T a, T y, T v, T lam) {
   }
 }
 
+// out = c0 base + sum_j c_j K_j over a flat index, written in acc_t (out_acc) and/or the
+// storage dtype (out_st); terms with c_j = 0 are left out (add).
+template <typename scalar_t, typename acc_t>
+struct CombineFn {
+  const acc_t* base;
+  acc_t c0;
+  const acc_t* K[4];
+  acc_t c[4];
+  int nk;
+  acc_t* out_acc;
+  scalar_t* out_st;
+  SPLINET_HD void add(acc_t cj, const acc_t* Kj) {
+    if (cj == acc_t(0)) return;
+    K[nk] = Kj;
+    c[nk++] = cj;
+  }
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t v = c0 * base[e];
+    for (int j = 0; j < nk; ++j) v = mul_add(v, c[j], K[j][e]);
+    if (out_acc) out_acc[e] = v;
+    if (out_st) out_st[e] = static_cast<scalar_t>(v);
+  }
+};
+
+// The explicit Runge-Kutta combinations over the S stage buffers Ks (SPEC 1.3) and their
+// adjoints, used by the block programs and the large paths alike:
+//   stage input  X_s = x + h sum_{j<s} a_sj K_j          update  x' = x + h sum_s b_s K_s
+//   adjoint      kbar_s = h b_s z + h sum_{q>s} a_qs Xbar_q   (Xbar_q = dL/dX_q in Ks[q])
+//                z' = z + sum_s Xbar_s
+enum class Rk { StageInput, Update, StageAdjoint, AdjointSum };
+
+template <typename scalar_t, typename acc_t>
+SPLINET_HD CombineFn<scalar_t, acc_t> rk_combination(const DenseParams& p, Rk kind, int s, const acc_t* base,
+                                                     const acc_t* const* Ks, acc_t* out_acc, scalar_t* out_st) {
+  const acc_t h = static_cast<acc_t>(p.h);
+  CombineFn<scalar_t, acc_t> f{base, acc_t(1), {}, {}, 0, out_acc, out_st};
+  switch (kind) {
+    case Rk::StageInput:
+      for (int j = 0; j < s; ++j) f.add(h * static_cast<acc_t>(p.a[s][j]), Ks[j]);
+      break;
+    case Rk::Update:
+      for (int j = 0; j < p.S; ++j) f.add(h * static_cast<acc_t>(p.b[j]), Ks[j]);
+      break;
+    case Rk::StageAdjoint:
+      f.c0 = h * static_cast<acc_t>(p.b[s]);
+      for (int q = s + 1; q < p.S; ++q) f.add(h * static_cast<acc_t>(p.a[q][s]), Ks[q]);
+      break;
+    case Rk::AdjointSum:
+      for (int j = 0; j < p.S; ++j) f.add(acc_t(1), Ks[j]);
+      break;
+  }
+  return f;
+}
+
 // Basis of step i, stage s: weights (acc_t) of the d + 1 nonzero coefficients; returns the first.
 template <typename acc_t>
 SPLINET_HD int64_t stage_basis(const DenseParams& p, int64_t i, int s, acc_t* w) {
@@ -148,6 +202,37 @@ inline int64_t dense_small_smem_elems(const DenseParams& p, bool backward) {
   return p.m * p.ldw + p.m + TBm * (5 + 2 * Sk + p.S);
 }
 
+// The adjoint sweep of a block program (DenseTile, ConvSample), from step N - 1 down to 0:
+// segments [i0, i1) of K steps, last first. Each starts from its saved state (slot i0 / K)
+// and recomputes the states inside it into the program's segment buffer (all saved when
+// K = 1); then steps i1 - 1 .. i0 are replayed from their states and their adjoints run.
+// The loss's direct gradient of a saved state x_i joins dL/dx_i after step i's adjoint.
+// Also instantiated on the host only, for the large paths' runners (dense_driver.h), whose
+// hooks are host code: the pragma lets nvcc accept that.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename Prog>
+SPLINET_HD void adjoint_sweep(Prog& prog, const DenseParams& p, bool last_only) {
+  for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
+    const int64_t i1 = i0 + p.K < p.N ? i0 + p.K : p.N;
+    if (i1 - i0 > 1) {
+      prog.load_state(i0 / p.K);
+      for (int64_t i = i0; i + 1 < i1; ++i) {
+        prog.replay(i);
+        prog.save_segment(i - i0);  // x_{i+1}
+      }
+    }
+    for (int64_t i = i1 - 1; i >= i0; --i) {
+      if (i == i0) prog.load_state(i0 / p.K); else prog.load_segment(i - i0 - 1);
+      prog.replay(i);
+      prog.run_adjoint(i);
+      const int64_t slot = last_only ? -1 : state_slot(i, p.N, p.K);
+      if (slot >= 0) prog.add_state_grad(slot);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, Act ACT>
 struct DenseTile {
   const DenseSmallArgs<scalar_t, acc_t>& g;
@@ -176,6 +261,13 @@ struct DenseTile {
   SPLINET_HD acc_t* A_of(int s) const { return As + (keep ? s : 0) * p.TB * p.m; }
   SPLINET_HD acc_t* K_of(int s) const { return Ks + s * p.TB * p.m; }
 
+  // out = a Runge-Kutta combination over the stage buffers, this thread's share of [0, n).
+  SPLINET_HD void combine(Rk kind, int s, const acc_t* base, acc_t* out, int64_t n) const {
+    const acc_t* ks[4] = {K_of(0), K_of(1), K_of(2), K_of(3)};
+    const auto f = rk_combination<scalar_t, acc_t>(p, kind, s, base, ks, out, nullptr);
+    for (int64_t e = ctx.tid; e < n; e += ctx.nthreads) f(e);
+  }
+
   // W, bv <- the blended matrix and bias of step i, stage s. No barrier.
   SPLINET_HD void blend(int64_t i, int s) {
     acc_t w[kMaxDegree + 1];
@@ -191,18 +283,10 @@ struct DenseTile {
   // One step of the scheme for the R rows of the tile: cur <- x_{i+1} from cur = x_i.
   SPLINET_HD void step(int64_t i, int64_t R) {
     const int64_t m = p.m, Rm = R * m;
-    const acc_t h = static_cast<acc_t>(p.h);
     for (int s = 0; s < p.S; ++s) {
       blend(i, s);
       acc_t *X = X_of(s), *A = A_of(s), *Kc = K_of(s);
-      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // X_s = x + h sum_j a_sj K_j
-        acc_t v = cur[e];
-        for (int j = 0; j < s; ++j) {
-          const acc_t c = h * static_cast<acc_t>(p.a[s][j]);
-          if (c != acc_t(0)) v = mul_add(v, c, K_of(j)[e]);
-        }
-        X[e] = v;
-      }
+      combine(Rk::StageInput, s, cur, X, Rm);
       ctx.sync();
       for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // a = X_s W^T + b, K_s = lam act(a)
         const int64_t r = e / m, j = e % m;
@@ -226,14 +310,7 @@ struct DenseTile {
         ctx.sync();
       }
     }
-    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // x' = x + h sum_s b_s K_s
-      acc_t v = cur[e];
-      for (int s = 0; s < p.S; ++s) {
-        const acc_t c = h * static_cast<acc_t>(p.b[s]);
-        if (c != acc_t(0)) v = mul_add(v, c, K_of(s)[e]);
-      }
-      cur[e] = v;
-    }
+    combine(Rk::Update, 0, cur, cur, Rm);
     ctx.sync();
   }
 
@@ -241,18 +318,9 @@ struct DenseTile {
   // Z holds dL/dx_{i+1} on entry, dL/dx_i on exit; eq. 23 goes to this block's partials.
   SPLINET_HD void adjoint(int64_t i, int64_t R, acc_t* pW, acc_t* pb, double& glam) {
     const int64_t m = p.m, Rm = R * m, mm = m * m;
-    const acc_t h = static_cast<acc_t>(p.h);
     for (int s = p.S - 1; s >= 0; --s) {
       blend(i, s);
-      const acc_t cb = h * static_cast<acc_t>(p.b[s]);
-      for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // kbar = dL/dK_s
-        acc_t v = cb * Z[e];
-        for (int q = s + 1; q < p.S; ++q) {
-          const acc_t c = h * static_cast<acc_t>(p.a[q][s]);
-          if (c != acc_t(0)) v = mul_add(v, c, K_of(q)[e]);  // K_of(q) now holds dL/dX_q
-        }
-        kbar[e] = v;
-      }
+      combine(Rk::StageAdjoint, s, Z, kbar, Rm);  // kbar = dL/dK_s; K_of(q > s) holds dL/dX_q
       ctx.sync();
       const acc_t* A = A_of(s);
       for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // G = lam act'(a) V
@@ -302,11 +370,7 @@ struct DenseTile {
         }
       ctx.sync();
     }
-    for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) {  // dL/dx_i = dL/dx_{i+1} + sum_s dL/dX_s
-      acc_t v = Z[e];
-      for (int s = 0; s < p.S; ++s) v = v + K_of(s)[e];
-      Z[e] = v;
-    }
+    combine(Rk::AdjointSum, 0, Z, Z, Rm);  // dL/dx_i = dL/dx_{i+1} + sum_s dL/dX_s
     ctx.sync();
   }
 
@@ -329,49 +393,41 @@ struct DenseTile {
     }
   }
 
-  SPLINET_HD void backward_tile(int64_t tile, int64_t block, int64_t nthreads_total) {
-    const int64_t r0 = tile * p.TB, R = (p.B - r0 < p.TB ? p.B - r0 : p.TB), Rm = R * p.m, TBm = p.TB * p.m;
-    const int64_t Ns = (p.N + p.K - 1) / p.K + 1;
-    const int64_t mm = p.m * p.m;
-    acc_t* pW = g.pW + block * p.n * mm;
-    acc_t* pb = g.pb ? g.pb + block * p.n * p.m : nullptr;
-    acc_t* seg = g.seg ? g.seg + block * (p.K - 1) * TBm : nullptr;
-    double& glam = g.plam[block * nthreads_total + ctx.tid];
-    load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, Rm);
+  // Hooks of adjoint_sweep for the tile [r0, r0 + R) (set by backward_tile).
+  int64_t r0 = 0, R = 0;
+  acc_t *pW = nullptr, *pb = nullptr, *seg = nullptr;
+  double* glam = nullptr;
+  SPLINET_HD void load_state(int64_t slot) {
+    load(cur, g.states + (slot * p.B + r0) * p.m, R * p.m);
     ctx.sync();
-    // Segments [i0, i1) of K steps, last first; each starts from its saved state (slot i0 / K)
-    // and recomputes the states inside it into seg (all saved when K = 1).
-    for (int64_t i0 = ((p.N - 1) / p.K) * p.K; i0 >= 0; i0 -= p.K) {
-      const int64_t i1 = (i0 + p.K < p.N ? i0 + p.K : p.N);
-      const scalar_t* saved = g.states + ((i0 / p.K) * p.B + r0) * p.m;
-      if (i1 - i0 > 1) {
-        load(cur, saved, Rm);
-        ctx.sync();
-        for (int64_t i = i0; i + 1 < i1; ++i) {
-          step(i, R);
-          acc_t* dst = seg + (i - i0) * TBm;  // x_{i+1}
-          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) dst[e] = cur[e];
-        }
-      }
-      for (int64_t i = i1 - 1; i >= i0; --i) {
-        if (i == i0) {
-          load(cur, saved, Rm);
-        } else {
-          const acc_t* src = seg + (i - i0 - 1) * TBm;
-          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) cur[e] = src[e];
-        }
-        ctx.sync();
-        step(i, R);
-        adjoint(i, R, pW, pb, glam);
-        const int64_t slot = g.last_only ? -1 : state_slot(i, p.N, p.K);
-        if (slot >= 0) {  // dL/dx_i also has the loss's direct term
-          const scalar_t* gs = g.grad_states + (slot * p.B + r0) * p.m;
-          for (int64_t e = ctx.tid; e < Rm; e += ctx.nthreads) Z[e] = Z[e] + static_cast<acc_t>(gs[e]);
-          ctx.sync();
-        }
-      }
-    }
-    store(g.grad_x + r0 * p.m, Z, Rm);
+  }
+  SPLINET_HD void save_segment(int64_t j) {  // own elements: no barrier
+    for (int64_t e = ctx.tid; e < R * p.m; e += ctx.nthreads) seg[j * p.TB * p.m + e] = cur[e];
+  }
+  SPLINET_HD void load_segment(int64_t j) {
+    for (int64_t e = ctx.tid; e < R * p.m; e += ctx.nthreads) cur[e] = seg[j * p.TB * p.m + e];
+    ctx.sync();
+  }
+  SPLINET_HD void replay(int64_t i) { step(i, R); }
+  SPLINET_HD void run_adjoint(int64_t i) { adjoint(i, R, pW, pb, *glam); }
+  SPLINET_HD void add_state_grad(int64_t slot) {  // the loss's direct term of dL/dx_i
+    const scalar_t* gs = g.grad_states + (slot * p.B + r0) * p.m;
+    for (int64_t e = ctx.tid; e < R * p.m; e += ctx.nthreads) Z[e] = Z[e] + static_cast<acc_t>(gs[e]);
+    ctx.sync();
+  }
+
+  SPLINET_HD void backward_tile(int64_t tile, int64_t block) {
+    r0 = tile * p.TB;
+    R = p.B - r0 < p.TB ? p.B - r0 : p.TB;
+    pW = g.pW + block * p.n * p.m * p.m;
+    pb = g.pb ? g.pb + block * p.n * p.m : nullptr;
+    seg = g.seg ? g.seg + block * (p.K - 1) * p.TB * p.m : nullptr;
+    glam = g.plam + block * ctx.nthreads + ctx.tid;
+    const int64_t Ns = (p.N + p.K - 1) / p.K + 1;
+    load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, R * p.m);
+    ctx.sync();
+    adjoint_sweep(*this, p, g.last_only);
+    store(g.grad_x + r0 * p.m, Z, R * p.m);
     ctx.sync();
   }
 };
@@ -390,7 +446,7 @@ SPLINET_HD void dense_small_bwd_block(const DenseSmallArgs<scalar_t, acc_t>& arg
                                       BlockCtx ctx, acc_t* smem) {
   DenseTile<scalar_t, acc_t, ACT> t(args, ctx, smem, true);
   const int64_t tiles = (args.p.B + args.p.TB - 1) / args.p.TB;
-  for (int64_t tile = block; tile < tiles; tile += grid) t.backward_tile(tile, block, ctx.nthreads);
+  for (int64_t tile = block; tile < tiles; tile += grid) t.backward_tile(tile, block);
 }
 
 

@@ -30,24 +30,6 @@ struct BlendFn {
   }
 };
 
-// out = c0 base + sum_j c_j K_j, written in acc_t (out_acc) and/or the GEMM dtype (out_st).
-template <typename scalar_t, typename acc_t>
-struct CombineFn {
-  const acc_t* base;
-  acc_t c0;
-  const acc_t* K[4];
-  acc_t c[4];
-  int nk;
-  acc_t* out_acc;
-  scalar_t* out_st;
-  SPLINET_HD void operator()(int64_t e) const {
-    acc_t v = c0 * base[e];
-    for (int j = 0; j < nk; ++j) v = mul_add(v, c[j], K[j][e]);
-    if (out_acc) out_acc[e] = v;
-    if (out_st) out_st[e] = static_cast<scalar_t>(v);
-  }
-};
-
 // Forward epilogue of a stage: a = (X W^T)[e] + b, kept for the adjoint (A, acc_t);
 // K = lam act(a), or act(a) into Y (GEMM dtype) for the symmetric variant.
 template <typename scalar_t, typename acc_t, Act ACT>
