@@ -33,7 +33,7 @@ def _basis_table_fake(t: torch.Tensor, knots: int, degree: int):
     return t.new_empty(t.shape, dtype=torch.int64), t.new_empty((t.shape[0], degree + 1))
 
 
-def _emulated_fwd_fake(*args):  # layer arguments, then path, tile_rows, blocks (dense) / path, blocks (conv)
+def _emulated_fwd_fake(*args):  # layer arguments, then the emulation's (path, tile_rows, blocks, threads)
     return layer_fwd_fake(*args[:11])
 
 

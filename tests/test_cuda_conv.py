@@ -57,9 +57,10 @@ GRID = [(sd, v, s, a, i % 4, i % 3 != 0) for i, (sd, v, s, a) in enumerate(
 DIRECT, CUDNN = 1, 2
 
 
-def emulated(args, cfg, grad, states, path, blocks=0):
-    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg, path, blocks)
-    return [got_states, *ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg, path, blocks)]
+def emulated(args, cfg, grad, states, path, blocks=0, threads=1):
+    """The CUDA driver on the CPU: one thread per block, or `threads` host threads at a barrier."""
+    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg, path, blocks, threads)
+    return [got_states, *ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg, path, blocks, threads)]
 
 
 @needs_emu
@@ -76,6 +77,21 @@ def test_emulated_matches_cpu_kernel(path, sd, variant, scheme, activation, degr
 
 
 @needs_emu
+@pytest.mark.parametrize("sd,variant,scheme,activation,bias,checkpoint",
+                         [(1, "standard", "rk4", "tanh", True, 1), (2, "symmetric", "midpoint", "relu", True, 3),
+                          (3, "standard", "euler", "softplus", False, 2)])
+def test_emulated_direct_program_with_thread_teams(sd, variant, scheme, activation, bias, checkpoint):
+    """The direct program run by teams of 3 and 8 host threads per block meeting at a barrier
+    at every sync() (shared memory poisoned with NaN first), 3 samples over 2 blocks."""
+    args = make(sd, B=3, d=2, bias=bias, seed=5)
+    cfg = (5, 2, activation, scheme, variant, 0.0, checkpoint)
+    states, grad, ref = cpu_op(args, cfg)
+    for threads in (3, 8):
+        got = emulated(args, cfg, grad, states, DIRECT, blocks=2, threads=threads)
+        assert_all_close(got, [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
 @pytest.mark.parametrize("path", [DIRECT, CUDNN])
 @pytest.mark.parametrize("B,C,N,K", [(1, 1, 1, 1), (1, 2, 3, 5), (3, 1, 4, 2)])
 def test_emulated_edge_shapes_and_last_only(path, B, C, N, K):
@@ -86,8 +102,8 @@ def test_emulated_edge_shapes_and_last_only(path, B, C, N, K):
     g_last = torch.randn_like(states[-1])
     full = torch.zeros_like(states)
     full[-1] = g_last
-    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0)
-    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0)
+    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0, 1)
+    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0, 1)
     assert_all_close(a, c, rtol=0, atol=0)
 
 
@@ -112,21 +128,21 @@ def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(1, d=1)
     cfg = (3, 1, "tanh", "euler", "standard", 0.0, 2)
     for path in (DIRECT, CUDNN):
-        torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1))
+        torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1, 1))
         states = ops.spline_conv_fwd(x, w, b, s, *cfg)
         torch.library.opcheck(ops.cuda_conv_bwd_emulated.default,
-                              (torch.randn_like(states), states, w, b, s, *cfg, path, 1))
+                              (torch.randn_like(states), states, w, b, s, *cfg, path, 1, 1))
     with pytest.raises(ValueError, match="antisymmetric"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0)
+        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0, 1)
     with pytest.raises(ValueError, match="odd"):
-        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0)
+        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0, 1)
     with pytest.raises(TypeError, match="scale dtype"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg, 0, 0)
+        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg, 0, 0, 1)
     with pytest.raises(ValueError, match="path"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0)
+        ops.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0, 1)
     with pytest.raises(ValueError, match="shared memory"):  # 64^2 * 9 doubles > 100 KB
         big = torch.zeros(3, 64, 64, 3, 3, dtype=x.dtype)
-        ops.cuda_conv_fwd_emulated(torch.zeros(1, 64, 3, 3, dtype=x.dtype), big, None, s, *cfg, DIRECT, 0)
+        ops.cuda_conv_fwd_emulated(torch.zeros(1, 64, 3, 3, dtype=x.dtype), big, None, s, *cfg, DIRECT, 0, 1)
 
 
 # --------------------------------------------------------------------------- on a GPU

@@ -45,10 +45,11 @@ def cpu_op(x, w, b, s, cfg, grad=None):
     return states, grad, ops.spline_dense_bwd(grad, states, w, b, s, *cfg)
 
 
-def emulated(x, w, b, s, cfg, grad, path, tile_rows=0, blocks=0, states=None):
-    got = ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_rows, blocks)
+def emulated(x, w, b, s, cfg, grad, path, tile_rows=0, blocks=0, states=None, threads=1):
+    """The CUDA driver on the CPU: one thread per block, or `threads` host threads at a barrier."""
+    got = ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_rows, blocks, threads)
     states = got if states is None else states
-    return got, ops.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks)
+    return got, ops.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks, threads)
 
 
 def assert_all_close(got, ref, **tol):
@@ -70,6 +71,22 @@ def test_emulated_matches_cpu_kernel(path, variant, scheme, activation, degree, 
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=3, blocks=2, states=states)
     assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
+@pytest.mark.parametrize("variant,scheme,activation,bias,checkpoint",
+                         [("standard", "rk4", "tanh", True, 1), ("symmetric", "rk4_38", "relu", True, 3),
+                          ("antisymmetric", "midpoint", "softplus", False, 2), ("standard", "euler", "sigmoid", True, 4)])
+def test_emulated_small_program_with_thread_teams(variant, scheme, activation, bias, checkpoint):
+    """The small-width program run by teams of 3 and 7 host threads per block that meet at a
+    barrier at every sync() (shared memory poisoned with NaN first): the thread-to-data
+    mapping and the barriers, besides the arithmetic. Tiles of 3 rows over 2 blocks."""
+    x, w, b, s = make(8, 5, 3, 2, bias=bias, seed=4)
+    cfg = (6, 2, activation, scheme, variant, 0.3, checkpoint)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    for threads in (3, 7):
+        got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, tile_rows=3, blocks=2, states=states, threads=threads)
+        assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
 
 
 @needs_emu
@@ -149,19 +166,21 @@ def test_emulated_large_width_paths_agree():
 def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(3, 4, 2, 1)
     cfg = (4, 1, "tanh", "rk4", "standard", 0.0, 2)
-    torch.library.opcheck(ops.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1))
+    torch.library.opcheck(ops.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1, 1))
     states = ops.spline_dense_fwd(x, w, b, s, *cfg)
     torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
-                          (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0))
+                          (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0, 1))
     with pytest.raises(ValueError, match="path"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 3, 0, 0)
+        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 3, 0, 0, 1)
     with pytest.raises(ValueError, match="weight"):
-        ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0)
+        ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0, 1)
     with pytest.raises(TypeError, match="scale dtype"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s.float(), *cfg, SMALL, 0, 0)
+        ops.cuda_dense_fwd_emulated(x, w, b, s.float(), *cfg, SMALL, 0, 0, 1)
+    with pytest.raises(ValueError, match="threads"):
+        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, SMALL, 0, 0, 0)
     with pytest.raises(ValueError, match="shared memory"):  # one row of m = 200 needs > 100 KB
         big = make(1, 200, 1, 0)
-        ops.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0)
+        ops.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0, 1)
 
 
 # --------------------------------------------------------------------------- on a GPU

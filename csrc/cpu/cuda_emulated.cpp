@@ -1,14 +1,18 @@
 // Test-only CPU implementations of the splinet_cuda::cuda_*_emulated ops (schemas in
 // csrc/splinet_ops.cpp): the CUDA layer drivers (csrc/cuda/dense_driver.h, conv_driver.h)
-// with an executor that runs each block's program sequentially with one thread (every phase
-// of the programs is a block-strided loop, so one thread covers it and the barriers are
-// no-ops) and each elementwise kernel as a loop. GEMMs and convolutions go through ATen as on
+// with an executor that runs each block's program with one thread (every phase of the
+// programs is a block-strided loop, so one thread covers it and the barriers are no-ops) or
+// with a team of host threads meeting at a host barrier, and each elementwise kernel as a loop. GEMMs and convolutions go through ATen as on
 // the GPU. This is what tests the CUDA kernels' arithmetic and indexing on machines without a
 // GPU; races, launch configuration and the cuBLAS/cuDNN calls are only tested on a GPU.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <limits>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "../cuda/conv_driver.h"
@@ -17,11 +21,40 @@
 namespace splinet {
 namespace {
 
+// A reusable barrier for the host threads of one emulated block.
+class HostBarrier {
+ public:
+  explicit HostBarrier(int64_t count) : count_(count) {}
+  static void wait(void* self) { static_cast<HostBarrier*>(self)->wait(); }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const int64_t gen = gen_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t count_, waiting_ = 0, gen_ = 0;
+};
+
 struct HostExec {
   static constexpr bool kHalfTypes = false;
-  int64_t blocks;  // grid size to emulate (0: one block per tile)
+  int64_t blocks;        // grid size to emulate (0: one block per tile)
+  int64_t nthreads = 1;  // host threads per block (1: sequential, no barrier)
 
-  int64_t threads() const { return 1; }
+  HostExec(int64_t blocks_, int64_t threads_) : blocks(blocks_), nthreads(threads_) {
+    TORCH_CHECK_VALUE(blocks >= 0, "emulation: blocks must be >= 0, got ", blocks);
+    TORCH_CHECK_VALUE(nthreads >= 1 && nthreads <= 64, "emulation: threads must be in [1, 64], got ", nthreads);
+  }
+
+  int64_t threads() const { return nthreads; }
   int64_t max_smem_bytes() const { return 100 * 1024; }  // as CudaExec on an H100 / A100
 
   template <typename Body>
@@ -33,7 +66,19 @@ struct HostExec {
   void launch(const Body& body, int64_t grid, int64_t, int64_t smem) const {
     using acc_t = typename Body::acc_type;
     std::vector<acc_t> shared(static_cast<size_t>(smem) / sizeof(acc_t));
-    for (int64_t b = 0; b < grid; ++b) body(b, grid, BlockCtx{0, 1}, shared.data());
+    for (int64_t b = 0; b < grid; ++b) {
+      if (nthreads == 1) {
+        body(b, grid, BlockCtx{0, 1}, shared.data());
+        continue;
+      }
+      // Poisoned shared memory: a phase that reads what no phase wrote shows up as NaN.
+      std::fill(shared.begin(), shared.end(), std::numeric_limits<acc_t>::quiet_NaN());
+      HostBarrier barrier(nthreads);
+      std::vector<std::thread> team;
+      for (int64_t t = 0; t < nthreads; ++t)
+        team.emplace_back([&, t] { body(b, grid, BlockCtx{t, nthreads, &HostBarrier::wait, &barrier}, shared.data()); });
+      for (auto& th : team) th.join();
+    }
   }
 
   template <typename F>
@@ -45,8 +90,8 @@ struct HostExec {
 at::Tensor dense_fwd_emulated(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation,
                               c10::string_view scheme, c10::string_view variant, double gamma, int64_t checkpoint,
-                              int64_t path, int64_t tile_rows, int64_t blocks) {
-  HostExec ex{blocks};
+                              int64_t path, int64_t tile_rows, int64_t blocks, int64_t threads) {
+  HostExec ex{blocks, threads};
   return dense_fwd_entry(ex, "cuda_dense_fwd_emulated", x, weight, bias, scale, steps, degree, activation, scheme,
                          variant, gamma, checkpoint, path, tile_rows);
 }
@@ -55,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_emulated(
     const at::Tensor& grad_states, const at::Tensor& states, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
     c10::string_view activation, c10::string_view scheme, c10::string_view variant, double gamma, int64_t checkpoint,
-    int64_t path, int64_t tile_rows, int64_t blocks) {
-  HostExec ex{blocks};
+    int64_t path, int64_t tile_rows, int64_t blocks, int64_t threads) {
+  HostExec ex{blocks, threads};
   return dense_bwd_entry(ex, "cuda_dense_bwd_emulated", grad_states, states, weight, bias, scale, steps, degree,
                          activation, scheme, variant, gamma, checkpoint, path, tile_rows);
 }
@@ -64,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_emulated(
 at::Tensor conv_fwd_emulated(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation,
                              c10::string_view scheme, c10::string_view variant, double /*gamma*/, int64_t checkpoint,
-                             int64_t path, int64_t blocks) {
-  HostExec ex{blocks};
+                             int64_t path, int64_t blocks, int64_t threads) {
+  HostExec ex{blocks, threads};
   return conv_fwd_entry(ex, "cuda_conv_fwd_emulated", x, weight, bias, scale, steps, degree, activation, scheme,
                         variant, checkpoint, path);
 }
@@ -74,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_emulated(
     const at::Tensor& grad_states, const at::Tensor& states, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps, int64_t degree,
     c10::string_view activation, c10::string_view scheme, c10::string_view variant, double /*gamma*/,
-    int64_t checkpoint, int64_t path, int64_t blocks) {
-  HostExec ex{blocks};
+    int64_t checkpoint, int64_t path, int64_t blocks, int64_t threads) {
+  HostExec ex{blocks, threads};
   return conv_bwd_entry(ex, "cuda_conv_bwd_emulated", grad_states, states, weight, bias, scale, steps, degree,
                         activation, scheme, variant, checkpoint, path);
 }

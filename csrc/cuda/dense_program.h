@@ -17,7 +17,8 @@
 // in block order, so the gradients are deterministic for a given grid.
 //
 // Every phase is a block-strided loop `for (e = tid; e < count; e += nthreads)` followed by a
-// barrier: with tid = 0, nthreads = 1 and no barrier it is the sequential program.
+// barrier: with tid = 0, nthreads = 1 and no barrier it is the sequential program; the
+// emulation also runs it with several host threads and a host barrier.
 #pragma once
 
 #include <cstdint>
@@ -47,11 +48,18 @@ struct DenseParams {
 
 constexpr int kStandard = 0, kSymmetric = 1, kAntisymmetric = 2;  // == Variant
 
+// A thread's view of its block. On the GPU sync() is __syncthreads(); the CPU emulation runs
+// a block either with one thread (no barrier needed) or with several host threads that meet
+// at a host barrier (sync_fn), which exercises the thread-to-data mapping and the barriers.
 struct BlockCtx {
   int64_t tid, nthreads;
+  void (*sync_fn)(void*) = nullptr;
+  void* sync_arg = nullptr;
   SPLINET_HD void sync() const {
 #ifdef __CUDA_ARCH__
     __syncthreads();
+#else
+    if (sync_fn) sync_fn(sync_arg);
 #endif
   }
 };
