@@ -1,6 +1,12 @@
-"""Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4): a trajectory kernel that walks
-all N steps of a batch tile with the state in registers, and its adjoint kernel that
-walks back N-1 .. 0 with the eq. 23 accumulation of coefficient gradients.
+"""Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4), two paths chosen by width:
+
+* m <= TRAJECTORY_MAX_WIDTH (64): this module's trajectory kernel, which walks all N steps
+  of a batch tile with the state in registers, and its adjoint kernel that walks back
+  N-1 .. 0 with the eq. 23 accumulation of coefficient gradients (below).
+* wider layers: the GEMM path of ``dense_gemm.py``, per-stage tiled GEMMs with the weight
+  tile blended from the d + 1 coefficient tiles inside the K loop, the bias / activation /
+  RK update fused in their epilogues, and an eq. 23 kernel that scatters each G^T X_s tile
+  into the coefficient slots; ``FORCE_PATH`` forces either path (tests).
 
 Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages of the
 scheme, K checkpoint interval, BB / BM the batch / width tile (BM = pow2 >= 16, >= m).
