@@ -113,11 +113,8 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
                 raise ValueError(f"splinet_triton::{kind}_bwd: states holds {states.shape[0] if states.dim() else 0} "
                                  f"states, expected {num_saved_states(steps, checkpoint)} for steps = {steps}, "
                                  f"checkpoint = {checkpoint}")
-            if grad_states.shape == states.shape[1:]:
-                # dLoss/dx_N alone (the C++ ops' short form); the kernels take the full form.
-                grad_states = torch.cat([states.new_zeros(states.shape[:1] + grad_states.shape)[1:],
-                                         grad_states[None].to(states.dtype)])
-            if grad_states.shape != states.shape:
+            # dLoss/dx_N alone (the C++ ops' short form) goes to the launchers as it is.
+            if grad_states.shape != states.shape and grad_states.shape != states.shape[1:]:
                 raise ValueError(f"splinet_triton::{kind}_bwd: grad_states must have the shape of states "
                                  f"{tuple(states.shape)} or of one state, got {tuple(grad_states.shape)}")
             _check_op_args(kind, states[0], weight, bias, scale, steps, degree, activation, scheme, variant,

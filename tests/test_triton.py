@@ -1,6 +1,7 @@
 """The Triton backend against the pure-PyTorch reference: forward and every gradient over
-variants / schemes / activations / degrees, odd shapes, checkpointing, the ops'
-registration (opcheck on the custom ops, eager triton_op, torch.compile) and dispatch.
+variants / schemes / activations / degrees, odd shapes, checkpointing, the dense layer's
+large-width GEMM path (forced on small widths with small tiles), the ops' registration
+(opcheck on the custom ops, eager triton_op, torch.compile) and dispatch.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1,
 set by conftest.py before triton is imported), with tiny shapes.
@@ -146,6 +147,90 @@ def test_dense_empty_batch():
     assert y.shape == (0, 3)
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+# --- dense, large-width GEMM path -----------------------------------------------------------
+# Forced on small widths with 16-wide tiles, so several K / N tiles, ragged edges and a
+# batch that is not a multiple of the batch tile occur (the interpreter is slow).
+
+from triton_kernels import dense as tk_dense, dense_gemm as tk_gemm  # noqa: E402
+
+
+@pytest.fixture
+def gemm_path(monkeypatch):
+    monkeypatch.setattr(tk_dense, "FORCE_PATH", "gemm")
+    monkeypatch.setattr(tk_gemm, "BLOCKS_OVERRIDE", (16, 16, 16))
+    return monkeypatch
+
+
+# Every variant x {euler, rk4} x activation; degree, bias, width and checkpoint cycle.
+GEMM_GRID = [(v, s, a, i % 4, (i // 3) % 2 == 0, (5, 20, 33)[i % 3], (1, 3)[(i // 2) % 2])
+             for i, (v, s, a) in enumerate(itertools.product(VARIANTS, ["euler", "rk4"], ACTS))]
+
+
+@pytest.mark.parametrize("variant,scheme,activation,degree,bias,m,checkpoint", GEMM_GRID,
+                         ids=[f"{v}-{s}-{a}-d{d}-{'b' if b else 'nob'}-m{m}-ck{k}"
+                              for v, s, a, d, b, m, k in GEMM_GRID])
+def test_dense_gemm_path_float32(gemm_path, variant, scheme, activation, degree, bias, m, checkpoint):
+    args = make(19, m, 2, degree, dtype=torch.float32, bias=bias)
+    assert_match(args, dtype=torch.float32, steps=3, degree=degree, activation=activation, scheme=scheme,
+                 variant=variant, gamma=0.2, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("variant,scheme", [("symmetric", "rk4_38"), ("antisymmetric", "midpoint")])
+def test_dense_gemm_path_float64_trajectory(gemm_path, variant, scheme):
+    """Tight float64 check, with the whole trajectory (dL/d every saved state) as the output."""
+    args = make(7, 20, 3, 2)
+    assert_match(args, trajectory=True, steps=3, degree=2, activation="softplus", scheme=scheme, variant=variant,
+                 gamma=0.3)
+
+
+def test_dense_gemm_path_split_batch_reduction(gemm_path):
+    """The weight gradient with the batch split over programs (partials summed by the scatter kernel)."""
+    gemm_path.setattr(tk_gemm, "WGRAD_SPLIT_OVERRIDE", 3)
+    args = make(37, 20, 2, 1, dtype=torch.float32, learn_scale=False)
+    assert_match(args, dtype=torch.float32, steps=2, degree=1, activation="tanh", scheme="midpoint",
+                 variant="antisymmetric", gamma=0.1)
+
+
+def test_dense_gemm_path_checkpointing_is_exact_and_deterministic(gemm_path):
+    args = make(19, 20, 3, 2, dtype=torch.float32)
+    kw = dict(steps=4, degree=2, activation="tanh", scheme="midpoint", variant="symmetric")
+    fn = lambda *a, **k: sc.spline_ode(*a, backend="triton", **k)
+    full, ckpt, again = run(fn, *args, checkpoint=1, **kw), run(fn, *args, checkpoint=3, **kw), \
+        run(fn, *args, checkpoint=3, **kw)
+    for a, b, c in zip(full, ckpt, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("path", ["trajectory", "gemm"])
+def test_dense_backward_last_only_gradient(monkeypatch, path):
+    """dL/dx_N alone gives what the full form with zeros for the other saved states gives."""
+    monkeypatch.setattr(tk_dense, "FORCE_PATH", path)
+    monkeypatch.setattr(tk_gemm, "BLOCKS_OVERRIDE", (16, 16, 16))
+    x, w, b, s = [t.detach() for t in make(5, 17, 2, 1)]
+    fwd, bwd = _triton.OPS["dense"]["interp"]
+    cfg = (4, 1, "tanh", "midpoint", "standard", 0.0, 2)
+    states = fwd(x, w, b, s, *cfg)
+    g = torch.randn_like(states[-1])
+    full = torch.zeros_like(states)
+    full[-1] = g
+    for a, c in zip(bwd(g, states, w, b, s, *cfg), bwd(full, states, w, b, s, *cfg)):
+        assert torch.equal(a, c)
+
+
+def test_dense_auto_selects_gemm_path_above_threshold(monkeypatch):
+    calls = []
+    for name in ("gemm_forward", "gemm_backward"):
+        real = getattr(tk_dense, name)
+        monkeypatch.setattr(tk_dense, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    m = tk_dense.TRAJECTORY_MAX_WIDTH
+    assert not tk_dense.uses_gemm(m) and tk_dense.uses_gemm(m + 1)
+    args = make(2, m + 1, 1, 1, dtype=torch.float32)
+    assert_match(args, dtype=torch.float32, steps=1, degree=1, activation="relu", scheme="euler",
+                 variant="standard")
+    assert calls == ["gemm_forward", "gemm_backward"]
 
 
 # --- registration, dispatch ---------------------------------------------------------------

@@ -37,7 +37,7 @@ def main(arch: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import conv, dense
+    from . import conv, dense, dense_gemm
 
     target = GPUTarget("cuda", arch, 32)
     jobs = []
@@ -55,8 +55,46 @@ def main(arch: int = 90) -> int:
         jobs.append((dense._dense_bwd_kernel, dict(gs_ptr=t, st_ptr=t, w_ptr=t, b_ptr=t, scale_ptr=t, par_ptr=ct,
                                                    kt_ptr="i32", wt_ptr=ct, gx_ptr=t, pw_ptr=ct, pb_ptr=ct,
                                                    pl_ptr=ct, ws_ptr=ct),
-                     ["B", "M", "N", "CK", "NS", "NSEG", "NCOEF", "NTILES", "KSEG"], dict(meta, SAVED_ALL=saved_all),
+                     ["B", "M", "N", "CK", "NS", "NSEG", "NCOEF", "NTILES", "KSEG"],
+                     dict(meta, SAVED_ALL=saved_all, LAST_ONLY=not saved_all),
                      ones))
+    # The GEMM path (dense_gemm): forward stage with prologue, update and save; the symmetric
+    # adjoint epilogue; the dL/dx update; the eq. 23 kernels, direct and split; the elementwise prep.
+    gemm_ptrs = ("x_ptr", "pro_ptr", "w_ptr", "b_ptr", "scale_ptr", "par_ptr", "kt_ptr", "wt_ptr", "out_ptr",
+                 "a_ptr", "ubase_ptr", "ubuf_ptr", "uout_ptr", "save_ptr", "gs_ptr", "pl_ptr")
+    input_typed = ("w_ptr", "b_ptr", "scale_ptr", "save_ptr", "gs_ptr")
+    no_upd = dict(U0=0.0, U1=0.0, U2=0.0, U3=0.0, UF=1.0, UPD_H=False, UPDATE=False, SAVE=False, HAS_GS=False)
+    for dt, variant, extra in [
+        (torch.float32, 0, dict(P0=0.5, P1=0.0, P2=0.0, P3=0.0, TRANS_W=True, HAS_BIAS=True, ACT=2, COEF=1.0,
+                                USE_LAM=True, STORE_A=True, ADJ=False, STORE_OUT=False, UPDATE=True, U0=1 / 6,
+                                U1=1 / 3, U2=1 / 3, U3=0.0, UF=1 / 6, UPD_H=True, SAVE=True, HAS_GS=False)),
+        (torch.bfloat16, 1, dict(no_upd, P0=0.0, P1=0.0, P2=0.0, P3=0.0, TRANS_W=True, HAS_BIAS=False, ACT=3,
+                                 COEF=-1.0, USE_LAM=False, STORE_A=False, ADJ=True, STORE_OUT=True)),
+        (torch.float64, 2, dict(P0=0.0, P1=0.0, P2=0.0, P3=0.0, TRANS_W=False, HAS_BIAS=False, ACT=0, COEF=1.0,
+                                USE_LAM=False, STORE_A=False, ADJ=False, STORE_OUT=False, UPDATE=True, U0=0.0,
+                                U1=1.0, U2=0.0, U3=0.0, UF=1.0, UPD_H=False, SAVE=False, HAS_GS=True)),
+    ]:
+        t = _TY[str(dt).split(".")[1]]
+        ct = "fp64" if dt == torch.float64 else "fp32"
+        BB, BN, BK = dense_gemm.gemm_blocks(64, 256, dt) if dt != torch.float64 else (32, 32, 16)
+        base = dict(DP1=3, VARIANT=variant, CT=dense.compute_dtype(dt), PREC=dense.dot_precision(dt))
+        ptrs = {p: ("i32" if p == "kt_ptr" else t if p in input_typed else ct) for p in gemm_ptrs}
+        jobs.append((dense_gemm._gemm_kernel, ptrs, ["idx", "B", "M"],
+                     dict(base, BLOCK_B=BB, BLOCK_N=BN, BLOCK_K=BK, **extra), ()))
+        jobs.append((dense_gemm._wgrad_kernel,
+                     {p: ("i32" if p == "kt_ptr" else t if p == "scale_ptr" else ct)
+                      for p in ("g_ptr", "x_ptr", "pro_ptr", "a_ptr", "kb_ptr", "scale_ptr", "par_ptr", "kt_ptr",
+                                "wt_ptr", "gw_ptr", "gb_ptr", "pw_ptr", "pb_ptr")},
+                     ["idx", "B", "M", "BCHUNK"],
+                     dict(base, P0=0.5, P1=0.0, P2=0.0, P3=0.0, ACT=4, HAS_BIAS=True, DIRECT=variant != 2,
+                          BLOCK_B=BB, BLOCK_O=BN, BLOCK_I=BN), ()))
+    jobs.append((dense_gemm._scatter_kernel, dict(pw_ptr="fp32", pb_ptr="fp32", kt_ptr="i32", wt_ptr="fp32",
+                                                  gw_ptr="fp32", gb_ptr="fp32"), ["idx", "M", "SPLIT"],
+                 dict(DP1=4, HAS_BIAS=True, CT=dense.compute_dtype(torch.float32), BLOCK_O=64, BLOCK_I=64), ()))
+    jobs.append((dense_gemm._adj_prep_kernel, dict(z_ptr="fp32", xb_ptr="fp32", a_ptr="fp32", scale_ptr="bf16",
+                                                   par_ptr="fp32", out_ptr="fp32", pl_ptr="fp32"), ["NEL", "BMs"],
+                 dict(ZC=1 / 6, Q0=0.0, Q1=0.5, Q2=0.0, Q3=0.0, ACT=2, KBAR_ONLY=False,
+                      CT=dense.compute_dtype(torch.float32), BLOCK=1024), ()))
     for dt, trans, act, bias, base in [(torch.float32, False, 1, True, True), (torch.bfloat16, True, 0, False, False),
                                        (torch.float64, False, 4, True, False)]:
         t = _TY[str(dt).split(".")[1]]

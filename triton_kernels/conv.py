@@ -283,7 +283,9 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
                   bias: Optional[torch.Tensor], scale: torch.Tensor, steps: int, degree: int, activation: str,
                   scheme: str, variant: str, gamma: float, checkpoint: int,
                   wrap: Callable = _identity) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The adjoint sweep N-1 .. 0: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale)."""
+    """The adjoint sweep N-1 .. 0: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale).
+    ``grad_states``: dL/d(saved states), the shape of ``states``, or dL/dx_N alone (one state)."""
+    last_only = grad_states.shape == states.shape[1:]
     states = states.contiguous()
     grad_states = grad_states.to(states.dtype).contiguous()
     has_bias = bias is not None
@@ -291,7 +293,7 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
     gw = torch.zeros(weight.shape, dtype=ct, device=states.device)
     gb = torch.zeros(bias.shape, dtype=ct, device=states.device) if has_bias else None
     glam = torch.zeros((), dtype=torch.float64, device=states.device)
-    z = grad_states[-1].to(ct)
+    z = (grad_states if last_only else grad_states[-1]).to(ct)
     x0 = states[0]
     if x0.numel() > 0:
         op = _Conv(x0, weight, bias, scale, steps, degree, activation, scheme, wrap)
@@ -331,7 +333,7 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
                         gb.index_add_(0, ktab[idx] + slots, wtab[idx][:, None] * gsum[None, :])
                 for s in range(S):
                     z = z + Xbar[s]
-                if i % checkpoint == 0:
+                if not last_only and i % checkpoint == 0:
                     z = z + grad_states[i // checkpoint]
     grad_b = gb.to(bias.dtype) if has_bias else states.new_empty((0,))
     return (z.to(states.dtype), gw.to(weight.dtype), grad_b, glam.to(scale.dtype).reshape(scale.shape))

@@ -1,6 +1,12 @@
-"""Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4): a trajectory kernel that walks
-all N steps of a batch tile with the state in registers, and its adjoint kernel that
-walks back N-1 .. 0 with the eq. 23 accumulation of coefficient gradients.
+"""Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4), two paths chosen by width:
+
+* m <= TRAJECTORY_MAX_WIDTH (64): this module's trajectory kernel, which walks all N steps
+  of a batch tile with the state in registers, and its adjoint kernel that walks back
+  N-1 .. 0 with the eq. 23 accumulation of coefficient gradients (below).
+* wider layers: the GEMM path of ``dense_gemm.py``, per-stage tiled GEMMs with the weight
+  tile blended from the d + 1 coefficient tiles inside the K loop, the bias / activation /
+  RK update fused in their epilogues, and an eq. 23 kernel that scatters each G^T X_s tile
+  into the coefficient slots; ``FORCE_PATH`` forces either path (tests).
 
 Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages of the
 scheme, K checkpoint interval, BB / BM the batch / width tile (BM = pow2 >= 16, >= m).
@@ -32,8 +38,16 @@ import triton.language as tl
 
 from ._common import (ACT_IDS, INTERPRET, VARIANT_IDS, act_bwd, act_fwd, compute_dtype, dot_precision,
                       num_saved_states, tableau_constexprs)
+from .dense_gemm import gemm_backward, gemm_forward
 
-__all__ = ["dense_forward", "dense_backward", "dense_blocks"]
+__all__ = ["dense_forward", "dense_backward", "dense_blocks", "uses_gemm", "TRAJECTORY_MAX_WIDTH"]
+
+# Widest m the trajectory kernel takes: its blended m x m tiles (padded to a power of two)
+# live in registers / shared memory, ~172 KB at m = 128. Wider layers take the GEMM path.
+TRAJECTORY_MAX_WIDTH = 64
+
+# Tests only: "trajectory" or "gemm" forces a path regardless of the width.
+FORCE_PATH: Optional[str] = None
 
 # Cap on the elements of the per-program partial weight gradients (P n m^2).
 _PARTIAL_ELEMENTS = 1 << 25
@@ -239,7 +253,7 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
                       A30: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr,
                       B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
                       ACT: tl.constexpr, VARIANT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVED_ALL: tl.constexpr,
-                      CT: tl.constexpr, PREC: tl.constexpr,
+                      LAST_ONLY: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -259,7 +273,10 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
         rows = tile * BLOCK_B + lrows
         mask = (rows < B)[:, None] & (cols < M)[None, :]
         offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
-        z = tl.load(gs_ptr + tl.cast(NS - 1, tl.int64) * BMs + offs, mask=mask, other=0.0).to(CT)
+        if LAST_ONLY:  # gs holds dL/dx_N alone
+            z = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(CT)
+        else:
+            z = tl.load(gs_ptr + tl.cast(NS - 1, tl.int64) * BMs + offs, mask=mask, other=0.0).to(CT)
         for t in range(NSEG):
             seg = NSEG - 1 - t
             i0 = seg * CK
@@ -324,8 +341,10 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
                 if S > 3:
                     z += Xb3
                 # dL/dx_i also gets the loss gradient of x_i when x_i is a saved state.
-                if i % CK == 0:
-                    z += tl.load(gs_ptr + tl.cast(i // CK, tl.int64) * BMs + offs, mask=mask, other=0.0).to(CT)
+                if not LAST_ONLY:
+                    if i % CK == 0:
+                        z += tl.load(gs_ptr + tl.cast(i // CK, tl.int64) * BMs + offs, mask=mask,
+                                     other=0.0).to(CT)
             if not SAVED_ALL:
                 tl.debug_barrier()  # the workspace is rewritten by the next segment
         tl.store(gx_ptr + offs, z.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -335,6 +354,15 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
+
+def uses_gemm(m: int) -> bool:
+    """Whether width m takes the GEMM path (m > TRAJECTORY_MAX_WIDTH, or as FORCE_PATH says)."""
+    if FORCE_PATH is not None:
+        if FORCE_PATH not in ("trajectory", "gemm"):
+            raise ValueError(f"FORCE_PATH must be None, 'trajectory' or 'gemm', got {FORCE_PATH!r}")
+        return FORCE_PATH == "gemm"
+    return m > TRAJECTORY_MAX_WIDTH
+
 
 def dense_blocks(B: int, m: int) -> Tuple[int, int]:
     """(BLOCK_B, BLOCK_M): BM = pow2 >= max(16, m) (tl.dot needs >= 16); BB = 16 .. 64."""
@@ -385,6 +413,10 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     states = torch.empty((num_saved_states(steps, checkpoint), B, m), dtype=x.dtype, device=x.device)
     if B == 0 or m == 0:
         return states
+    if uses_gemm(m):
+        states[0].copy_(x)
+        return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par, states,
+                            steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
     BB, BM = dense_blocks(B, m)
     grid = (triton.cdiv(B, BB),)
     wrap(_dense_fwd_kernel)[grid](x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
@@ -397,10 +429,12 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
                    bias: Optional[torch.Tensor], scale: torch.Tensor, steps: int, degree: int, activation: str,
                    scheme: str, variant: str, gamma: float, checkpoint: int,
                    wrap: Callable = _identity) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The adjoint sweep: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale)."""
+    """The adjoint sweep: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale).
+    ``grad_states``: dL/d(saved states), the shape of ``states``, or dL/dx_N alone (one state)."""
     NS, B, m = states.shape
     n = weight.shape[0]
     states = states.contiguous()
+    last_only = grad_states.shape == states.shape[1:]
     grad_states = grad_states.to(states.dtype).contiguous()
     weight = weight.contiguous()
     has_bias = bias is not None
@@ -408,6 +442,11 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
     ct = _ctype(states.dtype)
     kt, wt = _basis_tables(steps, n, degree, scheme, states.device, ct)
     par = torch.tensor([float(gamma), 1.0 / steps], dtype=ct).to(states.device)
+    if B > 0 and m > 0 and uses_gemm(m):
+        z, gw, gb, pl = gemm_backward(grad_states, last_only, states, weight, bias_c if has_bias else None, scale,
+                                      kt, wt, par, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
+        return (z.to(states.dtype), gw.to(weight.dtype), gb.to(bias.dtype) if has_bias else states.new_empty((0,)),
+                pl.to(torch.float64).sum().to(scale.dtype).reshape(scale.shape))
     BB, BM = dense_blocks(B, m)
     ntiles = triton.cdiv(B, BB) if B > 0 else 0
     P = max(1, min(ntiles, _PARTIAL_ELEMENTS // max(1, n * m * m)))
@@ -422,7 +461,7 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
         nseg = triton.cdiv(steps, checkpoint)
         wrap(_dense_bwd_kernel)[(P,)](grad_states, states, weight, bias_c, scale, par, kt, wt,
                                       grad_x, pw, pb, pl, ws, B, m, steps, checkpoint, NS, nseg, n, ntiles, kseg,
-                                      SAVED_ALL=saved_all,
+                                      SAVED_ALL=saved_all, LAST_ONLY=last_only,
                                       **_common_meta(states.dtype, degree, activation, scheme, variant, has_bias,
                                                      BB, BM))
     # Fixed-order reductions of the per-program partials: deterministic.
