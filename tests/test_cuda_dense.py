@@ -152,6 +152,21 @@ def test_emulated_small_path_bitwise_float64(activation, variant, scheme):
 
 
 @needs_emu
+@pytest.mark.parametrize("path", [SMALL, LARGE])
+def test_emulated_noncontiguous_inputs(path):
+    x, w, b, s = make(6, 4, 2, 1)
+    xn = x.t().contiguous().t()  # same values, column-major
+    wn = w.transpose(1, 2).contiguous().transpose(1, 2)
+    bn = torch.stack([b, b], dim=-1)[..., 0]
+    assert not (xn.is_contiguous() or wn.is_contiguous() or bn.is_contiguous())
+    cfg = (4, 1, "tanh", "rk4", "symmetric", 0.0, 2)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    got_states, got = emulated(xn, wn, bn, s, cfg, grad.transpose(1, 2).contiguous().transpose(1, 2), path,
+                               states=states.transpose(1, 2).contiguous().transpose(1, 2))
+    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+
+
+@needs_emu
 def test_emulated_large_width_paths_agree():
     """m = 70 > 64: auto takes the GEMM path; the small program forced on it agrees."""
     x, w, b, s = make(5, 70, 2, 1)

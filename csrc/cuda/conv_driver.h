@@ -236,7 +236,8 @@ at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight,
   if (conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
     using Body = ConvFwdBody<scalar_t, acc_t, ACT>;
     const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t);
-    const int64_t grid = ex.template grid<Body>(p.B, ex.threads(), smem);
+    const int64_t grid =
+        cap_grid(ex.template grid<Body>(p.B, ex.threads(), smem), conv_small_work_samples(p) * c.geo.C * c.P * sizeof(acc_t));
     at::Tensor work = at::empty({grid * conv_small_work_samples(p) * c.geo.C * c.P}, x.options().dtype(acc_type_of<acc_t>()));
     Body body{conv_small_args<scalar_t, acc_t>(c, weight, bias, scale)};
     body.args.x = x.data_ptr<scalar_t>();
@@ -266,7 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
   if (states.numel() > 0 && conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
     using Body = ConvBwdBody<scalar_t, acc_t, ACT>;
     const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t), threads = ex.threads();
-    const int64_t grid = ex.template grid<Body>(p.B, threads, smem);
+    const int64_t per_block =
+        (conv_small_work_samples(p) * c.geo.C * c.P + p.n * (c.fw + p.m)) * sizeof(acc_t) + threads * 8;
+    const int64_t grid = cap_grid(ex.template grid<Body>(p.B, threads, smem), per_block);
     at::Tensor work = at::empty({grid * conv_small_work_samples(p) * c.geo.C * c.P}, acc_opts);
     // Per-block partial gradients, summed over blocks in block order.
     at::Tensor pW = at::zeros({grid, p.n, c.fw}, acc_opts);

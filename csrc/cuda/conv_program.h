@@ -56,8 +56,8 @@ struct ConvSmallArgs {
 };
 
 // Global workspace of one block, in samples' worth (C x P): cur, Z, kbar, G, Y, then S each
-// of X_s, A_s, K_s (K_s reused as dL/dX_s), then K - 1 recomputed segment states.
-SPLINET_HD int64_t conv_small_work_samples(const DenseParams& p) { return 5 + 3 * p.S + (p.K - 1); }
+// of X_s, A_s, K_s (K_s reused as dL/dX_s), then min(K, N) - 1 recomputed segment states.
+SPLINET_HD int64_t conv_small_work_samples(const DenseParams& p) { return 5 + 3 * p.S + segment_states(p); }
 SPLINET_HD int64_t conv_small_smem_elems(const ConvGeom& g) { return g.fw + g.C; }
 
 template <typename scalar_t, typename acc_t, Act ACT>

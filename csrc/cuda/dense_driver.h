@@ -86,6 +86,15 @@ inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t 
   return 0;
 }
 
+// Cap on the global workspace of a persistent launch (per-block partial gradients, segment
+// states): fewer blocks, each walking more tiles, when the per-block share is large (e.g. a
+// long checkpoint interval).
+constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
+
+inline int64_t cap_grid(int64_t grid, int64_t bytes_per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>(grid, kWorkspaceBytes / std::max<int64_t>(1, bytes_per_block)));
+}
+
 template <typename scalar_t, typename acc_t, Act ACT>
 struct SmallFwdBody {
   using acc_type = acc_t;
@@ -246,9 +255,9 @@ struct LargeSweep {
 template <typename Run>
 void large_backward(Run& run, const DenseParams& p, const at::Tensor& states, const at::Tensor& grad_states,
                     bool last_only, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
-  std::vector<int64_t> seg_shape{std::max<int64_t>(1, std::min(p.K, p.N) - 1)};
+  std::vector<int64_t> seg_shape{segment_states(p)};
   seg_shape.insert(seg_shape.end(), z.sizes().begin(), z.sizes().end());
-  LargeSweep<Run> sweep{run, states, grad_states, p.K > 1 ? at::empty(seg_shape, z.options()) : at::Tensor(),
+  LargeSweep<Run> sweep{run, states, grad_states, segment_states(p) > 0 ? at::empty(seg_shape, z.options()) : at::Tensor(),
                         z, gW, gb, glam};
   adjoint_sweep(sweep, p, last_only);
 }
@@ -328,12 +337,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const int64_t smem = dense_small_smem_elems(p, true) * sizeof(acc_t);
     const int64_t tiles = (p.B + p.TB - 1) / p.TB, threads = ex.threads();
     using Body = SmallBwdBody<scalar_t, acc_t, ACT>;
-    const int64_t grid = ex.template grid<Body>(tiles, threads, smem);
+    const int64_t per_block = (p.n * p.m * (p.m + 1) + segment_states(p) * p.TB * p.m) * sizeof(acc_t) + threads * 8;
+    const int64_t grid = cap_grid(ex.template grid<Body>(tiles, threads, smem), per_block);
     // Per-block partial gradients, summed over blocks below in block order.
     at::Tensor pW = at::zeros({grid, p.n, p.m, p.m}, acc_opts);
     at::Tensor pb = p.has_bias ? at::zeros({grid, p.n, p.m}, acc_opts) : at::Tensor();
     at::Tensor plam = at::zeros({grid * threads}, states.options().dtype(at::kDouble));
-    at::Tensor seg = p.K > 1 ? at::empty({grid, p.K - 1, p.TB, p.m}, acc_opts) : at::Tensor();
+    at::Tensor seg = segment_states(p) > 0 ? at::empty({grid, segment_states(p), p.TB, p.m}, acc_opts) : at::Tensor();
     Body body{};
     body.args.p = p;
     body.args.weight = weight.data_ptr<scalar_t>();
@@ -346,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     body.args.pW = pW.data_ptr<acc_t>();
     body.args.pb = p.has_bias ? pb.data_ptr<acc_t>() : nullptr;
     body.args.plam = plam.data_ptr<double>();
-    body.args.seg = p.K > 1 ? seg.data_ptr<acc_t>() : nullptr;
+    body.args.seg = seg.defined() ? seg.data_ptr<acc_t>() : nullptr;
     ex.launch(body, grid, threads, smem);
     gW = pW.sum(0);
     if (p.has_bias) gb = pb.sum(0);

@@ -173,6 +173,9 @@ SPLINET_HD acc_t blend_bias(const DenseParams& p, const scalar_t* bias, int64_t 
   return v;
 }
 
+// States a backward segment recomputes and keeps (x_{i0 + 1} .. x_{i1 - 1}): min(K, N) - 1.
+SPLINET_HD int64_t segment_states(const DenseParams& p) { return (p.K < p.N ? p.K : p.N) - 1; }
+
 // Saved-state slot of x_i (layer_config.h's saved_slot, usable on the device).
 SPLINET_HD int64_t state_slot(int64_t i, int64_t N, int64_t K) {
   if (i == N) return (N + K - 1) / K;
@@ -429,7 +432,7 @@ struct DenseTile {
     R = p.B - r0 < p.TB ? p.B - r0 : p.TB;
     pW = g.pW + block * p.n * p.m * p.m;
     pb = g.pb ? g.pb + block * p.n * p.m : nullptr;
-    seg = g.seg ? g.seg + block * (p.K - 1) * p.TB * p.m : nullptr;
+    seg = g.seg ? g.seg + block * segment_states(p) * p.TB * p.m : nullptr;
     glam = g.plam + block * ctx.nthreads + ctx.tid;
     const int64_t Ns = (p.N + p.K - 1) / p.K + 1;
     load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, R * p.m);
