@@ -333,6 +333,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     return {grad_x, at::zeros_like(weight), grad_b_out, at::zeros(scale.sizes(), scale.options())};
   at::Tensor gW, gb, glam;
   if (dense_use_small(path, p, sizeof(acc_t), ex.max_smem_bytes())) {
+    // The current interval's gradient slots go to shared memory when they take at most half
+    // the budget and a tile still fits beside them.
+    p.cache_slots = dense_slot_cache_elems(p) * static_cast<int64_t>(sizeof(acc_t)) <= ex.max_smem_bytes() / 2;
+    if (dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes()) == 0) p.cache_slots = false;
     p.TB = tile_rows > 0 ? tile_rows : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes());
     const int64_t smem = dense_small_smem_elems(p, true) * sizeof(acc_t);
     const int64_t tiles = (p.B + p.TB - 1) / p.TB, threads = ex.threads();

@@ -44,6 +44,8 @@ struct DenseParams {
   bool has_bias;
   int64_t TB;                         // rows per tile (small path)
   int64_t ldw;                        // leading dimension of the shared W buffer (m + 1: no bank conflicts)
+  bool cache_slots;                   // small-path backward: the d + 1 gradient slots of the current
+                                      // knot interval live in shared memory
 };
 
 constexpr int kStandard = 0, kSymmetric = 1, kAntisymmetric = 2;  // == Variant
@@ -207,10 +209,13 @@ struct DenseSmallArgs {
 
 // Shared-memory layout (acc_t elements): W (m x ldw), bias (m), then TB x m buffers: cur, kbar,
 // G, Y, Z, and S (or 1 in the forward) blocks each of stage inputs X_s and pre-activations
-// A_s, and S blocks of slopes K_s (reused as dL/dX_s in the adjoint).
+// A_s, and S blocks of slopes K_s (reused as dL/dX_s in the adjoint); in the backward with
+// cache_slots, the d + 1 weight- and bias-gradient slots of the current knot interval.
+inline int64_t dense_slot_cache_elems(const DenseParams& p) { return (p.d + 1) * (p.m * p.m + p.m); }
 inline int64_t dense_small_smem_elems(const DenseParams& p, bool backward) {
   const int64_t TBm = p.TB * p.m, Sk = backward ? p.S : 1;
-  return p.m * p.ldw + p.m + TBm * (5 + 2 * Sk + p.S);
+  const int64_t cache = backward && p.cache_slots ? dense_slot_cache_elems(p) : 0;
+  return p.m * p.ldw + p.m + TBm * (5 + 2 * Sk + p.S) + cache;
 }
 
 // The adjoint sweep of a block program (DenseTile, ConvSample), from step N - 1 down to 0:
@@ -251,7 +256,7 @@ struct DenseTile {
   BlockCtx ctx;
   bool keep;  // keep X_s, A_s of every stage (backward)
   acc_t lam;
-  acc_t *W, *bv, *cur, *kbar, *G, *Y, *Z, *Xs, *As, *Ks;
+  acc_t *W, *bv, *cur, *kbar, *G, *Y, *Z, *Xs, *As, *Ks, *Wacc, *bacc;
 
   SPLINET_HD DenseTile(const DenseSmallArgs<scalar_t, acc_t>& args, BlockCtx c, acc_t* smem, bool backward)
       : g(args), p(args.p), ctx(c), keep(backward), lam(static_cast<acc_t>(args.scale[0])) {
@@ -266,6 +271,8 @@ struct DenseTile {
     Xs = Z + TBm;
     As = Xs + Sk * TBm;
     Ks = As + Sk * TBm;
+    Wacc = Ks + p.S * TBm;
+    bacc = Wacc + (p.d + 1) * p.m * p.m;
   }
 
   SPLINET_HD acc_t* X_of(int s) const { return Xs + (keep ? s : 0) * p.TB * p.m; }
@@ -358,6 +365,12 @@ struct DenseTile {
       acc_t w[kMaxDegree + 1];
       const int64_t k = stage_basis(p, i, s, w);
       const acc_t* X = X_of(s);
+      // The d + 1 slots k .. k + d: in shared memory (fetched when the sweep enters the knot
+      // interval, written back when it leaves: the same sums as accumulating in pW directly),
+      // or the block's partials in global memory.
+      if (p.cache_slots) use_interval(k, pW, pb);
+      acc_t* gw = p.cache_slots ? Wacc : pW + k * mm;
+      acc_t* gb = p.cache_slots ? bacc : (pb ? pb + k * m : nullptr);
       for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads) {  // eq. 23: dL/dW_s = G^T X_s -> d + 1 slots
         const int64_t j = e / m, q = e % m;
         acc_t dw = acc_t(0);
@@ -371,18 +384,44 @@ struct DenseTile {
           for (int64_t r = 0; r < R; ++r) t = mul_add(t, G[r * m + q], X[r * m + j]);
           dw = dw - t;
         }
-        for (int64_t r = 0; r <= p.d; ++r) pW[(k + r) * mm + e] = mul_add(pW[(k + r) * mm + e], w[r], dw);
+        for (int64_t r = 0; r <= p.d; ++r) gw[r * mm + e] = mul_add(gw[r * mm + e], w[r], dw);
       }
       if (p.has_bias)
         for (int64_t j = ctx.tid; j < m; j += ctx.nthreads) {
           acc_t cs = acc_t(0);
           for (int64_t r = 0; r < R; ++r) cs = cs + G[r * m + j];
-          for (int64_t r = 0; r <= p.d; ++r) pb[(k + r) * m + j] = mul_add(pb[(k + r) * m + j], w[r], cs);
+          for (int64_t r = 0; r <= p.d; ++r) gb[r * m + j] = mul_add(gb[r * m + j], w[r], cs);
         }
       ctx.sync();
     }
     combine(Rk::AdjointSum, 0, Z, Z, Rm);  // dL/dx_i = dL/dx_{i+1} + sum_s dL/dX_s
     ctx.sync();
+  }
+
+  // Shared-memory cache of the gradient slots of one knot interval. Each thread moves the
+  // entries it accumulates (the same block-strided mapping as the eq. 23 loops), so no barrier
+  // is needed. k_cached is the same in every thread (all compute the same basis).
+  int64_t k_cached = -1;
+  SPLINET_HD void write_back(acc_t* pW, acc_t* pb) {
+    if (k_cached < 0) return;
+    const int64_t mm = p.m * p.m, slots = p.d + 1;
+    for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) pW[(k_cached + r) * mm + e] = Wacc[r * mm + e];
+    if (p.has_bias)
+      for (int64_t j = ctx.tid; j < p.m; j += ctx.nthreads)
+        for (int64_t r = 0; r < slots; ++r) pb[(k_cached + r) * p.m + j] = bacc[r * p.m + j];
+    k_cached = -1;
+  }
+  SPLINET_HD void use_interval(int64_t k, acc_t* pW, acc_t* pb) {
+    if (k == k_cached) return;
+    write_back(pW, pb);
+    const int64_t mm = p.m * p.m, slots = p.d + 1;
+    for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) Wacc[r * mm + e] = pW[(k + r) * mm + e];
+    if (p.has_bias)
+      for (int64_t j = ctx.tid; j < p.m; j += ctx.nthreads)
+        for (int64_t r = 0; r < slots; ++r) bacc[r * p.m + j] = pb[(k + r) * p.m + j];
+    k_cached = k;
   }
 
   SPLINET_HD void load(acc_t* dst, const scalar_t* src, int64_t Rm) {
@@ -438,6 +477,7 @@ struct DenseTile {
     load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, R * p.m);
     ctx.sync();
     adjoint_sweep(*this, p, g.last_only);
+    if (p.cache_slots) write_back(pW, pb);
     store(g.grad_x + r0 * p.m, Z, R * p.m);
     ctx.sync();
   }
