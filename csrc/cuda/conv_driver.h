@@ -200,7 +200,7 @@ inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Te
 inline bool conv_use_direct(int64_t path, const ConvSetup& c, int64_t elem_bytes, int64_t smem_budget) {
   TORCH_CHECK_VALUE(path >= 0 && path <= 2, "spline_conv: path must be 0, 1 or 2, got ", path);
   if (path == 2) return false;
-  const bool fits = conv_small_smem_elems(c.geo) * elem_bytes <= smem_budget;
+  const bool fits = conv_small_smem_elems(c.p, c.geo, false) * elem_bytes <= smem_budget;
   if (path == 1) {
     TORCH_CHECK_VALUE(fits, "spline_conv: a filter of ", c.fw, " entries does not fit the direct kernel's shared memory");
     return true;
@@ -235,7 +235,7 @@ at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight,
   }
   if (conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
     using Body = ConvFwdBody<scalar_t, acc_t, ACT>;
-    const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t);
+    const int64_t smem = conv_small_smem_elems(p, c.geo, false) * sizeof(acc_t);
     const int64_t grid =
         cap_grid(ex.template grid<Body>(p.B, ex.threads(), smem), conv_small_work_samples(p) * c.geo.C * c.P * sizeof(acc_t));
     at::Tensor work = at::empty({grid * conv_small_work_samples(p) * c.geo.C * c.P}, x.options().dtype(acc_type_of<acc_t>()));
@@ -266,7 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
   at::Tensor glam = at::zeros({}, states.options().dtype(at::kDouble));
   if (states.numel() > 0 && conv_use_direct(path, c, sizeof(acc_t), ex.max_smem_bytes())) {
     using Body = ConvBwdBody<scalar_t, acc_t, ACT>;
-    const int64_t smem = conv_small_smem_elems(c.geo) * sizeof(acc_t), threads = ex.threads();
+    // The current interval's gradient slots go to shared memory when they fit beside the filter.
+    ConvSetup cs = c;
+    cs.p.cache_slots = conv_small_smem_elems(cs.p, c.geo, false) + conv_slot_cache_elems(cs.p, c.geo) <=
+                       ex.max_smem_bytes() / static_cast<int64_t>(sizeof(acc_t));
+    const int64_t smem = conv_small_smem_elems(cs.p, c.geo, true) * sizeof(acc_t), threads = ex.threads();
     const int64_t per_block =
         (conv_small_work_samples(p) * c.geo.C * c.P + p.n * (c.fw + p.m)) * sizeof(acc_t) + threads * 8;
     const int64_t grid = cap_grid(ex.template grid<Body>(p.B, threads, smem), per_block);
@@ -276,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     at::Tensor pb = p.has_bias ? at::zeros({grid, p.n, p.m}, acc_opts) : at::Tensor();
     at::Tensor plam = at::zeros({grid * threads}, states.options().dtype(at::kDouble));
     at::Tensor grad_x = at::empty(c.state_shape, states.options());
-    Body body{conv_small_args<scalar_t, acc_t>(c, weight, bias, scale)};
+    Body body{conv_small_args<scalar_t, acc_t>(cs, weight, bias, scale)};
     body.args.states = states.data_ptr<scalar_t>();
     body.args.grad_states = grad_states.data_ptr<scalar_t>();
     body.args.last_only = last_only;

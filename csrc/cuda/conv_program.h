@@ -58,7 +58,12 @@ struct ConvSmallArgs {
 // Global workspace of one block, in samples' worth (C x P): cur, Z, kbar, G, Y, then S each
 // of X_s, A_s, K_s (K_s reused as dL/dX_s), then min(K, N) - 1 recomputed segment states.
 SPLINET_HD int64_t conv_small_work_samples(const DenseParams& p) { return 5 + 3 * p.S + segment_states(p); }
-SPLINET_HD int64_t conv_small_smem_elems(const ConvGeom& g) { return g.fw + g.C; }
+// Shared memory: the blended filter (fw) and bias (C); in the backward with cache_slots also
+// the d + 1 filter- and bias-gradient slots of the current knot interval (SlotCache).
+SPLINET_HD int64_t conv_slot_cache_elems(const DenseParams& p, const ConvGeom& g) { return (p.d + 1) * (g.fw + g.C); }
+SPLINET_HD int64_t conv_small_smem_elems(const DenseParams& p, const ConvGeom& g, bool backward) {
+  return g.fw + g.C + (backward && p.cache_slots ? conv_slot_cache_elems(p, g) : 0);
+}
 
 template <typename scalar_t, typename acc_t, Act ACT>
 struct ConvSample {
@@ -69,6 +74,7 @@ struct ConvSample {
   acc_t lam;
   int64_t CP;
   acc_t *W, *bv;                                      // shared
+  SlotCache<acc_t> cache;                             // shared (backward with cache_slots)
   acc_t *cur, *Z, *kbar, *G, *Y, *Xs, *As, *Ks, *seg;  // this block's workspace
 
   SPLINET_HD ConvSample(const ConvSmallArgs<scalar_t, acc_t>& args, BlockCtx c, acc_t* smem, int64_t block)
@@ -76,6 +82,7 @@ struct ConvSample {
         CP(args.geo.C * args.geo.P) {
     W = smem;
     bv = W + geo.fw;
+    cache = SlotCache<acc_t>{bv + geo.C, bv + geo.C + (p.d + 1) * geo.fw, geo.fw, p.has_bias ? geo.C : 0, p.d + 1};
     cur = args.work + block * conv_small_work_samples(p) * CP;
     Z = cur + CP;
     kbar = Z + CP;
@@ -212,16 +219,19 @@ struct ConvSample {
       acc_t w[kMaxDegree + 1];
       const int64_t k = stage_basis(p, i, s, w);
       const acc_t* X = X_of(s);
+      if (p.cache_slots) cache.use(ctx, k, pW, pb);
+      acc_t* gw = p.cache_slots ? cache.W : pW + k * geo.fw;
+      acc_t* gb = p.cache_slots ? cache.b : (pb ? pb + k * geo.C : nullptr);
       for (int64_t e = ctx.tid; e < geo.fw; e += ctx.nthreads) {  // eq. 23 into the d + 1 slots
         acc_t dw = filter_grad_at(G, X, e);
         if (sym) dw = mul_add(dw, -lam, filter_grad_at(Y, kbar, e));
-        for (int64_t r = 0; r <= p.d; ++r) pW[(k + r) * geo.fw + e] = mul_add(pW[(k + r) * geo.fw + e], w[r], dw);
+        for (int64_t r = 0; r <= p.d; ++r) gw[r * geo.fw + e] = mul_add(gw[r * geo.fw + e], w[r], dw);
       }
       if (p.has_bias)
         for (int64_t c = ctx.tid; c < geo.C; c += ctx.nthreads) {
           acc_t cs = acc_t(0);
           for (int64_t q = 0; q < geo.P; ++q) cs = cs + G[c * geo.P + q];
-          for (int64_t r = 0; r <= p.d; ++r) pb[(k + r) * geo.C + c] = mul_add(pb[(k + r) * geo.C + c], w[r], cs);
+          for (int64_t r = 0; r <= p.d; ++r) gb[r * geo.C + c] = mul_add(gb[r * geo.C + c], w[r], cs);
         }
       ctx.sync();
     }
@@ -281,6 +291,7 @@ struct ConvSample {
     load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + b) * CP);
     ctx.sync();
     adjoint_sweep(*this, p, g.last_only);
+    if (p.cache_slots) cache.write_back(ctx, pW, pb);
     for (int64_t e = ctx.tid; e < CP; e += ctx.nthreads) g.grad_x[b * CP + e] = static_cast<scalar_t>(Z[e]);
     ctx.sync();
   }

@@ -218,6 +218,37 @@ inline int64_t dense_small_smem_elems(const DenseParams& p, bool backward) {
   return p.m * p.ldw + p.m + TBm * (5 + 2 * Sk + p.S) + cache;
 }
 
+// Shared-memory cache of the d + 1 gradient slots (eq. 23) of the knot interval the adjoint
+// sweep is in: fetched from the block's partials when the sweep enters an interval, written
+// back when it leaves (the same sums as accumulating in the partials directly). Each thread
+// moves the entries it accumulates (the block-strided mapping of the eq. 23 loops), so no
+// barrier is needed; k is the same in every thread.
+template <typename acc_t>
+struct SlotCache {
+  acc_t* W;       // slots x wsize
+  acc_t* b;       // slots x bsize (bsize = 0 without bias)
+  int64_t wsize, bsize, slots;
+  int64_t k = -1;  // first cached slot, -1 for none
+
+  SPLINET_HD void write_back(const BlockCtx& ctx, acc_t* pW, acc_t* pb) {
+    if (k < 0) return;
+    for (int64_t e = ctx.tid; e < wsize; e += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) pW[(k + r) * wsize + e] = W[r * wsize + e];
+    for (int64_t j = ctx.tid; j < bsize; j += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) pb[(k + r) * bsize + j] = b[r * bsize + j];
+    k = -1;
+  }
+  SPLINET_HD void use(const BlockCtx& ctx, int64_t k_new, acc_t* pW, acc_t* pb) {
+    if (k_new == k) return;
+    write_back(ctx, pW, pb);
+    for (int64_t e = ctx.tid; e < wsize; e += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) W[r * wsize + e] = pW[(k_new + r) * wsize + e];
+    for (int64_t j = ctx.tid; j < bsize; j += ctx.nthreads)
+      for (int64_t r = 0; r < slots; ++r) b[r * bsize + j] = pb[(k_new + r) * bsize + j];
+    k = k_new;
+  }
+};
+
 // The adjoint sweep of a block program (DenseTile, ConvSample), from step N - 1 down to 0:
 // segments [i0, i1) of K steps, last first. Each starts from its saved state (slot i0 / K)
 // and recomputes the states inside it into the program's segment buffer (all saved when
@@ -256,7 +287,8 @@ struct DenseTile {
   BlockCtx ctx;
   bool keep;  // keep X_s, A_s of every stage (backward)
   acc_t lam;
-  acc_t *W, *bv, *cur, *kbar, *G, *Y, *Z, *Xs, *As, *Ks, *Wacc, *bacc;
+  acc_t *W, *bv, *cur, *kbar, *G, *Y, *Z, *Xs, *As, *Ks;
+  SlotCache<acc_t> cache;
 
   SPLINET_HD DenseTile(const DenseSmallArgs<scalar_t, acc_t>& args, BlockCtx c, acc_t* smem, bool backward)
       : g(args), p(args.p), ctx(c), keep(backward), lam(static_cast<acc_t>(args.scale[0])) {
@@ -271,8 +303,8 @@ struct DenseTile {
     Xs = Z + TBm;
     As = Xs + Sk * TBm;
     Ks = As + Sk * TBm;
-    Wacc = Ks + p.S * TBm;
-    bacc = Wacc + (p.d + 1) * p.m * p.m;
+    cache = SlotCache<acc_t>{Ks + p.S * TBm, Ks + p.S * TBm + (p.d + 1) * p.m * p.m, p.m * p.m,
+                             p.has_bias ? p.m : 0, p.d + 1};
   }
 
   SPLINET_HD acc_t* X_of(int s) const { return Xs + (keep ? s : 0) * p.TB * p.m; }
@@ -368,9 +400,9 @@ struct DenseTile {
       // The d + 1 slots k .. k + d: in shared memory (fetched when the sweep enters the knot
       // interval, written back when it leaves: the same sums as accumulating in pW directly),
       // or the block's partials in global memory.
-      if (p.cache_slots) use_interval(k, pW, pb);
-      acc_t* gw = p.cache_slots ? Wacc : pW + k * mm;
-      acc_t* gb = p.cache_slots ? bacc : (pb ? pb + k * m : nullptr);
+      if (p.cache_slots) cache.use(ctx, k, pW, pb);
+      acc_t* gw = p.cache_slots ? cache.W : pW + k * mm;
+      acc_t* gb = p.cache_slots ? cache.b : (pb ? pb + k * m : nullptr);
       for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads) {  // eq. 23: dL/dW_s = G^T X_s -> d + 1 slots
         const int64_t j = e / m, q = e % m;
         acc_t dw = acc_t(0);
@@ -396,32 +428,6 @@ struct DenseTile {
     }
     combine(Rk::AdjointSum, 0, Z, Z, Rm);  // dL/dx_i = dL/dx_{i+1} + sum_s dL/dX_s
     ctx.sync();
-  }
-
-  // Shared-memory cache of the gradient slots of one knot interval. Each thread moves the
-  // entries it accumulates (the same block-strided mapping as the eq. 23 loops), so no barrier
-  // is needed. k_cached is the same in every thread (all compute the same basis).
-  int64_t k_cached = -1;
-  SPLINET_HD void write_back(acc_t* pW, acc_t* pb) {
-    if (k_cached < 0) return;
-    const int64_t mm = p.m * p.m, slots = p.d + 1;
-    for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads)
-      for (int64_t r = 0; r < slots; ++r) pW[(k_cached + r) * mm + e] = Wacc[r * mm + e];
-    if (p.has_bias)
-      for (int64_t j = ctx.tid; j < p.m; j += ctx.nthreads)
-        for (int64_t r = 0; r < slots; ++r) pb[(k_cached + r) * p.m + j] = bacc[r * p.m + j];
-    k_cached = -1;
-  }
-  SPLINET_HD void use_interval(int64_t k, acc_t* pW, acc_t* pb) {
-    if (k == k_cached) return;
-    write_back(pW, pb);
-    const int64_t mm = p.m * p.m, slots = p.d + 1;
-    for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads)
-      for (int64_t r = 0; r < slots; ++r) Wacc[r * mm + e] = pW[(k + r) * mm + e];
-    if (p.has_bias)
-      for (int64_t j = ctx.tid; j < p.m; j += ctx.nthreads)
-        for (int64_t r = 0; r < slots; ++r) bacc[r * p.m + j] = pb[(k + r) * p.m + j];
-    k_cached = k;
   }
 
   SPLINET_HD void load(acc_t* dst, const scalar_t* src, int64_t Rm) {
@@ -477,7 +483,7 @@ struct DenseTile {
     load(Z, g.grad_states + ((g.last_only ? 0 : Ns - 1) * p.B + r0) * p.m, R * p.m);
     ctx.sync();
     adjoint_sweep(*this, p, g.last_only);
-    if (p.cache_slots) write_back(pW, pb);
+    if (p.cache_slots) cache.write_back(ctx, pW, pb);
     store(g.grad_x + r0 * p.m, Z, R * p.m);
     ctx.sync();
   }
