@@ -323,33 +323,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
           const int64_t Ns = num_saved_states(a.N, a.K);
           const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
           std::vector<scalar_t> z(g_last, g_last + Rm);
-          std::vector<scalar_t> seg(std::min(a.K, a.N) * Rm), scratch(Rm);
-          // Segments [i0, i1) of K steps, last first; each starts from a saved state and
-          // recomputes the states inside it (all saved when K = 1).
-          for (int64_t i0 = ((a.N - 1) / a.K) * a.K; i0 >= 0; i0 -= a.K) {
-            const int64_t i1 = std::min(i0 + a.K, a.N);
-            const scalar_t* x_saved = X + ((i0 / a.K) * a.B + r0) * a.m;
-            std::copy(x_saved, x_saved + Rm, seg.begin());
-            for (int64_t i = i0; i + 1 < i1; ++i) chunk.step(i, &seg[(i - i0) * Rm], &seg[(i + 1 - i0) * Rm]);
-            for (int64_t i = i1 - 1; i >= i0; --i) {
-              chunk.step(i, &seg[(i - i0) * Rm], scratch.data());
-              chunk.step_adjoint(z.data(), pW[c].data(), pb[c].data(), plam[c]);
-              const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
-              if (slot >= 0) {
+          chunk_adjoint_sweep(
+              chunk, a.N, a.K, Rm, last_only, z.data(), pW[c].data(), pb[c].data(), plam[c],
+              [&](int64_t slot, scalar_t* dst) {
+                const scalar_t* src = X + (slot * a.B + r0) * a.m;
+                std::copy(src, src + Rm, dst);
+              },
+              [&](int64_t slot, scalar_t* zp) {
                 const scalar_t* g = GS + (slot * a.B + r0) * a.m;
-                for (int64_t e = 0; e < Rm; ++e) z[e] += g[e];
-              }
-            }
-          }
+                for (int64_t e = 0; e < Rm; ++e) zp[e] += g[e];
+              });
           std::copy(z.begin(), z.end(), gx + r0 * a.m);
         });
-        scalar_t* gw = grad_w.data_ptr<scalar_t>();
-        scalar_t* gb = a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr;
-        for (int64_t c = 0; c < chunks; ++c) {
-          for (int64_t e = 0; e < nW; ++e) gw[e] += pW[c][e];
-          for (int64_t e = 0; e < (a.has_bias ? nb : 0); ++e) gb[e] += pb[c][e];
-          glam += plam[c];
-        }
+        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
+                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
       });
     });
   }

@@ -353,32 +353,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_hamiltonian_bw
           const int64_t Ns = num_saved_states(a.N, a.K);
           std::vector<scalar_t> g(Rs), gadd(Rs);
           unpack_rows(GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * row, R, a.m, g.data());
-          std::vector<scalar_t> seg(std::min(a.K, a.N) * Rs), scratch(Rs);
-          // Segments [i0, i1) of K steps, last first; each starts from a saved state and
-          // recomputes the states inside it (all saved when K = 1).
-          for (int64_t i0 = ((a.N - 1) / a.K) * a.K; i0 >= 0; i0 -= a.K) {
-            const int64_t i1 = std::min(i0 + a.K, a.N);
-            unpack_rows(X + ((i0 / a.K) * a.B + r0) * row, R, a.m, seg.data());
-            for (int64_t i = i0; i + 1 < i1; ++i) chunk.step(i, &seg[(i - i0) * Rs], &seg[(i + 1 - i0) * Rs]);
-            for (int64_t i = i1 - 1; i >= i0; --i) {
-              chunk.step(i, &seg[(i - i0) * Rs], scratch.data());
-              chunk.step_adjoint(g.data(), pW[c].data(), pb[c].data(), plam[c]);
-              const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
-              if (slot >= 0) {
+          chunk_adjoint_sweep(
+              chunk, a.N, a.K, Rs, last_only, g.data(), pW[c].data(), pb[c].data(), plam[c],
+              [&](int64_t slot, scalar_t* dst) { unpack_rows(X + (slot * a.B + r0) * row, R, a.m, dst); },
+              [&](int64_t slot, scalar_t* z) {
                 unpack_rows(GS + (slot * a.B + r0) * row, R, a.m, gadd.data());
-                for (int64_t e = 0; e < Rs; ++e) g[e] += gadd[e];
-              }
-            }
-          }
+                for (int64_t e = 0; e < Rs; ++e) z[e] += gadd[e];
+              });
           pack_rows(g.data(), R, a.m, gx + r0 * row);
         });
-        scalar_t* gw = grad_w.data_ptr<scalar_t>();
-        scalar_t* gb = a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr;
-        for (int64_t c = 0; c < chunks; ++c) {
-          for (int64_t e = 0; e < nW; ++e) gw[e] += pW[c][e];
-          for (int64_t e = 0; e < (a.has_bias ? nb : 0); ++e) gb[e] += pb[c][e];
-          glam += plam[c];
-        }
+        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
+                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
       });
     });
   }
