@@ -63,7 +63,12 @@ def check_compile_fullgraph(backend: str, device, width: int = 6) -> None:
     layer = splinet_cuda.SplineODE(width, knots=3, degree=2, steps=4, activation="tanh", scheme="rk4",
                                    learn_scale=True, backend=backend, dtype=torch.float64, device=device)
     model = torch.nn.Sequential(layer, torch.nn.Linear(width, 2, dtype=torch.float64, device=device))
-    x = torch.randn(5, width, dtype=torch.float64, device=device)
+    check_model_compiles(model, torch.randn(5, width, dtype=torch.float64, device=device))
+
+
+def check_model_compiles(model, x):
+    """The model's loss and parameter gradients agree eagerly and under
+    torch.compile(fullgraph=True, backend="aot_eager")."""
 
     def loss_and_grads(m):
         model.zero_grad()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
+from conftest import check_model_compiles  # noqa: E402  (tests/ is on sys.path)
 from splinet_cuda import _autograd, _dispatch, _ext, reference
 
 ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
@@ -170,18 +171,7 @@ def test_torch_compile_fullgraph():
     layer = sc.SplineODEHamiltonian(6, knots=3, degree=2, steps=4, activation="tanh", learn_scale=True,
                                     backend="cpu", dtype=torch.float64)
     model = torch.nn.Sequential(layer, torch.nn.Linear(6, 2, dtype=torch.float64))
-    x = torch.randn(5, 6, dtype=torch.float64)
-
-    def loss_and_grads(mod):
-        model.zero_grad()
-        loss = mod(x).square().sum()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-    eager = loss_and_grads(model)
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    check_model_compiles(model, torch.randn(5, 6, dtype=torch.float64))
 
 
 def test_dispatch():

@@ -16,6 +16,18 @@ inline void check_basis_args(const at::Tensor& t, int64_t knots, int64_t degree)
                     "basis_table: degree must be in [0, 15], got ", degree);
 }
 
+// The checks every layer op shares: one-value scale, steps, degree, n = L + degree > degree
+// coefficients (weight.size(0) = n), checkpoint interval.
+inline void check_layer_common_args(const char* op, const at::Tensor& weight, const at::Tensor& scale,
+                                    int64_t steps, int64_t degree, int64_t checkpoint) {
+  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got shape ", scale.sizes());
+  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
+  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
+  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
+                    weight.size(0), ", degree = ", degree);
+  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+}
+
 // Dense layer ops: x (B, m), weight (n, m, m), bias (n, m) or none, one-value scale.
 // `half_types`: bfloat16 and float16 are accepted too (the CUDA kernels).
 inline void check_dense_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -37,12 +49,7 @@ inline void check_dense_args(const char* op, const at::Tensor& x, const at::Tens
     TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, ": bias dtype differs from x dtype");
     TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
   }
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got ", scale.sizes());
-  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
-  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
-  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
-                    weight.size(0), ", degree = ", degree);
-  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+  check_layer_common_args(op, weight, scale, steps, degree, checkpoint);
 }
 
 // Conv layer ops: x (B, C, *spatial) with 1-3 spatial dims, weight (n, C, C, *kernel) with odd
@@ -74,13 +81,8 @@ inline void check_conv_args(const char* op, const at::Tensor& x, const at::Tenso
                      " differs from x dtype ", x.scalar_type());
     TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
   }
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got shape ", scale.sizes());
   TORCH_CHECK_TYPE(scale.is_floating_point(), op, ": scale must be a floating tensor, got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
-  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
-  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
-                    weight.size(0), ", degree = ", degree);
-  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+  check_layer_common_args(op, weight, scale, steps, degree, checkpoint);
 }
 
 }  // namespace splinet

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../common/activations.h"
+#include "../common/checks.h"
 #include "../common/bspline.h"
 #include "../common/layer_config.h"
 #include "cpu_kernels.h"  // MatOps, act_forward/act_backward, dot_double, chunk_bounds, run_chunks
@@ -229,12 +230,7 @@ void check_hamiltonian_args(const char* op, const at::Tensor& x, const at::Tenso
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
                      " differs from x dtype ", x.scalar_type());
   }
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got ", scale.sizes());
-  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
-  TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
-  TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
-                    weight.size(0), ", degree = ", degree);
-  TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
+  check_layer_common_args(op, weight, scale, steps, degree, checkpoint);
   // The scheme and variant strings keep the dense ops' schema (and layer_function); only
   // this pair names the Hamiltonian layer.
   TORCH_CHECK_VALUE(std::string(scheme) == "verlet", op, ": scheme must be 'verlet' (the layer's only scheme), got '",
