@@ -25,7 +25,13 @@ needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension an
 ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
 SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
 VARIANTS = ["standard", "symmetric", "antisymmetric"]
-SMALL, LARGE = 1, 2
+SMALL, LARGE, FUSED = 1, 2, 3  # FUSED: the large path through the blended GEMM (blend_gemm.h)
+PATHS = [SMALL, LARGE, FUSED]
+
+
+def tile_of(path, rows):
+    """The tile_rows argument: batch rows of a small-path tile, or 64 / 128 for the fused GEMM."""
+    return 64 if path == FUSED else rows
 
 
 def make(B, m, L, d, *, dtype=torch.float64, bias=True, seed=0, device="cpu"):
@@ -61,7 +67,7 @@ GRID = [(v, s, a, i % 4, i % 3 != 0) for i, (v, s, a) in enumerate(itertools.pro
 
 
 @needs_emu
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID)
 def test_emulated_matches_cpu_kernel(path, variant, scheme, activation, degree, bias):
     """Every variant x scheme x activation, degrees 0-3: several tiles of uneven size spread
@@ -69,7 +75,7 @@ def test_emulated_matches_cpu_kernel(path, variant, scheme, activation, degree, 
     x, w, b, s = make(7, 5, 3, degree, bias=bias)
     cfg = (8, degree, activation, scheme, variant, 0.25, 3)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
-    got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=3, blocks=2, states=states)
+    got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=tile_of(path, 3), blocks=2, states=states)
     assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
 
 
@@ -90,7 +96,7 @@ def test_emulated_small_program_with_thread_teams(variant, scheme, activation, b
 
 
 @needs_emu
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,m,N,L,K", [(1, 1, 1, 1, 1), (1, 4, 3, 2, 2), (5, 1, 4, 4, 1), (3, 2, 1, 1, 4),
                                        (4, 3, 6, 2, 6), (2, 3, 7, 3, 10)])
 def test_emulated_edge_shapes(path, B, m, N, L, K):
@@ -103,7 +109,7 @@ def test_emulated_edge_shapes(path, B, m, N, L, K):
 
 
 @needs_emu
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("checkpoint", [1, 4])
 def test_emulated_last_only_gradient(path, checkpoint):
     """dLoss/dx_N alone (the layer's usual backward) equals the full form with zeros elsewhere."""
@@ -113,15 +119,15 @@ def test_emulated_last_only_gradient(path, checkpoint):
     g_last = torch.randn_like(states[-1])
     full = torch.zeros_like(states)
     full[-1] = g_last
-    _, a = emulated(x, w, b, s, cfg, g_last, path, tile_rows=4, states=states)
-    _, c = emulated(x, w, b, s, cfg, full, path, tile_rows=4, states=states)
+    _, a = emulated(x, w, b, s, cfg, g_last, path, tile_rows=tile_of(path, 4), states=states)
+    _, c = emulated(x, w, b, s, cfg, full, path, tile_rows=tile_of(path, 4), states=states)
     _, _, ref = cpu_op(x, w, b, s, cfg, grad=full)
     assert_all_close(a, c, rtol=0, atol=0)
     assert_all_close(a, ref, rtol=1e-11, atol=1e-12)
 
 
 @needs_emu
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", PATHS)
 def test_emulated_float32(path):
     x, w, b, s = make(9, 6, 2, 3, dtype=torch.float32)
     cfg = (12, 3, "tanh", "rk4", "standard", 0.0, 1)
@@ -152,7 +158,7 @@ def test_emulated_small_path_bitwise_float64(activation, variant, scheme):
 
 
 @needs_emu
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", PATHS)
 def test_emulated_noncontiguous_inputs(path):
     x, w, b, s = make(6, 4, 2, 1)
     xn = x.t().contiguous().t()  # same values, column-major
@@ -167,12 +173,30 @@ def test_emulated_noncontiguous_inputs(path):
 
 
 @needs_emu
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("variant,scheme,activation", [("standard", "rk4", "tanh"), ("symmetric", "midpoint", "relu"),
+                                                       ("antisymmetric", "euler", "sigmoid")])
+def test_emulated_fused_gemm_ragged_tiles(tile, variant, scheme, activation):
+    """The fused GEMM over several ragged output tiles (B = 130 rows, m = 67 columns) and K
+    slices (the weight gradients sum over the 130 batch rows), tiles spread over fewer blocks,
+    run by one host thread per block (all 8 warps) and by teams of 3, 8 and 11 threads that
+    play the warps between barriers, shared memory poisoned with NaN."""
+    x, w, b, s = make(130, 67, 2, 3, seed=11)
+    cfg = (3, 3, activation, scheme, variant, 0.1, 2)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    for threads in (1, 3, 8, 11):
+        got_states, got = emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=2, states=states,
+                                   threads=threads)
+        assert_all_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
+
+
+@needs_emu
 def test_emulated_large_width_paths_agree():
     """m = 70 > 64: auto takes the GEMM path; the small program forced on it agrees."""
     x, w, b, s = make(5, 70, 2, 1)
     cfg = (3, 1, "softplus", "euler", "symmetric", 0.0, 1)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
-    for path in (0, SMALL, LARGE):
+    for path in (0, *PATHS):
         got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
         assert_all_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
 
@@ -185,8 +209,12 @@ def test_emulated_ops_opcheck_and_errors():
     states = ops.spline_dense_fwd(x, w, b, s, *cfg)
     torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
                           (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0, 1))
+    torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
+                          (torch.randn_like(states), states, w, b, s, *cfg, FUSED, 64, 0, 1))
     with pytest.raises(ValueError, match="path"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 3, 0, 0, 1)
+        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 4, 0, 0, 1)
+    with pytest.raises(ValueError, match="tile"):
+        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, FUSED, 32, 0, 1)
     with pytest.raises(ValueError, match="weight"):
         ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0, 1)
     with pytest.raises(TypeError, match="scale dtype"):
@@ -254,3 +282,40 @@ def test_cuda_half_precision(dtype, m):
     for a, r in zip(args, ref_args):
         scale = r.grad.abs().max().clamp_min(1e-3)
         torch.testing.assert_close(a.grad.double() / scale, r.grad / scale, **tol)
+
+
+def assert_close_scaled(got, ref, names, **tol):
+    """Each tensor compared after dividing both by the reference's largest magnitude."""
+    for name, g, r in zip(names, got, ref):
+        scale = r.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(g.double().cpu() / scale, r / scale, **tol, msg=lambda msg: f"{name}: {msg}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("gemm", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant,scheme,activation", [("standard", "rk4", "tanh"), ("symmetric", "euler", "relu"),
+                                                       ("antisymmetric", "midpoint", "softplus")])
+def test_cuda_large_width_gemm_paths(monkeypatch, gemm, dtype, variant, scheme, activation):
+    """m = 200 > 64 (ragged against both GEMM tiles), B = 300: the large path through the fused
+    blended GEMM (tensor cores for bf16/fp16, scalar fragments for fp32/fp64) and through
+    cuBLAS, chosen with SPLINET_DENSE_GEMM, against the float64 CPU kernel."""
+    monkeypatch.setenv("SPLINET_DENSE_GEMM", gemm)
+    x, w, b, s = make(300, 200, 3, 3)
+    cfg = (5, 3, activation, scheme, variant, 0.2, 2)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    dev = [t.to(dtype).cuda() for t in (x, w, b, s)]
+    got_states = ops.spline_dense_fwd(*dev, *cfg)
+    got = ops.spline_dense_bwd(grad.to(dtype).cuda(), states.to(dtype).cuda(), *dev[1:], *cfg)
+    tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
+           torch.bfloat16: dict(rtol=5e-2, atol=5e-2), torch.float16: dict(rtol=1e-2, atol=1e-2)}[dtype]
+    assert_close_scaled([got_states, *got], [states, *ref], ["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"],
+                        **tol)
+
+
+@needs_gpu
+def test_cuda_gemm_env_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("SPLINET_DENSE_GEMM", "cutlass")
+    x, w, b, s = [t.cuda() for t in make(4, 100, 2, 1)]
+    with pytest.raises(ValueError, match="SPLINET_DENSE_GEMM"):
+        ops.spline_dense_fwd(x, w, b, s, 2, 1, "tanh", "euler", "standard", 0.0, 1)

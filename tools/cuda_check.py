@@ -44,6 +44,21 @@ def empty_block_programs(ptxas_log: str):
     return empty
 
 
+# Instructions a file's PTX must contain: the fused dense GEMM's tensor-core MMAs for bfloat16
+# and float16 (blend_gemm.h; a template slip could fall back to the scalar fragments).
+REQUIRED_PTX = {
+    "dense_cuda.cu": ["wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32",
+                      "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32"],  # f16 inputs are implied
+}
+
+
+def missing_instructions(src, keep_dir):
+    """The REQUIRED_PTX entries of src that none of its kept .ptx files contain."""
+    wanted = REQUIRED_PTX.get(os.path.basename(src), [])
+    ptx = "".join(open(f).read() for f in glob.glob(os.path.join(keep_dir, "*.ptx")))
+    return [w for w in wanted if w not in ptx]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nvcc")
@@ -73,19 +88,23 @@ def main() -> int:
     def compile_one(job):
         src, arch = job
         obj = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.o")
+        keep = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.keep")
+        os.makedirs(keep, exist_ok=True)
         cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O1", "--expt-relaxed-constexpr",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-DWITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                "-Xcudafe", "--diag_suppress=20012",
                # A __host__ function called from __host__ __device__ code is only a warning by
                # default, and the device compiler then drops the caller's code: make it an error.
-               "-Werror", "cross-execution-space-call", "-Xptxas", "-v"] + [f"-I{p}" for p in includes]
+               "-Werror", "cross-execution-space-call", "-Xptxas", "-v", "-keep", "-keep-dir", keep] + [f"-I{p}" for p in includes]
         t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True)
-        return src, arch, res, time.time() - t0
+        missing = missing_instructions(src, keep)
+        shutil.rmtree(keep, ignore_errors=True)  # nvcc's intermediates: hundreds of MB
+        return src, arch, res, time.time() - t0, missing
 
     failed = 0
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for src, arch, res, dt in pool.map(compile_one, jobs):
+        for src, arch, res, dt, missing in pool.map(compile_one, jobs):
             name = os.path.relpath(src, ROOT)
             empty = empty_block_programs(res.stdout + res.stderr)
             if res.returncode != 0:
@@ -95,6 +114,9 @@ def main() -> int:
                 failed += 1
                 print(f"cuda-check: FAILED {name} sm_{arch}: block programs compiled without a barrier "
                       f"(their code was dropped): {empty[:3]}")
+            elif missing:
+                failed += 1
+                print(f"cuda-check: FAILED {name} sm_{arch}: no {missing} in its PTX")
             else:
                 print(f"cuda-check: ok {name} sm_{arch} ({dt:.0f} s)")
     print(f"cuda-check: {len(jobs) - failed}/{len(jobs)} compiled with {nvcc}")

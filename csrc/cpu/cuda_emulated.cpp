@@ -46,6 +46,7 @@ class HostBarrier {
 
 struct HostExec {
   static constexpr bool kHalfTypes = false;
+  static constexpr bool kTensorCores = false;  // the fused GEMM runs its scalar fragments
   int64_t blocks;        // grid size to emulate (0: one block per tile)
   int64_t nthreads = 1;  // host threads per block (1: sequential, no barrier)
 
@@ -55,6 +56,7 @@ struct HostExec {
   }
 
   int64_t threads() const { return nthreads; }
+  int64_t multiprocessors() const { return 1; }
   int64_t max_smem_bytes() const { return 100 * 1024; }  // as CudaExec on an H100 / A100
 
   template <typename Body>

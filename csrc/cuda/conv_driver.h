@@ -78,6 +78,7 @@ inline ConvSetup conv_setup(const at::Tensor& x, const at::Tensor& weight, bool 
 template <typename scalar_t, typename acc_t, Act ACT, typename Exec>
 class ConvLarge {
  public:
+  using scalar_type = scalar_t;
   ConvLarge(Exec& ex, const ConvSetup& c, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale)
       : ex_(ex), c_(c), p_(c.p), weight_(weight), bias_(bias), scale_(scale) {
     const auto st = weight.options(), acc = weight.options().dtype(acc_type_of<acc_t>());
@@ -96,7 +97,8 @@ class ConvLarge {
 
   at::Tensor& cur() { return cur_; }
 
-  void step(int64_t i) {
+  // One step from cur_ (x_i) to cur_ (x_{i+1}); x_{i+1} also to save (GEMM dtype) when set.
+  void step(int64_t i, scalar_t* save = nullptr) {
     const int64_t E = cur_.numel();
     const bool sym = p_.variant == kSymmetric;
     for (int s = 0; s < p_.S; ++s) {
@@ -113,7 +115,7 @@ class ConvLarge {
                                                     K_[s].data_ptr<acc_t>()});
       }
     }
-    ex_.for_each(E, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), nullptr));
+    ex_.for_each(E, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), save));
   }
 
   void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {

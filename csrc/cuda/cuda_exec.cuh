@@ -17,7 +17,7 @@ namespace splinet {
 
 template <typename Body, typename acc_t>
 __global__ void block_kernel(const Body body) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   body(blockIdx.x, gridDim.x, BlockCtx{threadIdx.x, blockDim.x}, reinterpret_cast<acc_t*>(smem_raw));
 }
 
@@ -30,11 +30,13 @@ __global__ void for_each_kernel(int64_t n, const F f) {
 
 struct CudaExec {
   static constexpr bool kHalfTypes = true;
+  static constexpr bool kTensorCores = true;  // the fused GEMM takes wmma for bfloat16 / float16
   cudaDeviceProp props;
 
   explicit CudaExec(int device) { C10_CUDA_CHECK(cudaGetDeviceProperties(&props, device)); }
 
   int64_t threads() const { return 256; }
+  int64_t multiprocessors() const { return props.multiProcessorCount; }
   // Shared memory a block may take: the opt-in maximum, capped so that two blocks share an SM.
   int64_t max_smem_bytes() const {
     return std::min<int64_t>(static_cast<int64_t>(props.sharedMemPerBlockOptin), 100 * 1024);

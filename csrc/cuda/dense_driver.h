@@ -8,12 +8,16 @@
 //   for_each(n, F): f(e) for e in [0, n)
 //   max_smem_bytes(), threads()
 //
-// Large widths (m > kSmallMaxWidth): per stage a blend kernel writes W(t) (m x m, in the
-// GEMM dtype) and b(t); the products go through ATen's GEMM (cuBLAS on the GPU: tensor
-// cores with float32 accumulation for bfloat16/float16); bias, activation and the slope are
-// one elementwise kernel after it, and eq. 23 is one scatter kernel into float32 (float64)
-// coefficient-gradient accumulators. The blend reads (d + 1) m^2 values per stage against
-// the GEMM's 2 B m^2 flops, so it is negligible from B of a few hundred on.
+// Large widths (m > kSmallMaxWidth), two ways (DenseLarge):
+//  - fused (default for bfloat16 / float16 on the GPU): every product is one launch of the
+//    blended GEMM (blend_gemm.h, tensor cores), which forms W(t) from the d + 1 coefficient
+//    tiles as it loads them; its epilogue does bias, activation, slope and the next stage's
+//    input or the update (forward), and eq. 23's scatter into the d + 1 slots (backward).
+//  - cuBLAS (float32 / float64): per stage a blend kernel writes W(t) (m x m, in the GEMM
+//    dtype) and b(t); the products go through ATen's GEMM; bias, activation and the slope are
+//    one elementwise kernel after it, and eq. 23 is one scatter kernel into float32 (float64)
+//    coefficient-gradient accumulators. The blend reads (d + 1) m^2 values per stage against
+//    the GEMM's 2 B m^2 flops, so it is negligible from B of a few hundred on.
 //
 // Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages, K checkpoint
 // interval, TB rows of a tile.
@@ -30,19 +34,36 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 #include <tuple>
 
 #include "../common/checks.h"
 #include "../common/layer_config.h"
+#include "blend_gemm.h"
 #include "dense_program.h"
 #include "step_functors.h"
 
 namespace splinet {
 
-// Paths: 0 chooses (small when m <= kSmallMaxWidth and its shared memory fits), 1 small, 2 large.
-enum DensePath : int64_t { kPathAuto = 0, kPathSmall = 1, kPathLarge = 2 };
+// Paths: 0 chooses (small when m <= kSmallMaxWidth and its shared memory fits, else large:
+// fused for bfloat16 / float16 where the executor has tensor cores, cuBLAS otherwise), 1 small,
+// 2 large through cuBLAS, 3 large through the fused blended GEMM. On the GPU the environment
+// variable SPLINET_DENSE_GEMM=cublas|fused overrides the large path's choice.
+enum DensePath : int64_t { kPathAuto = 0, kPathSmall = 1, kPathLarge = 2, kPathFused = 3 };
+
+template <typename scalar_t, typename Exec>
+bool dense_use_fused(int64_t path) {
+  if (path == kPathFused) return true;
+  if (path == kPathLarge) return false;
+  const char* env = Exec::kTensorCores ? std::getenv("SPLINET_DENSE_GEMM") : nullptr;
+  const std::string gemm = env ? env : "";
+  TORCH_CHECK_VALUE(gemm.empty() || gemm == "fused" || gemm == "cublas",
+                    "SPLINET_DENSE_GEMM must be 'fused' or 'cublas', got '", gemm, "'");
+  if (!gemm.empty()) return gemm == "fused";
+  return Exec::kTensorCores && sizeof(scalar_t) == 2;
+}
 
 template <typename acc_t>
 inline at::ScalarType acc_type_of() {
@@ -119,24 +140,42 @@ struct SmallBwdBody {
 template <typename scalar_t, typename acc_t, Act ACT, typename Exec>
 class DenseLarge {
  public:
-  DenseLarge(Exec& ex, const DenseParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale)
-      : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale) {
+  using scalar_type = scalar_t;
+  // fused: the products run in the blended GEMM (blend_gemm.h) with the epilogues fused, else
+  // a blend kernel, ATen's GEMM and elementwise kernels. keep: the stages' pre-activations are
+  // kept for an adjoint (the backward's replays). gemm_tile: 64 or 128 forces the fused
+  // GEMM's tile, 0 chooses.
+  DenseLarge(Exec& ex, const DenseParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale,
+             bool fused, bool keep, int64_t gemm_tile)
+      : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale), fused_(fused), keep_(keep || !fused),
+        gemm_tile_(gemm_tile) {
     const auto st = weight.options(), at_ = weight.options().dtype(acc_type_of<acc_t>());
     const int64_t B = p.B, m = p.m, S = p.S;
     cur_ = at::empty({B, m}, at_);
-    X_ = at::empty({S, B, m}, st);
-    A_ = at::empty({S, B, m}, at_);
+    for (int s = 0; s < S; ++s) X_.push_back(at::empty({B, m}, st));
+    A_ = at::empty({keep_ ? S : 1, B, m}, at_);
     K_ = at::empty({S, B, m}, at_);
-    W_ = at::empty({S, m, m}, st);
-    bv_ = at::empty({S, m}, at_);
-    prod_ = at::empty({B, m}, st);
     Y_ = at::empty({B, m}, st);
+    if (fused_) {
+      Xn_ = at::empty({B, m}, st);
+    } else {
+      W_ = at::empty({S, m, m}, st);
+      bv_ = at::empty({S, m}, at_);
+      prod_ = at::empty({B, m}, st);
+    }
   }
 
-  at::Tensor& cur() { return cur_; }
+  // The state; whoever writes it through here invalidates the next stage input made by the
+  // last step's epilogue.
+  at::Tensor& cur() {
+    x0_ready_ = false;
+    return cur_;
+  }
 
-  // One step from cur_ (x_i) to cur_ (x_{i+1}), keeping every stage's X_s, A_s, W_s, b_s.
-  void step(int64_t i) {
+  // One step from cur_ (x_i) to cur_ (x_{i+1}), keeping every stage's X_s (and A_s, W_s, b_s
+  // as needed by the adjoint); x_{i+1} also to save (GEMM dtype) when set.
+  void step(int64_t i, scalar_t* save = nullptr) {
+    if (fused_) return fused_step(i, save);
     const int64_t Bm = p_.B * p_.m;
     const bool sym = p_.variant == kSymmetric;
     for (int s = 0; s < p_.S; ++s) {
@@ -153,33 +192,67 @@ class DenseLarge {
                                                      K_[s].data_ptr<acc_t>()});
       }
     }
-    ex_.for_each(Bm, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), nullptr));
+    ex_.for_each(Bm, combination(Rk::Update, 0, cur_, cur_.data_ptr<acc_t>(), save));
   }
 
   // Adjoint of the step just run by step(i): z (acc_t) from dL/dx_{i+1} to dL/dx_i.
   void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
     const int64_t B = p_.B, m = p_.m, Bm = B * m;
-    const bool sym = p_.variant == kSymmetric;
+    const bool sym = p_.variant == kSymmetric, antisym = p_.variant == kAntisymmetric;
     const auto at_ = cur_.options();
     if (!kbar_.defined()) {
       kbar_ = at::empty({B, m}, at_);
       kbar_st_ = at::empty({B, m}, weight_.options());
       G_ = at::empty({B, m}, weight_.options());
       P_ = at::empty({B, m}, at_);
-      dW_ = at::empty({m, m}, weight_.options());
-      dW2_ = at::empty({m, m}, weight_.options());
+      if (!fused_) {
+        dW_ = at::empty({m, m}, weight_.options());
+        dW2_ = at::empty({m, m}, weight_.options());
+      } else {
+        prod_ = at::empty({B, m}, weight_.options());
+      }
     }
     // K_ holds the slopes; from here on K_[s] is overwritten with dL/dX_s, last stage first.
     for (int s = p_.S - 1; s >= 0; --s) {
       ex_.for_each(Bm, combination(Rk::StageAdjoint, s, z, kbar_.data_ptr<acc_t>(),
                                    sym ? kbar_st_.data_ptr<scalar_t>() : nullptr));
-      if (sym) at::mm_out(prod_, kbar_st_, W_[s].t());
+      if (sym) {  // kbar W(t)^T
+        if (fused_) gemm(B, m, m, kbar_st_, kRows, nullptr, kBlendT, i, s, StoreEpi<scalar_t, acc_t>{m, nullptr, ptr(prod_)});
+        else at::mm_out(prod_, kbar_st_, W_[s].t());
+      }
       AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
                                              sym ? prod_.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
                                              G_.data_ptr<scalar_t>(), P_.data_ptr<acc_t>(),
                                              sym ? Y_.data_ptr<scalar_t>() : nullptr};
       ex_.for_each(Bm, adj);
       glam.add_(at::sum(P_, at::kDouble));
+      at::Tensor colsum;
+      if (p_.has_bias) colsum = at::sum(G_, {0}, false, acc_type_of<acc_t>());
+      ScatterFn<scalar_t, acc_t> sc{p_.d, 0, {}, m * m, m, antisym ? m : 0, nullptr, nullptr,
+                                    p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
+                                    gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
+      sc.k = stage_basis(p_, i, s, sc.w);
+      if (fused_) {
+        // dL/dX_s = G W(t) (blended on load) into K_[s]; eq. 23 in the epilogues of G^T X_s
+        // (and - (G^T X_s)^T for the antisymmetric variant, - lam act(a)^T kbar for the
+        // symmetric one); the bias gradient from the column sums of G.
+        gemm(B, m, m, G_, kRows, nullptr, kBlend, i, s, StoreEpi<scalar_t, acc_t>{m, ptr_acc(K_[s]), nullptr});
+        SlotScatterEpi<scalar_t, acc_t> gw{p_.d, sc.k, {}, m, acc_t(1), nullptr, gW.data_ptr<acc_t>()};
+        for (int64_t r = 0; r <= p_.d; ++r) gw.w[r] = sc.w[r];
+        gemm(m, m, B, G_, kCols, &X_[s], kRows, i, s, gw);
+        if (antisym) {
+          gw.sign = acc_t(-1);
+          gemm(m, m, B, X_[s], kCols, &G_, kRows, i, s, gw);
+        }
+        if (sym) {
+          gw.sign = acc_t(-1);
+          gw.scale = scale_.data_ptr<scalar_t>();
+          gemm(m, m, B, Y_, kCols, &kbar_st_, kRows, i, s, gw);
+        }
+        sc.wsize = 0;  // the bias part only
+        if (p_.has_bias) ex_.for_each(m, sc);
+        continue;
+      }
       if (std::is_same<scalar_t, acc_t>::value) {
         at::Tensor xbar = K_[s];
         at::mm_out(xbar, G_, W_[s]);
@@ -189,19 +262,17 @@ class DenseLarge {
       }
       at::mm_out(dW_, G_.t(), X_[s]);
       if (sym) at::mm_out(dW2_, Y_.t(), kbar_st_);
-      at::Tensor colsum;
-      if (p_.has_bias) colsum = at::sum(G_, {0}, false, acc_type_of<acc_t>());
-      ScatterFn<scalar_t, acc_t> sc{p_.d, 0, {}, m * m, m, p_.variant == kAntisymmetric ? m : 0,
-                                    dW_.data_ptr<scalar_t>(), sym ? dW2_.data_ptr<scalar_t>() : nullptr,
-                                    p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
-                                    gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
-      sc.k = stage_basis(p_, i, s, sc.w);
+      sc.dW = dW_.data_ptr<scalar_t>();
+      sc.dW2 = sym ? dW2_.data_ptr<scalar_t>() : nullptr;
       ex_.for_each(m * m + (p_.has_bias ? m : 0), sc);
     }
     ex_.for_each(Bm, combination(Rk::AdjointSum, 0, z, z.data_ptr<acc_t>(), nullptr));
   }
 
  private:
+  static scalar_t* ptr(const at::Tensor& t) { return t.data_ptr<scalar_t>(); }
+  static acc_t* ptr_acc(const at::Tensor& t) { return t.data_ptr<acc_t>(); }
+
   // A Runge-Kutta combination (dense_program.h) over the stage buffers K_.
   CombineFn<scalar_t, acc_t> combination(Rk kind, int s, const at::Tensor& base, acc_t* out_acc,
                                          scalar_t* out_st) const {
@@ -217,21 +288,85 @@ class DenseLarge {
     ex_.for_each(p_.m * p_.m + (p_.has_bias ? p_.m : 0), bl);
   }
 
+  // The fused step: one blended GEMM per product, whose epilogue also forms the next stage's
+  // input (or the update); the first stage input comes from the last step's epilogue unless
+  // the state was set from outside.
+  void fused_step(int64_t i, scalar_t* save) {
+    const int64_t B = p_.B, m = p_.m;
+    const bool sym = p_.variant == kSymmetric;
+    if (x0_ready_) std::swap(X_[0], Xn_);
+    else ex_.for_each(B * m, combination(Rk::StageInput, 0, cur_, nullptr, ptr(X_[0])));
+    for (int s = 0; s < p_.S; ++s) {
+      StageEpi<scalar_t, acc_t, ACT> epi{p_, p_.has_bias ? ptr(bias_) : nullptr, 0, {}, scale_.data_ptr<scalar_t>(),
+                                         false, keep_ ? ptr_acc(A_[s]) : nullptr, nullptr, ptr_acc(K_[s]), {}, nullptr};
+      epi.k = stage_basis(p_, i, s, epi.w);
+      const bool last = s + 1 == p_.S;
+      epi.next = last ? combination(Rk::Update, 0, cur_, ptr_acc(cur_), ptr(Xn_))
+                      : combination(Rk::StageInput, s + 1, cur_, nullptr, ptr(X_[s + 1]));
+      epi.save = last ? save : nullptr;
+      if (sym) {  // act(a) into Y, then K_s = -lam act(a) W(t)
+        StageEpi<scalar_t, acc_t, ACT> first = epi;
+        first.Y = ptr(Y_);
+        gemm(B, m, m, X_[s], kRows, nullptr, kBlendT, i, s, first);
+        epi.neg = true;
+        gemm(B, m, m, Y_, kRows, nullptr, kBlend, i, s, epi);
+      } else {
+        gemm(B, m, m, X_[s], kRows, nullptr, kBlendT, i, s, epi);
+      }
+    }
+    x0_ready_ = true;
+  }
+
+  // C (M x N) = A (M x K) B (K x N) through the fused GEMM; every operand has rows of m.
+  template <typename Epi>
+  void gemm(int64_t M, int64_t N, int64_t K, const at::Tensor& a, int a_mode, const at::Tensor* b, int b_mode,
+            int64_t i, int s, const Epi& epi) {
+    GemmArgs<scalar_t, acc_t> g{};
+    g.M = M;
+    g.N = N;
+    g.K = K;
+    g.a = ptr(a);
+    g.lda = p_.m;
+    g.a_mode = a_mode;
+    g.b = b ? ptr(*b) : nullptr;
+    g.ldb = p_.m;
+    g.b_mode = b_mode;
+    g.p = p_;
+    g.weight = ptr(weight_);
+    g.kc = stage_basis(p_, i, s, g.w);
+    const int64_t big_tiles = ((M + 127) / 128) * ((N + 127) / 128);
+    if (gemm_tile_ == 128 || (gemm_tile_ != 64 && big_tiles >= ex_.multiprocessors()))
+      launch_gemm<GemmTile<scalar_t, 128, 128>>(g, epi);
+    else
+      launch_gemm<GemmTile<scalar_t, 64, 64>>(g, epi);
+  }
+
+  template <typename Tile, typename Epi>
+  void launch_gemm(const GemmArgs<scalar_t, acc_t>& g, const Epi& epi) {
+    using Body = BlendGemmBody<scalar_t, acc_t, Tile, Epi>;
+    const int64_t tiles = ((g.M + Tile::BM - 1) / Tile::BM) * ((g.N + Tile::BN - 1) / Tile::BN);
+    const int64_t grid = ex_.template grid<Body>(tiles, kGemmThreads, Tile::kSmemBytes);
+    ex_.launch(Body{g, epi}, grid, kGemmThreads, Tile::kSmemBytes);
+  }
+
   Exec& ex_;
   DenseParams p_;
   at::Tensor weight_, bias_, scale_;
-  at::Tensor cur_, X_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
+  bool fused_, keep_, x0_ready_ = false;
+  int64_t gemm_tile_;
+  std::vector<at::Tensor> X_;  // stage inputs (GEMM dtype)
+  at::Tensor cur_, Xn_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
 };
 
 // The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).
-template <typename Run>
+template <typename Run, typename scalar_t = typename Run::scalar_type>
 void large_forward(Run& run, const DenseParams& p, const at::Tensor& x, at::Tensor& states) {
   states[0].copy_(x);
   run.cur().copy_(x);
+  const int64_t state_numel = x.numel();
   for (int64_t i = 0; i < p.N; ++i) {
-    run.step(i);
     const int64_t slot = saved_slot(i + 1, p.N, p.K);
-    if (slot >= 0) states[slot].copy_(run.cur());
+    run.step(i, slot >= 0 ? states.data_ptr<scalar_t>() + slot * state_numel : nullptr);
   }
 }
 
@@ -282,14 +417,22 @@ inline void check_dense_op_args(const char* op, const at::Tensor& x, const at::T
 }
 
 inline bool dense_use_small(int64_t path, const DenseParams& p, int64_t elem_bytes, int64_t smem_budget) {
-  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathLarge, "spline_dense: path must be 0, 1 or 2, got ", path);
-  if (path == kPathLarge) return false;
+  TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFused, "spline_dense: path must be 0, 1, 2 or 3, got ", path);
+  if (path == kPathLarge || path == kPathFused) return false;
   const bool fits = dense_small_tile_rows(p, elem_bytes, smem_budget) > 0;
   if (path == kPathSmall) {
     TORCH_CHECK_VALUE(fits, "spline_dense: width ", p.m, " does not fit the small-width kernel's shared memory");
     return true;
   }
   return p.m <= kSmallMaxWidth && fits;
+}
+
+// The fused GEMM's tile forced by the tile_rows argument (64 or 128; 0 chooses).
+inline int64_t gemm_tile(int64_t path, int64_t tile_rows) {
+  if (path != kPathFused) return 0;
+  TORCH_CHECK_VALUE(tile_rows == 0 || tile_rows == 64 || tile_rows == 128,
+                    "spline_dense: the fused GEMM's tile must be 0, 64 or 128, got ", tile_rows);
+  return tile_rows;
 }
 
 template <typename scalar_t, Act ACT, typename Exec>
@@ -315,7 +458,8 @@ at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight
     ex.launch(body, grid, ex.threads(), smem);
     return states;
   }
-  DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale);
+  DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(path), false,
+                                             gemm_tile(path, tile_rows));
   large_forward(run, p, x, states);
   return states;
 }
@@ -366,7 +510,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     if (p.has_bias) gb = pb.sum(0);
     glam = plam.sum();
   } else {
-    DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale);
+    DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(path),
+                                               true, gemm_tile(path, tile_rows));
     gW = at::zeros({p.n, p.m, p.m}, acc_opts);
     gb = p.has_bias ? at::zeros({p.n, p.m}, acc_opts) : at::Tensor();
     glam = at::zeros({}, states.options().dtype(at::kDouble));

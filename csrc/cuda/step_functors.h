@@ -109,6 +109,84 @@ struct ScatterFn {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Epilogues of the fused GEMM (blend_gemm.h): called once per output entry (i, j) of an
+// (rows x m) product with its float32 (float64) accumulator v.
+
+// A forward stage on v = (X_s W(t)^T)[i, j]: a = v + b(t)_j (blended here, eq. 14), kept in A
+// for the adjoint when A is set; K_s = lam act(a). For the symmetric variant the first
+// product stores act(a) in Y and stops, and the second (neg, v = (Y W(t))[i, j]) gives
+// K_s = -lam v. Then `next` runs at the entry: the next stage's input, or after the last
+// stage the update x' = x + h sum b_s K_s (in place on x, and x' in the GEMM dtype as the
+// next step's first stage input and, when save is set, the saved state).
+template <typename scalar_t, typename acc_t, Act ACT>
+struct StageEpi {
+  DenseParams p;
+  const scalar_t* bias;  // (n, m) or null
+  int64_t k;
+  acc_t w[kMaxDegree + 1];
+  const scalar_t* scale;
+  bool neg;
+  acc_t* A;
+  scalar_t* Y;
+  acc_t* Ks;
+  CombineFn<scalar_t, acc_t> next;
+  scalar_t* save;
+  SPLINET_HD void operator()(int64_t i, int64_t j, acc_t v) const {
+    const int64_t e = i * p.m + j;
+    const acc_t lam = static_cast<acc_t>(scale[0]);
+    acc_t slope;
+    if (neg) {
+      slope = -lam * v;
+    } else {
+      acc_t a = v;
+      if (bias) a = a + blend_bias(p, bias, k, w, j);
+      if (A) A[e] = a;
+      const acc_t y = Activation<ACT>::f(a);
+      if (Y) {
+        Y[e] = static_cast<scalar_t>(y);
+        return;
+      }
+      slope = lam * y;
+    }
+    Ks[e] = slope;
+    next(e);
+    if (save) save[e] = next.out_st[e];
+  }
+};
+
+// Stores the product: out_acc and/or out_st at (i, j) of a row-major (rows x m) matrix.
+template <typename scalar_t, typename acc_t>
+struct StoreEpi {
+  int64_t m;
+  acc_t* out_acc;
+  scalar_t* out_st;
+  SPLINET_HD void operator()(int64_t i, int64_t j, acc_t v) const {
+    if (out_acc) out_acc[i * m + j] = v;
+    if (out_st) out_st[i * m + j] = static_cast<scalar_t>(v);
+  }
+};
+
+// Eq. 23 in the epilogue of a weight-gradient product v = (P^T Q)[i, j] summed over the
+// batch: sign v (times lam when scale is set) added to the d + 1 slots k .. k + d of the
+// m x m coefficient gradients with the stage's basis weights. One entry per thread and
+// launch, so no atomics.
+template <typename scalar_t, typename acc_t>
+struct SlotScatterEpi {
+  int64_t d, k;
+  acc_t w[kMaxDegree + 1];
+  int64_t m;
+  acc_t sign;
+  const scalar_t* scale;
+  acc_t* gW;
+  SPLINET_HD void operator()(int64_t i, int64_t j, acc_t v) const {
+    const int64_t e = i * m + j, mm = m * m;
+    acc_t dw = sign * v;
+    if (scale) dw = dw * static_cast<acc_t>(scale[0]);
+    for (int64_t r = 0; r <= d; ++r) gW[(k + r) * mm + e] = mul_add(gW[(k + r) * mm + e], w[r], dw);
+  }
+};
+
 // A conv filter (C, C, *kernel; wsize entries) and bias (C) of one stage, blended flat (eq. 14).
 template <typename scalar_t, typename acc_t>
 struct FlatBlendFn {

@@ -1,0 +1,272 @@
+// The large-width dense path's fused GEMM (issue #5, item 2): a tiled block program for
+//   C[M x N] = sum_k A(i, k) B(k, j),   then  epi(i, j, C[i, j])  for every entry,
+// where either operand may be read transposed and B may be the blended weight of one stage,
+// W(t) = sum_r w_r weight[k + r] (eq. 14; A(t) = W - W^T - gamma I for the antisymmetric
+// variant), formed from the d + 1 coefficient tiles while the B tile is loaded into shared
+// memory. The epilogue functor gets the float32 (float64) accumulator, so bias, activation,
+// slope and the Runge-Kutta combinations (dense_driver.h), or the eq. 23 scatter of G^T X
+// into the d + 1 coefficient-gradient slots, run on it without a round trip through memory.
+//
+// A block owns BM x BN output tiles (a persistent loop over them); its 8 warps are arranged
+// 2 x 4, each owning a (BM / 2) x (BN / 4) warp tile of 16 x 16 fragments. Per BK slice of K
+// the block stages A (BM x BK) and B (BK x BN) in shared memory in the GEMM dtype, then each
+// warp multiplies its fragments:
+//   - on the GPU for bfloat16 / float16 with tensor cores (nvcuda::wmma m16n16k16, float32
+//     accumulators), the fragments going through a per-warp shared scratch for the epilogue;
+//   - otherwise (float32 / float64 on the GPU, and every dtype in the CPU emulation) with
+//     scalar multiply-adds, each of a warp's 32 lanes owning 1 / 32 of the warp tile.
+// The emulation (csrc/cpu/cuda_emulated.cpp) thus tests the tiling, loaders, blend, padding
+// of ragged edges and epilogues on the CPU; the wmma calls themselves only run on a GPU.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dense_program.h"
+
+#if defined(__CUDACC__)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace splinet {
+
+// How an operand is read. A(i, k): kRows P[i * ld + k], kCols P[k * ld + i].
+// B(k, j): kRows P[k * ld + j], kCols P[j * ld + k], kBlend W(t)[k, j], kBlendT W(t)[j, k].
+enum GemmOperand : int { kRows = 0, kCols = 1, kBlend = 2, kBlendT = 3 };
+
+template <typename scalar_t, typename acc_t>
+struct GemmArgs {
+  int64_t M, N, K;
+  const scalar_t* a;
+  int64_t lda;
+  int a_mode;
+  const scalar_t* b;  // kRows / kCols
+  int64_t ldb;
+  int b_mode;
+  // kBlend / kBlendT: the layer's coefficients (n, m, m), the first nonzero one and the weights.
+  DenseParams p;
+  const scalar_t* weight;
+  int64_t kc;
+  acc_t w[kMaxDegree + 1];
+};
+
+constexpr int kGemmWarps = 8, kGemmWarpsN = 4, kGemmThreads = 32 * kGemmWarps;
+
+// Tile geometry for a GEMM dtype; the padded leading dimensions keep wmma's 32-byte
+// fragment alignment (16-bit types) and spread shared-memory banks.
+template <typename scalar_t, int BM_, int BN_>
+struct GemmTile {
+  static constexpr bool kHalf = sizeof(scalar_t) == 2;
+  static constexpr int BM = BM_, BN = BN_, BK = kHalf ? 32 : 16;
+  static constexpr int LDA = BK + (kHalf ? 8 : 1), LDB = BN + (kHalf ? 8 : 1);
+  static constexpr int WM = BM / (kGemmWarps / kGemmWarpsN), WN = BN / kGemmWarpsN;
+  static constexpr int FM = WM / 16, FN = WN / 16;
+  static constexpr int kPerLane = WM * WN / 32;  // scalar path: accumulators of one lane
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are made of 16 x 16 fragments");
+  // Bytes: A and B tiles, then (tensor cores) one 16 x 16 float scratch per warp.
+  static constexpr int64_t kOperandBytes = int64_t(BM * LDA + BK * LDB) * sizeof(scalar_t);
+  static constexpr int64_t kSmemBytes = ((kOperandBytes + 127) / 128) * 128 + kGemmWarps * 256 * 4;
+};
+
+// One element of the A or B operand (zero outside the matrix: ragged edges).
+template <typename scalar_t, typename acc_t>
+SPLINET_HD scalar_t gemm_a(const GemmArgs<scalar_t, acc_t>& g, int64_t i, int64_t k) {
+  if (i >= g.M || k >= g.K) return scalar_t(0);
+  return g.a_mode == kRows ? g.a[i * g.lda + k] : g.a[k * g.lda + i];
+}
+
+template <typename scalar_t, typename acc_t>
+SPLINET_HD scalar_t gemm_b(const GemmArgs<scalar_t, acc_t>& g, int64_t k, int64_t j) {
+  if (k >= g.K || j >= g.N) return scalar_t(0);
+  switch (g.b_mode) {
+    case kRows: return g.b[k * g.ldb + j];
+    case kCols: return g.b[j * g.ldb + k];
+    case kBlend: return static_cast<scalar_t>(blend_entry(g.p, g.weight, g.kc, g.w, k, j));
+    default: return static_cast<scalar_t>(blend_entry(g.p, g.weight, g.kc, g.w, j, k));
+  }
+}
+
+// The warps a thread runs and the lanes it plays: on the GPU its own warp and lane; in the
+// emulation a host thread plays whole warps (tid, tid + nthreads, ...), all 32 lanes each.
+struct WarpRole {
+  int first, step, lane, lanes;
+};
+SPLINET_HD WarpRole warp_role(const BlockCtx& ctx) {
+#ifdef __CUDA_ARCH__
+  return {static_cast<int>(ctx.tid / 32), kGemmWarps, static_cast<int>(ctx.tid % 32), 1};
+#else
+  return {static_cast<int>(ctx.tid), static_cast<int>(ctx.nthreads), 0, 32};
+#endif
+}
+
+#ifdef __CUDA_ARCH__
+constexpr int kRoleWarps = 1, kRoleLanes = 1;
+#else
+constexpr int kRoleWarps = kGemmWarps, kRoleLanes = 32;
+#endif
+
+// Scalar accumulators of the warps and lanes a thread plays. Lane l owns the warp-tile
+// entries t = q * 32 + l (row t / WN, column t % WN).
+template <typename acc_t, typename Tile>
+struct ScalarAcc {
+  acc_t v[kRoleWarps][kRoleLanes][Tile::kPerLane];
+
+  SPLINET_HD void zero() {
+    for (int a = 0; a < kRoleWarps; ++a)
+      for (int l = 0; l < kRoleLanes; ++l)
+        for (int q = 0; q < Tile::kPerLane; ++q) v[a][l][q] = acc_t(0);
+  }
+  template <typename scalar_t>
+  SPLINET_HD void mma(const WarpRole& role, const scalar_t* As, const scalar_t* Bs) {
+    for (int wp = role.first, a = 0; wp < kGemmWarps; wp += role.step, ++a) {
+      const int r0 = (wp / kGemmWarpsN) * Tile::WM, c0 = (wp % kGemmWarpsN) * Tile::WN;
+      for (int l = 0; l < role.lanes; ++l) {
+        const int lane = role.lane + l;
+        for (int q = 0; q < Tile::kPerLane; ++q) {
+          const int t = q * 32 + lane, r = r0 + t / Tile::WN, c = c0 + t % Tile::WN;
+          acc_t s = v[a][l][q];
+          for (int kk = 0; kk < Tile::BK; ++kk)
+            s += static_cast<acc_t>(As[r * Tile::LDA + kk]) * static_cast<acc_t>(Bs[kk * Tile::LDB + c]);
+          v[a][l][q] = s;
+        }
+      }
+    }
+  }
+  template <typename Epi>
+  SPLINET_HD void epilogue(const WarpRole& role, int64_t row0, int64_t col0, int64_t M, int64_t N,
+                           const Epi& epi) const {
+    for (int wp = role.first, a = 0; wp < kGemmWarps; wp += role.step, ++a) {
+      const int r0 = (wp / kGemmWarpsN) * Tile::WM, c0 = (wp % kGemmWarpsN) * Tile::WN;
+      for (int l = 0; l < role.lanes; ++l)
+        for (int q = 0; q < Tile::kPerLane; ++q) {
+          const int t = q * 32 + role.lane + l;
+          const int64_t i = row0 + r0 + t / Tile::WN, j = col0 + c0 + t % Tile::WN;
+          if (i < M && j < N) epi(i, j, v[a][l][q]);
+        }
+    }
+  }
+};
+
+#if defined(__CUDACC__)
+template <typename scalar_t>
+using wmma_type_t = std::conditional_t<std::is_same<scalar_t, c10::Half>::value, __half, __nv_bfloat16>;
+
+// Tensor-core accumulators of one warp (GPU, 16-bit GEMM dtypes).
+template <typename scalar_t, typename Tile>
+struct WmmaAcc {
+  using T = wmma_type_t<scalar_t>;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[Tile::FM][Tile::FN];
+
+  __device__ void zero() {
+    for (int fi = 0; fi < Tile::FM; ++fi)
+      for (int fj = 0; fj < Tile::FN; ++fj) nvcuda::wmma::fill_fragment(f[fi][fj], 0.0f);
+  }
+  __device__ void mma(const WarpRole& role, const scalar_t* As_, const scalar_t* Bs_) {
+    using namespace nvcuda;
+    const T* As = reinterpret_cast<const T*>(As_);
+    const T* Bs = reinterpret_cast<const T*>(Bs_);
+    const int r0 = (role.first / kGemmWarpsN) * Tile::WM, c0 = (role.first % kGemmWarpsN) * Tile::WN;
+    for (int kk = 0; kk < Tile::BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Tile::FM];
+      for (int fi = 0; fi < Tile::FM; ++fi) wmma::load_matrix_sync(a[fi], As + (r0 + fi * 16) * Tile::LDA + kk, Tile::LDA);
+      for (int fj = 0; fj < Tile::FN; ++fj) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, Bs + kk * Tile::LDB + c0 + fj * 16, Tile::LDB);
+        for (int fi = 0; fi < Tile::FM; ++fi) wmma::mma_sync(f[fi][fj], a[fi], b, f[fi][fj]);
+      }
+    }
+  }
+  // Each fragment goes through the warp's 16 x 16 scratch; the lanes apply the epilogue.
+  template <typename Epi>
+  __device__ void epilogue(const WarpRole& role, int64_t row0, int64_t col0, int64_t M, int64_t N, const Epi& epi,
+                           float* scratch) const {
+    using namespace nvcuda;
+    const int r0 = (role.first / kGemmWarpsN) * Tile::WM, c0 = (role.first % kGemmWarpsN) * Tile::WN;
+    float* mine = scratch + role.first * 256;
+    for (int fi = 0; fi < Tile::FM; ++fi)
+      for (int fj = 0; fj < Tile::FN; ++fj) {
+        wmma::store_matrix_sync(mine, f[fi][fj], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int t = role.lane; t < 256; t += 32) {
+          const int64_t i = row0 + r0 + fi * 16 + t / 16, j = col0 + c0 + fj * 16 + t % 16;
+          if (i < M && j < N) epi(i, j, mine[t]);
+        }
+        __syncwarp();
+      }
+  }
+};
+#endif
+
+// Stages the A and B tiles of the K slice at k0. Consecutive threads read consecutive
+// addresses of the operand's contiguous dimension.
+template <typename Tile, typename scalar_t, typename acc_t>
+SPLINET_HD void gemm_stage(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, int64_t row0, int64_t col0,
+                           int64_t k0, scalar_t* As, scalar_t* Bs) {
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK;
+  for (int64_t e = ctx.tid; e < BM * BK; e += ctx.nthreads) {
+    const int r = g.a_mode == kRows ? e / BK : e % BM, kk = g.a_mode == kRows ? e % BK : e / BM;
+    As[r * Tile::LDA + kk] = gemm_a(g, row0 + r, k0 + kk);
+  }
+  const bool b_rows = g.b_mode == kRows || g.b_mode == kBlend;
+  for (int64_t e = ctx.tid; e < BK * BN; e += ctx.nthreads) {
+    const int kk = b_rows ? e / BN : e % BK, c = b_rows ? e % BN : e / BK;
+    Bs[kk * Tile::LDB + c] = gemm_b(g, k0 + kk, col0 + c);
+  }
+}
+
+// The program of one block: output tiles block, block + grid, ... (row-major tile order).
+template <typename scalar_t, typename acc_t, typename Tile, typename Epi>
+SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& epi, int64_t block, int64_t grid,
+                                 BlockCtx ctx, acc_t* smem) {
+  unsigned char* raw = reinterpret_cast<unsigned char*>(smem);
+  scalar_t* As = reinterpret_cast<scalar_t*>(raw);
+  scalar_t* Bs = As + Tile::BM * Tile::LDA;
+  const WarpRole role = warp_role(ctx);
+  const int64_t tiles_n = (g.N + Tile::BN - 1) / Tile::BN, tiles = ((g.M + Tile::BM - 1) / Tile::BM) * tiles_n;
+#ifdef __CUDA_ARCH__
+  if constexpr (Tile::kHalf) {
+    float* scratch = reinterpret_cast<float*>(raw + ((Tile::kOperandBytes + 127) / 128) * 128);
+    for (int64_t t = block; t < tiles; t += grid) {
+      const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
+      WmmaAcc<scalar_t, Tile> acc;
+      acc.zero();
+      for (int64_t k0 = 0; k0 < g.K; k0 += Tile::BK) {
+        gemm_stage<Tile>(g, ctx, row0, col0, k0, As, Bs);
+        ctx.sync();
+        acc.mma(role, As, Bs);
+        ctx.sync();
+      }
+      acc.epilogue(role, row0, col0, g.M, g.N, epi, scratch);
+    }
+    return;
+  }
+#endif
+  for (int64_t t = block; t < tiles; t += grid) {
+    const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
+    ScalarAcc<acc_t, Tile> acc;
+    acc.zero();
+    for (int64_t k0 = 0; k0 < g.K; k0 += Tile::BK) {
+      gemm_stage<Tile>(g, ctx, row0, col0, k0, As, Bs);
+      ctx.sync();
+      acc.mma(role, As, Bs);
+      ctx.sync();
+    }
+    acc.epilogue(role, row0, col0, g.M, g.N, epi);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Tile, typename Epi>
+struct BlendGemmBody {
+  using acc_type = acc_t;
+  GemmArgs<scalar_t, acc_t> g;
+  Epi epi;
+  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
+    blend_gemm_block<scalar_t, acc_t, Tile>(g, epi, block, grid, ctx, smem);
+  }
+};
+
+}  // namespace splinet
