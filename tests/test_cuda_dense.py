@@ -174,15 +174,18 @@ def test_emulated_noncontiguous_inputs(path):
 
 @needs_emu
 @pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("degree", [0, 3])
 @pytest.mark.parametrize("variant,scheme,activation", [("standard", "rk4", "tanh"), ("symmetric", "midpoint", "relu"),
                                                        ("antisymmetric", "euler", "sigmoid")])
-def test_emulated_fused_gemm_ragged_tiles(tile, variant, scheme, activation):
+def test_emulated_fused_gemm_ragged_tiles(tile, degree, variant, scheme, activation):
     """The fused GEMM over several ragged output tiles (B = 130 rows, m = 67 columns) and K
     slices (the weight gradients sum over the 130 batch rows), tiles spread over fewer blocks,
     run by one host thread per block (all 8 warps) and by teams of 3, 8 and 11 threads that
-    play the warps between barriers, shared memory poisoned with NaN."""
-    x, w, b, s = make(130, 67, 2, 3, seed=11)
-    cfg = (3, 3, activation, scheme, variant, 0.1, 2)
+    play the warps between barriers, shared memory poisoned with NaN. With degree 0 W(t) is
+    blended as the tiles load; with degree 3 and 2-3 row tiles it is pre-blended once
+    (dense_driver.h's traffic rule); the one-row-tile tests above blend on load at every degree."""
+    x, w, b, s = make(130, 67, 2, degree, seed=11)
+    cfg = (3, degree, activation, scheme, variant, 0.1, 2)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     for threads in (1, 3, 8, 11):
         got_states, got = emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=2, states=states,

@@ -318,9 +318,15 @@ class DenseLarge {
   }
 
   // C (M x N) = A (M x K) B (K x N) through the fused GEMM; every operand has rows of m.
+  // A blended B operand (kBlend / kBlendT) is formed as its tiles load when that reads no
+  // more than blending W(t) once into a buffer first: each of the M / BM row tiles of blocks
+  // reads (d + 1) coefficient values per entry of W(t) (twice that for the antisymmetric
+  // variant), against (d + 1) reads + 1 write + one read per row tile when pre-blended.
   template <typename Epi>
   void gemm(int64_t M, int64_t N, int64_t K, const at::Tensor& a, int a_mode, const at::Tensor* b, int b_mode,
             int64_t i, int s, const Epi& epi) {
+    const bool big = gemm_tile_ == 128 ||
+                     (gemm_tile_ != 64 && ((M + 127) / 128) * ((N + 127) / 128) >= ex_.multiprocessors());
     GemmArgs<scalar_t, acc_t> g{};
     g.M = M;
     g.N = N;
@@ -334,11 +340,28 @@ class DenseLarge {
     g.p = p_;
     g.weight = ptr(weight_);
     g.kc = stage_basis(p_, i, s, g.w);
-    const int64_t big_tiles = ((M + 127) / 128) * ((N + 127) / 128);
-    if (gemm_tile_ == 128 || (gemm_tile_ != 64 && big_tiles >= ex_.multiprocessors()))
-      launch_gemm<GemmTile<scalar_t, 128, 128>>(g, epi);
-    else
-      launch_gemm<GemmTile<scalar_t, 64, 64>>(g, epi);
+    if (b_mode == kBlend || b_mode == kBlendT) {
+      const int64_t row_tiles = (M + (big ? 127 : 63)) / (big ? 128 : 64);
+      const int64_t reads = (p_.d + 1) * (p_.variant == kAntisymmetric ? 2 : 1);
+      if (row_tiles * reads > reads + 1 + row_tiles) {
+        g.b = ptr(blended(i, s));
+        g.b_mode = b_mode == kBlend ? kRows : kCols;  // B(k, j) = W[k][j], or W[j][k]
+      }
+    }
+    if (big) launch_gemm<GemmTile<scalar_t, 128, 128>>(g, epi);
+    else launch_gemm<GemmTile<scalar_t, 64, 64>>(g, epi);
+  }
+
+  // W(t) of step i, stage s in the GEMM dtype (blended once for the products that share it).
+  const at::Tensor& blended(int64_t i, int s) {
+    if (wt_step_ == i && wt_stage_ == s) return Wt_;
+    if (!Wt_.defined()) Wt_ = at::empty({p_.m, p_.m}, weight_.options());
+    BlendFn<scalar_t, acc_t> bl{p_, ptr(weight_), nullptr, 0, {}, ptr(Wt_), nullptr};
+    bl.k = stage_basis(p_, i, s, bl.w);
+    ex_.for_each(p_.m * p_.m, bl);
+    wt_step_ = i;
+    wt_stage_ = s;
+    return Wt_;
   }
 
   template <typename Tile, typename Epi>
@@ -353,9 +376,10 @@ class DenseLarge {
   DenseParams p_;
   at::Tensor weight_, bias_, scale_;
   bool fused_, keep_, x0_ready_ = false;
-  int64_t gemm_tile_;
+  int64_t gemm_tile_, wt_step_ = -1;
+  int wt_stage_ = -1;
   std::vector<at::Tensor> X_;  // stage inputs (GEMM dtype)
-  at::Tensor cur_, Xn_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
+  at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
 };
 
 // The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).
