@@ -9,7 +9,8 @@
 //
 // A block owns BM x BN output tiles (a persistent loop over them); its 8 warps are arranged
 // 2 x 4, each owning a (BM / 2) x (BN / 4) warp tile of 16 x 16 fragments. Per BK slice of K
-// the block stages A (BM x BK) and B (BK x BN) in shared memory in the GEMM dtype, then each
+// the block stages A (BM x BK) and B (BK x BN) in shared memory in the GEMM dtype (double
+// buffered: the next slice's loads are in flight while this one is multiplied), and each
 // warp multiplies its fragments:
 //   - on the GPU for bfloat16 / float16 with tensor cores (nvcuda::wmma m16n16k16, float32
 //     accumulators), the fragments going through a per-warp shared scratch for the epilogue;
@@ -30,6 +31,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+#endif
+
+#if defined(__CUDACC__)
+#define SPLINET_UNROLL _Pragma("unroll")
+#else
+#define SPLINET_UNROLL
 #endif
 
 namespace splinet {
@@ -67,9 +74,10 @@ struct GemmTile {
   static constexpr int FM = WM / 16, FN = WN / 16;
   static constexpr int kPerLane = WM * WN / 32;  // scalar path: accumulators of one lane
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are made of 16 x 16 fragments");
-  // Bytes: A and B tiles, then (tensor cores) one 16 x 16 float scratch per warp.
-  static constexpr int64_t kOperandBytes = int64_t(BM * LDA + BK * LDB) * sizeof(scalar_t);
-  static constexpr int64_t kSmemBytes = ((kOperandBytes + 127) / 128) * 128 + kGemmWarps * 256 * 4;
+  // Bytes: two buffers of A and B tiles, then (tensor cores) one 16 x 16 float scratch per warp.
+  static constexpr int64_t kOperandBytes = 2 * int64_t(BM * LDA + BK * LDB) * sizeof(scalar_t);
+  static constexpr int64_t kScratchOffset = ((kOperandBytes + 127) / 128) * 128;
+  static constexpr int64_t kSmemBytes = kScratchOffset + kGemmWarps * 256 * 4;
 };
 
 // One element of the A or B operand (zero outside the matrix: ragged edges).
@@ -201,20 +209,107 @@ struct WmmaAcc {
 };
 #endif
 
-// Stages the A and B tiles of the K slice at k0. Consecutive threads read consecutive
-// addresses of the operand's contiguous dimension.
-template <typename Tile, typename scalar_t, typename acc_t>
-SPLINET_HD void gemm_stage(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, int64_t row0, int64_t col0,
-                           int64_t k0, scalar_t* As, scalar_t* Bs) {
-  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK;
-  for (int64_t e = ctx.tid; e < BM * BK; e += ctx.nthreads) {
-    const int r = g.a_mode == kRows ? e / BK : e % BM, kk = g.a_mode == kRows ? e % BK : e / BM;
-    As[r * Tile::LDA + kk] = gemm_a(g, row0 + r, k0 + kk);
+// The A and B elements of one K slice that a thread moves to shared memory, held in
+// registers while the previous slice is multiplied (software pipelining). Element q of a
+// thread is e = tid + q * nthreads of the tile's flat index; consecutive threads read
+// consecutive addresses of the operand's contiguous dimension. On the GPU (256 threads) the
+// counts are exact and the loops unroll, so the staging arrays stay in registers.
+template <typename Tile, typename scalar_t>
+struct SliceRegs {
+#ifdef __CUDA_ARCH__
+  static constexpr int kA = Tile::BM * Tile::BK / kGemmThreads, kB = Tile::BK * Tile::BN / kGemmThreads;
+#else
+  static constexpr int kA = Tile::BM * Tile::BK, kB = Tile::BK * Tile::BN;
+#endif
+  scalar_t a[kA], b[kB];
+
+  SPLINET_HD static int64_t stride(const BlockCtx& ctx) {
+#ifdef __CUDA_ARCH__
+    return kGemmThreads;
+#else
+    return ctx.nthreads;
+#endif
   }
-  const bool b_rows = g.b_mode == kRows || g.b_mode == kBlend;
-  for (int64_t e = ctx.tid; e < BK * BN; e += ctx.nthreads) {
-    const int kk = b_rows ? e / BN : e % BK, c = b_rows ? e % BN : e / BK;
-    Bs[kk * Tile::LDB + c] = gemm_b(g, k0 + kk, col0 + c);
+  // (row, k) of A element e, (k, column) of B element e.
+  template <typename G>
+  SPLINET_HD static void a_index(const G& g, int64_t e, int& r, int& kk) {
+    r = g.a_mode == kRows ? e / Tile::BK : e % Tile::BM;
+    kk = g.a_mode == kRows ? e % Tile::BK : e / Tile::BM;
+  }
+  template <typename G>
+  SPLINET_HD static void b_index(const G& g, int64_t e, int& kk, int& c) {
+    const bool rows = g.b_mode == kRows || g.b_mode == kBlend;
+    kk = rows ? e / Tile::BN : e % Tile::BK;
+    c = rows ? e % Tile::BN : e / Tile::BK;
+  }
+
+  // Global (or blended) values of the slice at k0.
+  template <typename acc_t>
+  SPLINET_HD void fetch(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, int64_t row0, int64_t col0,
+                        int64_t k0) {
+    const int64_t st = stride(ctx);
+SPLINET_UNROLL
+    for (int q = 0; q < kA; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BM * Tile::BK) break;
+      int r, kk;
+      a_index(g, e, r, kk);
+      a[q] = gemm_a(g, row0 + r, k0 + kk);
+    }
+SPLINET_UNROLL
+    for (int q = 0; q < kB; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BK * Tile::BN) break;
+      int kk, c;
+      b_index(g, e, kk, c);
+      b[q] = gemm_b(g, k0 + kk, col0 + c);
+    }
+  }
+  template <typename acc_t>
+  SPLINET_HD void store(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, scalar_t* As, scalar_t* Bs) const {
+    const int64_t st = stride(ctx);
+SPLINET_UNROLL
+    for (int q = 0; q < kA; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BM * Tile::BK) break;
+      int r, kk;
+      a_index(g, e, r, kk);
+      As[r * Tile::LDA + kk] = a[q];
+    }
+SPLINET_UNROLL
+    for (int q = 0; q < kB; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BK * Tile::BN) break;
+      int kk, c;
+      b_index(g, e, kk, c);
+      Bs[kk * Tile::LDB + c] = b[q];
+    }
+  }
+};
+
+// The K loop of one output tile, double-buffered: slice t + 1 is fetched into registers
+// while slice t is multiplied from shared memory, then stored into the other buffer; one
+// barrier per slice (a buffer is rewritten only after the barrier that follows its last use).
+template <typename Tile, typename scalar_t, typename acc_t, typename Acc>
+SPLINET_HD void gemm_k_loop(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, const WarpRole& role,
+                            int64_t row0, int64_t col0, scalar_t* smem_ops, Acc& acc) {
+  constexpr int64_t kBuf = Tile::BM * Tile::LDA + Tile::BK * Tile::LDB;  // elements of one buffer
+  SliceRegs<Tile, scalar_t> regs;
+  regs.fetch(g, ctx, row0, col0, 0);
+  regs.store(g, ctx, smem_ops, smem_ops + Tile::BM * Tile::LDA);
+  ctx.sync();
+  int buf = 0;
+  for (int64_t k0 = 0; k0 < g.K; k0 += Tile::BK) {
+    const bool more = k0 + Tile::BK < g.K;
+    if (more) regs.fetch(g, ctx, row0, col0, k0 + Tile::BK);
+    scalar_t* As = smem_ops + buf * kBuf;
+    acc.mma(role, As, As + Tile::BM * Tile::LDA);
+    if (more) {
+      scalar_t* next = smem_ops + (buf ^ 1) * kBuf;
+      regs.store(g, ctx, next, next + Tile::BM * Tile::LDA);
+    }
+    ctx.sync();
+    buf ^= 1;
   }
 }
 
@@ -223,23 +318,17 @@ template <typename scalar_t, typename acc_t, typename Tile, typename Epi>
 SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& epi, int64_t block, int64_t grid,
                                  BlockCtx ctx, acc_t* smem) {
   unsigned char* raw = reinterpret_cast<unsigned char*>(smem);
-  scalar_t* As = reinterpret_cast<scalar_t*>(raw);
-  scalar_t* Bs = As + Tile::BM * Tile::LDA;
+  scalar_t* ops = reinterpret_cast<scalar_t*>(raw);
   const WarpRole role = warp_role(ctx);
   const int64_t tiles_n = (g.N + Tile::BN - 1) / Tile::BN, tiles = ((g.M + Tile::BM - 1) / Tile::BM) * tiles_n;
 #ifdef __CUDA_ARCH__
   if constexpr (Tile::kHalf) {
-    float* scratch = reinterpret_cast<float*>(raw + ((Tile::kOperandBytes + 127) / 128) * 128);
+    float* scratch = reinterpret_cast<float*>(raw + Tile::kScratchOffset);
     for (int64_t t = block; t < tiles; t += grid) {
       const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
       WmmaAcc<scalar_t, Tile> acc;
       acc.zero();
-      for (int64_t k0 = 0; k0 < g.K; k0 += Tile::BK) {
-        gemm_stage<Tile>(g, ctx, row0, col0, k0, As, Bs);
-        ctx.sync();
-        acc.mma(role, As, Bs);
-        ctx.sync();
-      }
+      gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
       acc.epilogue(role, row0, col0, g.M, g.N, epi, scratch);
     }
     return;
@@ -249,12 +338,7 @@ SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& 
     const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
     ScalarAcc<acc_t, Tile> acc;
     acc.zero();
-    for (int64_t k0 = 0; k0 < g.K; k0 += Tile::BK) {
-      gemm_stage<Tile>(g, ctx, row0, col0, k0, As, Bs);
-      ctx.sync();
-      acc.mma(role, As, Bs);
-      ctx.sync();
-    }
+    gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
     acc.epilogue(role, row0, col0, g.M, g.N, epi);
   }
 }
