@@ -12,9 +12,11 @@ L knot intervals, d degree, n = L + d coefficients, N steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -55,7 +57,11 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
 # torchdiffeq peers (bench/peers.py).
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
 PEERS = ("torchdiffeq", "torchdiffeq_adjoint")
-IMPL_NAMES = ("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + ("compiled",) + PEERS
+# "cuda+cublas": the CUDA backend with its dense large-width path forced onto cuBLAS
+# (SPLINET_DENSE_GEMM=cublas) instead of the fused blended GEMM it takes for bf16/fp16.
+VARIANT_IMPLS = {"cuda+cublas": ("cuda", {"SPLINET_DENSE_GEMM": "cublas"})}
+IMPL_NAMES = (("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + tuple(VARIANT_IMPLS)
+              + ("compiled",) + PEERS)
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,21 @@ class Impl:
     # False for a continuous adjoint (odeint_adjoint), whose gradients approximate the
     # discrete ones: only its output is checked against the reference.
     exact_grads: bool = True
+    # Environment variables set while this implementation runs (forward and backward).
+    env: Dict[str, str] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def environment(self):
+        old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _registry_entry(name: str):
@@ -298,12 +319,15 @@ def backend_impl(name: str) -> Impl:
     "cuda"), or "<backend>+ckpt" for the same with checkpointing."""
     impl_name, ckpt = name, name.endswith("+ckpt")
     name = name[: -len("+ckpt")] if ckpt else name
+    name, env = VARIANT_IMPLS.get(name, (name, {}))
 
     def build(case: Case) -> Callable:
         kwargs = {"checkpoint": checkpoint_interval(case)} if ckpt else {}
         return lambda x, weight, bias: case.run(x, weight, bias, backend=name, **kwargs)
 
     def skip(case: Case, device: torch.device) -> Optional[str]:
+        if env and (case.kind != "dense" or case.m <= 64 or case.torch_dtype not in (torch.bfloat16, torch.float16)):
+            return f"the same as {name!r} here (the GEMM choice is for bf16/fp16 dense layers wider than 64)"
         entry = _registry_entry(name)
         if entry is None:
             return None
@@ -325,7 +349,7 @@ def backend_impl(name: str) -> Impl:
             return f"backend {name!r} takes convolutions over {list(dims)} spatial dims"
         return None
 
-    return Impl(impl_name, build, skip)
+    return Impl(impl_name, build, skip, env=env)
 
 
 def reference_impl() -> Impl:
@@ -362,7 +386,8 @@ def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True
     ``compiled``), always with ``reference`` first since speedups are relative to it."""
     if names is None:
         fused = [b for b in sc.available_backends() if b != "reference"]
-        names = fused + [f"{b}+ckpt" for b in fused] + ["compiled", *PEERS]
+        variants = [v for v, (b, _) in VARIANT_IMPLS.items() if b in fused]
+        names = fused + [f"{b}+ckpt" for b in fused] + variants + ["compiled", *PEERS]
     unknown = [n for n in names if n not in IMPL_NAMES]
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; expected some of {list(IMPL_NAMES)}")

@@ -132,7 +132,8 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
         if reason is not None:
             rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=reason) for mode in MODES]
         else:
-            checked = _check_impl(case, impl, inputs, expected)
+            with impl.environment():
+                checked = _check_impl(case, impl, inputs, expected)
             if isinstance(checked, list):
                 rows += checked
             else:
@@ -149,7 +150,8 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
                 if (impl.name, mode) in failed:
                     continue
                 try:
-                    samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
+                    with impl.environment():
+                        samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
                 except Exception as err:  # reported on its row, not fatal
                     failed[(impl.name, mode)] = f"{type(err).__name__}: {err}".splitlines()[0]
     for impl, (_, built) in ready:
@@ -187,7 +189,8 @@ def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: t
             continue
         try:
             if device.type == "cuda":
-                row["peak_mb"] = peak_memory_cuda(impl.build(case), inputs)
+                with impl.environment():
+                    row["peak_mb"] = peak_memory_cuda(impl.build(case), inputs)
             elif not impl.compiled and impl.name in IMPL_NAMES:  # rebuilt by name in the subprocess
                 row["peak_mb"] = peak_memory_cpu(case, impl.name)
         except Exception as err:  # memory is extra information: never fatal

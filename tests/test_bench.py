@@ -151,3 +151,36 @@ def test_regressions_are_flagged(tiny_run, tmp_path):
     ok = [r for r in rows if r["status"] == run.OK]
     assert flagged == len(ok) and all("vs earlier.json" in r["regression"] for r in ok)
     assert "slower than the earlier results" in run.format_table(rows)
+
+
+def test_impl_environment_covers_forward_and_backward(tmp_path):
+    """An implementation's env (e.g. "cuda+cublas": SPLINET_DENSE_GEMM=cublas) is set while its
+    forward and its backward run, in the check and in every timed call, and restored after."""
+    import os
+
+    seen = []
+
+    def build(case):
+        ref = reference_impl().build(case)
+
+        def fn(x, weight, bias):
+            seen.append(os.environ.get("SPLINET_BENCH_PROBE"))
+            y = ref(x, weight, bias)
+            y.register_hook(lambda g: seen.append(os.environ.get("SPLINET_BENCH_PROBE")))
+            return y
+        return fn
+
+    result = run.main(TINY_ARGS + ["--cases", "tiny_dense", "--backends", "reference", "--out", str(tmp_path)],
+                      extra_impls=[Impl("probe", build, env={"SPLINET_BENCH_PROBE": "1"})])
+    assert [r["status"] for r in result["rows"] if r["impl"] == "probe"] == [run.OK] * len(MODES)
+    assert len(seen) > 2 and set(seen) == {"1"}
+    assert "SPLINET_BENCH_PROBE" not in os.environ
+
+
+def test_cublas_variant_only_where_it_differs():
+    from bench.cases import backend_impl
+
+    impl = backend_impl("cuda+cublas")
+    assert impl.env == {"SPLINET_DENSE_GEMM": "cublas"}
+    case = CASE_SETS["tiny"][0]  # float32 dense
+    assert "bf16/fp16" in impl.skip(case, torch.device("cpu"))
