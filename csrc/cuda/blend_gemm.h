@@ -31,9 +31,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#endif
-
-#if defined(__CUDACC__)
 #define SPLINET_UNROLL _Pragma("unroll")
 #else
 #define SPLINET_UNROLL
@@ -230,60 +227,36 @@ struct SliceRegs {
     return ctx.nthreads;
 #endif
   }
-  // (row, k) of A element e, (k, column) of B element e.
-  template <typename G>
-  SPLINET_HD static void a_index(const G& g, int64_t e, int& r, int& kk) {
-    r = g.a_mode == kRows ? e / Tile::BK : e % Tile::BM;
-    kk = g.a_mode == kRows ? e % Tile::BK : e / Tile::BM;
-  }
-  template <typename G>
-  SPLINET_HD static void b_index(const G& g, int64_t e, int& kk, int& c) {
-    const bool rows = g.b_mode == kRows || g.b_mode == kBlend;
-    kk = rows ? e / Tile::BN : e % Tile::BK;
-    c = rows ? e % Tile::BN : e / Tile::BK;
+  // f(q, row, k) for the thread's A elements, g(q, k, column) for its B elements.
+  template <typename acc_t, typename FA, typename FB>
+  SPLINET_HD static void each(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, FA fa, FB fb) {
+    const int64_t st = stride(ctx);
+    const bool a_rows = g.a_mode == kRows, b_rows = g.b_mode == kRows || g.b_mode == kBlend;
+    SPLINET_UNROLL
+    for (int q = 0; q < kA; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BM * Tile::BK) break;
+      fa(q, static_cast<int>(a_rows ? e / Tile::BK : e % Tile::BM), static_cast<int>(a_rows ? e % Tile::BK : e / Tile::BM));
+    }
+    SPLINET_UNROLL
+    for (int q = 0; q < kB; ++q) {
+      const int64_t e = ctx.tid + q * st;
+      if (e >= Tile::BK * Tile::BN) break;
+      fb(q, static_cast<int>(b_rows ? e / Tile::BN : e % Tile::BK), static_cast<int>(b_rows ? e % Tile::BN : e / Tile::BK));
+    }
   }
 
   // Global (or blended) values of the slice at k0.
   template <typename acc_t>
   SPLINET_HD void fetch(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, int64_t row0, int64_t col0,
                         int64_t k0) {
-    const int64_t st = stride(ctx);
-SPLINET_UNROLL
-    for (int q = 0; q < kA; ++q) {
-      const int64_t e = ctx.tid + q * st;
-      if (e >= Tile::BM * Tile::BK) break;
-      int r, kk;
-      a_index(g, e, r, kk);
-      a[q] = gemm_a(g, row0 + r, k0 + kk);
-    }
-SPLINET_UNROLL
-    for (int q = 0; q < kB; ++q) {
-      const int64_t e = ctx.tid + q * st;
-      if (e >= Tile::BK * Tile::BN) break;
-      int kk, c;
-      b_index(g, e, kk, c);
-      b[q] = gemm_b(g, k0 + kk, col0 + c);
-    }
+    each(g, ctx, [&](int q, int r, int kk) { a[q] = gemm_a(g, row0 + r, k0 + kk); },
+         [&](int q, int kk, int c) { b[q] = gemm_b(g, k0 + kk, col0 + c); });
   }
   template <typename acc_t>
   SPLINET_HD void store(const GemmArgs<scalar_t, acc_t>& g, const BlockCtx& ctx, scalar_t* As, scalar_t* Bs) const {
-    const int64_t st = stride(ctx);
-SPLINET_UNROLL
-    for (int q = 0; q < kA; ++q) {
-      const int64_t e = ctx.tid + q * st;
-      if (e >= Tile::BM * Tile::BK) break;
-      int r, kk;
-      a_index(g, e, r, kk);
-      As[r * Tile::LDA + kk] = a[q];
-    }
-SPLINET_UNROLL
-    for (int q = 0; q < kB; ++q) {
-      const int64_t e = ctx.tid + q * st;
-      if (e >= Tile::BK * Tile::BN) break;
-      int kk, c;
-      b_index(g, e, kk, c);
-      Bs[kk * Tile::LDB + c] = b[q];
-    }
+    each(g, ctx, [&](int q, int r, int kk) { As[r * Tile::LDA + kk] = a[q]; },
+         [&](int q, int kk, int c) { Bs[kk * Tile::LDB + c] = b[q]; });
   }
 };
 

@@ -121,19 +121,21 @@ class ConvLarge {
   void adjoint(int64_t i, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
     const int64_t E = cur_.numel();
     const bool sym = p_.variant == kSymmetric;
-    if (!kbar_.defined()) {
-      kbar_ = at::empty(c_.state_shape, cur_.options());
+    if (!kbar_st_.defined()) {
       kbar_st_ = at::empty(c_.state_shape, weight_.options());
       G_ = at::empty(c_.state_shape, weight_.options());
       P_ = at::empty(c_.state_shape, cur_.options());
     }
     for (int s = p_.S - 1; s >= 0; --s) {
-      ex_.for_each(E, combination(Rk::StageAdjoint, s, z, kbar_.data_ptr<acc_t>(),
-                                   sym ? kbar_st_.data_ptr<scalar_t>() : nullptr));
       // V = kbar, or -conv(kbar, K) (the adjoint of conv_transpose is conv) for the symmetric variant.
+      const CombineFn<scalar_t, acc_t> kbar =
+          combination(Rk::StageAdjoint, s, z, nullptr, kbar_st_.data_ptr<scalar_t>());
       at::Tensor vt;
-      if (sym) vt = conv(kbar_st_, s, false);
-      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
+      if (sym) {
+        ex_.for_each(E, kbar);
+        vt = conv(kbar_st_, s, false);
+      }
+      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar,
                                              sym ? vt.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
                                              G_.data_ptr<scalar_t>(), P_.data_ptr<acc_t>(),
                                              sym ? Y_.data_ptr<scalar_t>() : nullptr};
@@ -187,7 +189,7 @@ class ConvLarge {
   ConvSetup c_;
   DenseParams p_;
   at::Tensor weight_, bias_, scale_;
-  at::Tensor cur_, X_, A_, K_, filt_, bv_, Y_, kbar_, kbar_st_, G_, P_;
+  at::Tensor cur_, X_, A_, K_, filt_, bv_, Y_, kbar_st_, G_, P_;
 };
 
 inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

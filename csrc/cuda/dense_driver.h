@@ -200,8 +200,7 @@ class DenseLarge {
     const int64_t B = p_.B, m = p_.m, Bm = B * m;
     const bool sym = p_.variant == kSymmetric, antisym = p_.variant == kAntisymmetric;
     const auto at_ = cur_.options();
-    if (!kbar_.defined()) {
-      kbar_ = at::empty({B, m}, at_);
+    if (!kbar_st_.defined()) {
       kbar_st_ = at::empty({B, m}, weight_.options());
       G_ = at::empty({B, m}, weight_.options());
       P_ = at::empty({B, m}, at_);
@@ -214,13 +213,13 @@ class DenseLarge {
     }
     // K_ holds the slopes; from here on K_[s] is overwritten with dL/dX_s, last stage first.
     for (int s = p_.S - 1; s >= 0; --s) {
-      ex_.for_each(Bm, combination(Rk::StageAdjoint, s, z, kbar_.data_ptr<acc_t>(),
-                                   sym ? kbar_st_.data_ptr<scalar_t>() : nullptr));
+      const CombineFn<scalar_t, acc_t> kbar = combination(Rk::StageAdjoint, s, z, nullptr, ptr(kbar_st_));
       if (sym) {  // kbar W(t)^T
+        ex_.for_each(Bm, kbar);
         if (fused_) gemm(B, m, m, kbar_st_, kRows, nullptr, kBlendT, i, s, StoreEpi<scalar_t, acc_t>{m, nullptr, ptr(prod_)});
         else at::mm_out(prod_, kbar_st_, W_[s].t());
       }
-      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar_.data_ptr<acc_t>(),
+      AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar,
                                              sym ? prod_.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
                                              G_.data_ptr<scalar_t>(), P_.data_ptr<acc_t>(),
                                              sym ? Y_.data_ptr<scalar_t>() : nullptr};
@@ -379,7 +378,7 @@ class DenseLarge {
   int64_t gemm_tile_, wt_step_ = -1;
   int wt_stage_ = -1;
   std::vector<at::Tensor> X_;  // stage inputs (GEMM dtype)
-  at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_, kbar_st_, G_, P_, dW_, dW2_;
+  at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_st_, G_, P_, dW_, dW2_;
 };
 
 // The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).

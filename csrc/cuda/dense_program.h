@@ -103,9 +103,13 @@ struct CombineFn {
     K[nk] = Kj;
     c[nk++] = cj;
   }
-  SPLINET_HD void operator()(int64_t e) const {
+  SPLINET_HD acc_t value(int64_t e) const {
     acc_t v = c0 * base[e];
     for (int j = 0; j < nk; ++j) v = mul_add(v, c[j], K[j][e]);
+    return v;
+  }
+  SPLINET_HD void operator()(int64_t e) const {
+    const acc_t v = value(e);
     if (out_acc) out_acc[e] = v;
     if (out_st) out_st[e] = static_cast<scalar_t>(v);
   }

@@ -60,12 +60,13 @@ struct NegScaleFn {
   SPLINET_HD void operator()(int64_t e) const { K[e] = -static_cast<acc_t>(scale[0]) * static_cast<acc_t>(prod[e]); }
 };
 
-// Adjoint through the activation: V = kbar (or -(kbar W^T)[e] for the symmetric variant),
-// G = lam act'(a) V (GEMM dtype), P = act(a) V (for dL/dlam), Y = act(a) (symmetric).
+// Adjoint through the activation: V = kbar, the stage's adjoint combination evaluated here
+// (or -(kbar W^T)[e] for the symmetric variant), G = lam act'(a) V (GEMM dtype),
+// P = act(a) V (for dL/dlam), Y = act(a) (symmetric).
 template <typename scalar_t, typename acc_t, Act ACT>
 struct AdjointActFn {
   const acc_t* A;
-  const acc_t* kbar;
+  CombineFn<scalar_t, acc_t> kbar;  // Rk::StageAdjoint
   const scalar_t* VT;  // symmetric: kbar W^T
   const scalar_t* scale;
   scalar_t* G;
@@ -73,7 +74,7 @@ struct AdjointActFn {
   scalar_t* Y;
   SPLINET_HD void operator()(int64_t e) const {
     const acc_t a = A[e], y = Activation<ACT>::f(a);
-    const acc_t v = VT ? -static_cast<acc_t>(VT[e]) : kbar[e];
+    const acc_t v = VT ? -static_cast<acc_t>(VT[e]) : kbar.value(e);
     P[e] = y * v;
     G[e] = static_cast<scalar_t>(act_grad<ACT>(a, y, v, static_cast<acc_t>(scale[0])));
     if (Y) Y[e] = static_cast<scalar_t>(y);
