@@ -120,25 +120,33 @@ template <typename acc_t, typename Tile>
 struct ScalarAcc {
   acc_t v[kRoleWarps][kRoleLanes][Tile::kPerLane];
 
+  // Slot of the a-th warp and l-th lane a thread plays (always 0, 0 on the GPU, so that the
+  // accumulators are indexed by compile-time constants and stay in registers).
+  SPLINET_HD static int slot(int i, int count) { return count == 1 ? 0 : i; }
+
   SPLINET_HD void zero() {
     for (int a = 0; a < kRoleWarps; ++a)
       for (int l = 0; l < kRoleLanes; ++l)
+        SPLINET_UNROLL
         for (int q = 0; q < Tile::kPerLane; ++q) v[a][l][q] = acc_t(0);
   }
   template <typename scalar_t>
   SPLINET_HD void mma(const WarpRole& role, const scalar_t* As, const scalar_t* Bs) {
     for (int wp = role.first, a = 0; wp < kGemmWarps; wp += role.step, ++a) {
       const int r0 = (wp / kGemmWarpsN) * Tile::WM, c0 = (wp % kGemmWarpsN) * Tile::WN;
+      acc_t(*va)[Tile::kPerLane] = v[slot(a, kRoleWarps)];
       for (int l = 0; l < role.lanes; ++l) {
         const int lane = role.lane + l;
-        for (int q = 0; q < Tile::kPerLane; ++q) {
-          const int t = q * 32 + lane, r = r0 + t / Tile::WN, c = c0 + t % Tile::WN;
-          acc_t s = v[a][l][q];
-          for (int kk = 0; kk < Tile::BK; ++kk)
-            s += static_cast<acc_t>(As[r * Tile::LDA + kk]) * static_cast<acc_t>(Bs[kk * Tile::LDB + c]);
-          v[a][l][q] = s;
+        acc_t* vl = va[slot(l, kRoleLanes)];
+        for (int kk = 0; kk < Tile::BK; ++kk) {
+          SPLINET_UNROLL
+          for (int q = 0; q < Tile::kPerLane; ++q) {
+            const int t = q * 32 + lane, r = r0 + t / Tile::WN, c = c0 + t % Tile::WN;
+            vl[q] += static_cast<acc_t>(As[r * Tile::LDA + kk]) * static_cast<acc_t>(Bs[kk * Tile::LDB + c]);
+          }
         }
       }
+      if (kRoleWarps == 1) break;
     }
   }
   template <typename Epi>
@@ -146,12 +154,16 @@ struct ScalarAcc {
                            const Epi& epi) const {
     for (int wp = role.first, a = 0; wp < kGemmWarps; wp += role.step, ++a) {
       const int r0 = (wp / kGemmWarpsN) * Tile::WM, c0 = (wp % kGemmWarpsN) * Tile::WN;
-      for (int l = 0; l < role.lanes; ++l)
+      for (int l = 0; l < role.lanes; ++l) {
+        const acc_t* vl = v[slot(a, kRoleWarps)][slot(l, kRoleLanes)];
+        SPLINET_UNROLL
         for (int q = 0; q < Tile::kPerLane; ++q) {
           const int t = q * 32 + role.lane + l;
           const int64_t i = row0 + r0 + t / Tile::WN, j = col0 + c0 + t % Tile::WN;
-          if (i < M && j < N) epi(i, j, v[a][l][q]);
+          if (i < M && j < N) epi(i, j, vl[q]);
         }
+      }
+      if (kRoleWarps == 1) break;
     }
   }
 };
@@ -167,7 +179,9 @@ struct WmmaAcc {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[Tile::FM][Tile::FN];
 
   __device__ void zero() {
+    SPLINET_UNROLL
     for (int fi = 0; fi < Tile::FM; ++fi)
+      SPLINET_UNROLL
       for (int fj = 0; fj < Tile::FN; ++fj) nvcuda::wmma::fill_fragment(f[fi][fj], 0.0f);
   }
   __device__ void mma(const WarpRole& role, const scalar_t* As_, const scalar_t* Bs_) {
@@ -175,12 +189,16 @@ struct WmmaAcc {
     const T* As = reinterpret_cast<const T*>(As_);
     const T* Bs = reinterpret_cast<const T*>(Bs_);
     const int r0 = (role.first / kGemmWarpsN) * Tile::WM, c0 = (role.first % kGemmWarpsN) * Tile::WN;
+    SPLINET_UNROLL
     for (int kk = 0; kk < Tile::BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Tile::FM];
+      SPLINET_UNROLL
       for (int fi = 0; fi < Tile::FM; ++fi) wmma::load_matrix_sync(a[fi], As + (r0 + fi * 16) * Tile::LDA + kk, Tile::LDA);
+      SPLINET_UNROLL
       for (int fj = 0; fj < Tile::FN; ++fj) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
         wmma::load_matrix_sync(b, Bs + kk * Tile::LDB + c0 + fj * 16, Tile::LDB);
+        SPLINET_UNROLL
         for (int fi = 0; fi < Tile::FM; ++fi) wmma::mma_sync(f[fi][fj], a[fi], b, f[fi][fj]);
       }
     }
@@ -192,7 +210,9 @@ struct WmmaAcc {
     using namespace nvcuda;
     const int r0 = (role.first / kGemmWarpsN) * Tile::WM, c0 = (role.first % kGemmWarpsN) * Tile::WN;
     float* mine = scratch + role.first * 256;
+    SPLINET_UNROLL
     for (int fi = 0; fi < Tile::FM; ++fi)
+      SPLINET_UNROLL
       for (int fj = 0; fj < Tile::FN; ++fj) {
         wmma::store_matrix_sync(mine, f[fi][fj], 16, wmma::mem_row_major);
         __syncwarp();
@@ -304,15 +324,16 @@ SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& 
       gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
       acc.epilogue(role, row0, col0, g.M, g.N, epi, scratch);
     }
-    return;
-  }
+  } else  // (the scalar path is not compiled for 16-bit dtypes on the GPU)
 #endif
-  for (int64_t t = block; t < tiles; t += grid) {
-    const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
-    ScalarAcc<acc_t, Tile> acc;
-    acc.zero();
-    gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
-    acc.epilogue(role, row0, col0, g.M, g.N, epi);
+  {
+    for (int64_t t = block; t < tiles; t += grid) {
+      const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
+      ScalarAcc<acc_t, Tile> acc;
+      acc.zero();
+      gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
+      acc.epilogue(role, row0, col0, g.M, g.N, epi);
+    }
   }
 }
 
