@@ -50,8 +50,8 @@ def _extension():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["sources"] = sources + rel("csrc/cuda/*.cu")
         return CUDAExtension(
-            sources=sources + rel("csrc/cuda/*.cu"),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
             **kwargs,
@@ -59,15 +59,17 @@ def _extension():
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
 
 
-setup(
-    name="splinet_cuda",
-    version="0.1.0",
-    description="Fused CPU, CUDA and Triton kernels for spline-weighted neural-ODE layers (SpliNet)",
-    packages=["splinet_cuda", "triton_kernels"],
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "scipy"], "bench": ["pytest-benchmark", "matplotlib"]},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # tests/test_build.py imports this file to check _extension()
+    setup(
+        name="splinet_cuda",
+        version="0.1.0",
+        description="Fused CPU, CUDA and Triton kernels for spline-weighted neural-ODE layers (SpliNet)",
+        packages=["splinet_cuda", "triton_kernels"],
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.11", "numpy"],
+        extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "scipy"],
+                        "bench": ["pytest-benchmark", "matplotlib"]},
+        zip_safe=False,
+    )

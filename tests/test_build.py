@@ -1,0 +1,56 @@
+"""setup.py's extension: the CPU build always, the CUDA build (every csrc/cuda/*.cu, WITH_CUDA)
+when asked for. The CUDA build itself needs a CUDA build of torch; this checks the
+configuration that pip would hand to it, which runs anywhere a CUDA toolkit is found."""
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_setup(monkeypatch, **env):
+    for k in ("FORCE_CUDA", "FORCE_ONLY_CPU"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    spec = importlib.util.spec_from_file_location("splinet_setup", REPO / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: setup() does not run
+    return mod
+
+
+def test_cpu_extension(monkeypatch):
+    ext = load_setup(monkeypatch, FORCE_ONLY_CPU="1")._extension()
+    assert ext.name == "splinet_cuda._C"
+    assert not any(s.endswith(".cu") for s in ext.sources)
+    assert "csrc/splinet_ops.cpp" in ext.sources and any(s.startswith("csrc/cpu/") for s in ext.sources)
+
+
+def cuda_toolkit():
+    """A CUDA toolkit's root: torch's CUDA_HOME, $CUDA_HOME, or /usr/local/cuda*."""
+    from torch.utils import cpp_extension
+
+    roots = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME")]
+    roots += [str(Path(p).parent.parent) for p in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)]
+    return next((r for r in roots if r and (Path(r) / "bin" / "nvcc").exists()), None)
+
+
+def test_cuda_extension_configuration(monkeypatch):
+    """The configuration of the CUDA build (a CPU torch and no GPU are enough to check it;
+    a broken one once made `pip install .` fail on every GPU machine)."""
+    from torch.utils import cpp_extension
+
+    root = cuda_toolkit()
+    if root is None:
+        pytest.skip("no CUDA toolkit found")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", root)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    ext = load_setup(monkeypatch, FORCE_CUDA="1")._extension()
+    cu = sorted(s for s in ext.sources if s.endswith(".cu"))
+    assert cu == sorted(str(p.relative_to(REPO)) for p in (REPO / "csrc" / "cuda").glob("*.cu"))
+    assert any(s.startswith("csrc/cpu/") for s in ext.sources)  # the CPU kernels too
+    assert ("WITH_CUDA", None) in ext.define_macros
+    assert "-DWITH_CUDA" in ext.extra_compile_args["cxx"] and "nvcc" in ext.extra_compile_args
