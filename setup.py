@@ -37,7 +37,9 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # -fno-trapping-math lets the compiler vectorise compare-and-select loops (ReLU masks);
     # it does not change any computed value.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
+    # No -std flag: torch's BuildExtension adds the C++ standard its headers need (C++20 from
+    # torch 2.13 on; torch 2.14's headers do not compile as C++17).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if sys.platform == "darwin":
         cxx.remove("-fopenmp")
     kwargs = dict(
@@ -49,7 +51,7 @@ def _extension():
     )
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["sources"] = sources + rel("csrc/cuda/*.cu")
         return CUDAExtension(
             define_macros=[("WITH_CUDA", None)],

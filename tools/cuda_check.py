@@ -90,7 +90,7 @@ def main() -> int:
         obj = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.o")
         keep = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.keep")
         os.makedirs(keep, exist_ok=True)
-        cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-O1", "--expt-relaxed-constexpr",
+        cmd = [nvcc, "-c", src, "-o", obj, "-std=c++20", "-O1", "--expt-relaxed-constexpr",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-DWITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                "-Xcudafe", "--diag_suppress=20012",
                # A __host__ function called from __host__ __device__ code is only a warning by
