@@ -620,11 +620,16 @@ FUSED_CFGS = [
 def test_named_backend_matches_reference(cfg, backend):
     if backend not in sc.available_backends():
         pytest.skip(f"backend {backend!r} is not built here")
+    # CUDA tensors for the GPU backends when there is a GPU (triton runs CPU tensors under
+    # its interpreter); the cuda backend takes CUDA tensors only.
+    device = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    if backend == "cuda" and device == "cpu":
+        pytest.skip("the cuda backend is built but there is no GPU")
     variant, scheme, act, d, L, N = cfg
     x, W, b = make_dense(3, 5, L + d, True, seed=13)
     kw = dict(steps=N, degree=d, activation=act, scheme=scheme, variant=variant,
               gamma=0.2 if variant == "antisymmetric" else 0.0)
-    leaves = [t.clone().requires_grad_(True) for t in (x, W, b, torch.tensor(0.9, dtype=DT))]
+    leaves = [t.to(device).clone().requires_grad_(True) for t in (x, W, b, torch.tensor(0.9, dtype=DT))]
     try:
         y = sc.spline_ode(*leaves, backend=backend, **kw)
     except (ValueError, NotImplementedError) as e:
@@ -634,7 +639,7 @@ def test_named_backend_matches_reference(cfg, backend):
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     y_ref = reference.spline_ode(*ref_leaves, **kw)
     torch.testing.assert_close(y, y_ref, **TOL)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=DT).reshape(y.shape)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=DT, device=y.device).reshape(y.shape)
     (y * probe).sum().backward()
     (y_ref * probe).sum().backward()
     for name, g, g_ref in zip(("x", "weight", "bias", "scale"), leaves, ref_leaves):
