@@ -236,8 +236,7 @@ class DenseLarge {
         // (and - (G^T X_s)^T for the antisymmetric variant, - lam act(a)^T kbar for the
         // symmetric one); the bias gradient from the column sums of G.
         gemm(B, m, m, G_, kRows, nullptr, kBlend, i, s, StoreEpi<scalar_t, acc_t>{m, ptr_acc(K_[s]), nullptr});
-        SlotScatterEpi<scalar_t, acc_t> gw{p_.d, sc.k, {}, m, acc_t(1), nullptr, gW.data_ptr<acc_t>()};
-        for (int64_t r = 0; r <= p_.d; ++r) gw.w[r] = sc.w[r];
+        SlotScatterEpi<scalar_t, acc_t> gw{sc, m, acc_t(1), nullptr};
         gemm(m, m, B, G_, kCols, &X_[s], kRows, i, s, gw);
         if (antisym) {
           gw.sign = acc_t(-1);
@@ -336,10 +335,10 @@ class DenseLarge {
     g.b = b ? ptr(*b) : nullptr;
     g.ldb = p_.m;
     g.b_mode = b_mode;
-    g.p = p_;
-    g.weight = ptr(weight_);
-    g.kc = stage_basis(p_, i, s, g.w);
     if (b_mode == kBlend || b_mode == kBlendT) {
+      g.p = p_;
+      g.weight = ptr(weight_);
+      g.kc = stage_basis(p_, i, s, g.w);
       const int64_t row_tiles = (M + (big ? 127 : 63)) / (big ? 128 : 64);
       const int64_t reads = (p_.d + 1) * (p_.variant == kAntisymmetric ? 2 : 1);
       if (row_tiles * reads > reads + 1 + row_tiles) {

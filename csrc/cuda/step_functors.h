@@ -97,12 +97,16 @@ struct ScatterFn {
   const scalar_t* scale;
   acc_t* gW;
   acc_t* gb;
+  // Entry e of the stage's weight gradient, dw, into the d + 1 slots.
+  SPLINET_HD void add_weight(int64_t e, acc_t dw) const {
+    for (int64_t r = 0; r <= d; ++r) gW[(k + r) * wsize + e] = mul_add(gW[(k + r) * wsize + e], w[r], dw);
+  }
   SPLINET_HD void operator()(int64_t e) const {
     if (e < wsize) {
       acc_t dw = static_cast<acc_t>(dW[e]);
       if (antisym_m) dw = dw - static_cast<acc_t>(dW[(e % antisym_m) * antisym_m + e / antisym_m]);
       if (dW2) dw = mul_add(dw, -static_cast<acc_t>(scale[0]), static_cast<acc_t>(dW2[e]));
-      for (int64_t r = 0; r <= d; ++r) gW[(k + r) * wsize + e] = mul_add(gW[(k + r) * wsize + e], w[r], dw);
+      add_weight(e, dw);
     } else if (gb) {
       const int64_t j = e - wsize;
       for (int64_t r = 0; r <= d; ++r) gb[(k + r) * bsize + j] = mul_add(gb[(k + r) * bsize + j], w[r], colsum[j]);
@@ -169,22 +173,19 @@ struct StoreEpi {
 };
 
 // Eq. 23 in the epilogue of a weight-gradient product v = (P^T Q)[i, j] summed over the
-// batch: sign v (times lam when scale is set) added to the d + 1 slots k .. k + d of the
-// m x m coefficient gradients with the stage's basis weights. One entry per thread and
-// launch, so no atomics.
+// batch: sign v (times lam when scale is set) added to the d + 1 slots of the m x m
+// coefficient gradients by the stage's ScatterFn. One entry per thread and launch, so no
+// atomics.
 template <typename scalar_t, typename acc_t>
 struct SlotScatterEpi {
-  int64_t d, k;
-  acc_t w[kMaxDegree + 1];
+  ScatterFn<scalar_t, acc_t> slots;  // wsize = m^2
   int64_t m;
   acc_t sign;
   const scalar_t* scale;
-  acc_t* gW;
   SPLINET_HD void operator()(int64_t i, int64_t j, acc_t v) const {
-    const int64_t e = i * m + j, mm = m * m;
     acc_t dw = sign * v;
     if (scale) dw = dw * static_cast<acc_t>(scale[0]);
-    for (int64_t r = 0; r <= d; ++r) gW[(k + r) * mm + e] = mul_add(gW[(k + r) * mm + e], w[r], dw);
+    slots.add_weight(i * m + j, dw);
   }
 };
 
