@@ -3,8 +3,9 @@ and a future pytest-benchmark suite.
 
 A case is one SpliNet layer call (SPEC 1-2) at fixed sizes; an implementation is a way to
 run it: each fused backend through ``sc.spline_ode(..., backend=name)``, the eager
-pure-PyTorch ``reference`` (the baseline of every speedup), and ``compiled``, the
-reference under ``torch.compile``. Before any timing, every implementation's output and
+pure-PyTorch ``reference`` (the baseline of every speedup), ``compiled``, the
+reference under ``torch.compile``, and on a GPU ``compiled+cudagraphs``, the same with
+``mode="reduce-overhead"`` (CUDA graphs). Before any timing, every implementation's output and
 gradients are checked against the reference evaluated in float64 (:func:`check_agreement`).
 
 Legend: B batch, m width (dense), C channels (conv), W/H/D spatial sizes, k kernel size,
@@ -27,7 +28,7 @@ __all__ = [
     "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "IMPL_NAMES",
     "make_inputs", "loss_fn", "forward_backward", "oracle_outputs", "check_agreement",
     "backend_impl", "reference_impl", "compiled_impl", "default_impls", "checkpoint_interval",
-    "FUSED_BACKENDS", "PEERS",
+    "FUSED_BACKENDS", "PEERS", "COMPILED",
 ]
 
 # "fwd": the forward of a training step (inputs require grad, so whatever a backend saves
@@ -60,8 +61,10 @@ PEERS = ("torchdiffeq", "torchdiffeq_adjoint")
 # "cuda+cublas": the CUDA backend with its dense large-width path forced onto cuBLAS
 # (SPLINET_DENSE_GEMM=cublas) instead of the fused blended GEMM it takes for bf16/fp16.
 VARIANT_IMPLS = {"cuda+cublas": ("cuda", {"SPLINET_DENSE_GEMM": "cublas"})}
+# torch.compile of the reference: default mode, and "reduce-overhead" (CUDA graphs; GPU only).
+COMPILED = {"compiled": None, "compiled+cudagraphs": "reduce-overhead"}
 IMPL_NAMES = (("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + tuple(VARIANT_IMPLS)
-              + ("compiled",) + PEERS)
+              + tuple(COMPILED) + PEERS)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class Case:
             size = f"B={self.B} C={self.C} {'x'.join(map(str, self.spatial))} k={self.kernel}"
         extra = "" if self.scheme == "euler" else f" {self.scheme}"
         extra += "" if self.variant == "standard" else f" {self.variant}"
+        extra += "" if self.dtype == "float32" else f" {self.dtype}"
         return f"{size} L={self.L} d={self.d} N={self.N} {self.activation}{extra}"
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -189,6 +193,23 @@ SWEEP: List[Case] = (
 # The GPU's sweep adds the large widths.
 SWEEP_FULL: List[Case] = SWEEP + [_dense(f"width-{m}", 1024, m, 10, compile=False) for m in (2048, 4096)]
 
+# The GPU benchmark's short list (`make gpu-check`: about a minute on an H200), the closed
+# CUDA/Triton issues' targets in priority order, each case in its own dtype:
+# - dense1024_d3_bf16: the fused forward against N cuBLAS GEMMs of the same shape (the
+#   "of GEMM" column, target 80%), fwd+bwd against eager (2x); cuda vs cuda+cublas vs triton;
+#   torch.compile with CUDA graphs as the peer;
+# - width-4/16/64: m = 4-64, B = 4096, N = 100, fp32 fwd+bwd against eager (20x), backward
+#   peak memory against eager (a third);
+# - conv2d_16: fp32 fwd+bwd against eager (10x); conv2d_64_bf16: Triton conv2d fwd+bwd
+#   against eager (2x); conv2d_256: the forward against N cuDNN convolutions (within 1.2x).
+GPU: List[Case] = [
+    _dense("dense1024_d3_bf16", 4096, 1024, 16, d=3, L=8, dtype="bfloat16", memory=True),
+    *[_dense(f"width-{m}", 4096, m, 100, compile=False, memory=True) for m in (4, 16, 64)],
+    _conv("conv2d_16", 64, 16, (32, 32), 32, compile=False, memory=True),
+    _conv("conv2d_64_bf16", 64, 64, (32, 32), 16, dtype="bfloat16", compile=False),
+    _conv("conv2d_256", 64, 256, (32, 32), 16, compile=False),
+]
+
 # Seconds in total, for tests of the harness itself.
 TINY: List[Case] = [
     _dense("tiny_dense", 8, 4, 4, L=2, d=1, memory=True),
@@ -197,7 +218,7 @@ TINY: List[Case] = [
 ]
 
 CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL, "sweep": SWEEP,
-                                    "sweep-full": SWEEP_FULL}
+                                    "sweep-full": SWEEP_FULL, "gpu": GPU}
 
 
 # --------------------------------------------------------------------------------------
@@ -362,43 +383,60 @@ def reference_impl() -> Impl:
     return Impl("reference", build)
 
 
-def compiled_impl() -> Impl:
-    """``torch.compile(fullgraph=True)`` of the reference, the N steps unrolled into one graph.
+def compiled_impl(name: str = "compiled") -> Impl:
+    """``torch.compile(fullgraph=True)`` of the reference, the N steps unrolled into one graph;
+    ``name`` "compiled+cudagraphs" adds ``mode="reduce-overhead"`` (CUDA graphs, GPU only).
 
     Dynamo's caches are reset for every case, so each build pays a full trace (Inductor's
     on-disk cache may still shorten code generation on a second run)."""
+    mode = COMPILED[name]
 
     def build(case: Case) -> Callable:
         torch._dynamo.reset()
         # The "bwd" mode runs the backward of one forward repeatedly (retain_graph), which
         # AOTAutograd's donated buffers forbid.
         torch._functorch.config.donated_buffer = False
-        return torch.compile(reference_impl().build(case), fullgraph=True)
+        fn = torch.compile(reference_impl().build(case), fullgraph=True, mode=mode)
+        if mode is None:
+            return fn
+
+        def graphed(x, weight, bias):
+            # Each call is a new step for the CUDA-graph trees; the output is copied out of the
+            # graph's static buffer (one small copy) because the next replay overwrites it.
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(x, weight, bias).clone()
+
+        return graphed
 
     def skip(case: Case, device: torch.device) -> Optional[str]:
+        if mode == "reduce-overhead" and torch.device(device).type != "cuda":
+            return "CUDA graphs need a GPU"
         return None if case.compile else "compile not requested for this case (use --full)"
 
-    return Impl("compiled", build, skip, compiled=True)
+    return Impl(name, build, skip, compiled=True)
 
 
 def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True) -> List[Impl]:
     """The implementations to compare: ``names`` (default: every built backend, then
-    ``compiled``), always with ``reference`` first since speedups are relative to it."""
+    ``compiled``, and ``compiled+cudagraphs`` where a GPU is visible), always with
+    ``reference`` first since speedups are relative to it. ``compile=False`` drops the
+    compiled ones."""
     if names is None:
         fused = [b for b in sc.available_backends() if b != "reference"]
         variants = [v for v, (b, _) in VARIANT_IMPLS.items() if b in fused]
-        names = fused + [f"{b}+ckpt" for b in fused] + variants + ["compiled", *PEERS]
+        graphs = ["compiled+cudagraphs"] if torch.cuda.is_available() else []
+        names = fused + [f"{b}+ckpt" for b in fused] + variants + ["compiled", *graphs, *PEERS]
     unknown = [n for n in names if n not in IMPL_NAMES]
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; expected some of {list(IMPL_NAMES)}")
     impls = [reference_impl()]
     for name in dict.fromkeys(names):
-        if name == "reference" or (name == "compiled" and not compile):
+        if name == "reference" or (name in COMPILED and not compile):
             continue
         if name in PEERS:
             from bench.peers import torchdiffeq_impl
 
             impls.append(torchdiffeq_impl(adjoint=name.endswith("adjoint")))
         else:
-            impls.append(compiled_impl() if name == "compiled" else backend_impl(name))
+            impls.append(compiled_impl(name) if name in COMPILED else backend_impl(name))
     return impls

@@ -230,12 +230,20 @@ def _inductor_cache_counts():
 
 
 def run_benchmarks(cases: Sequence[Case], impls: Sequence[Impl], device: torch.device,
-                   min_run_time: float, progress: bool = True) -> List[dict]:
-    """Rows of every case (see :func:`bench_case`), with a tqdm bar over case x implementation."""
+                   min_run_time: float, progress: bool = True, budget: Optional[float] = None) -> List[dict]:
+    """Rows of every case (see :func:`bench_case`), with a tqdm bar over case x implementation.
+    With a ``budget`` (seconds), the cases not yet started when it is spent (never the first)
+    get SKIPPED rows, so a run under a hard time limit still writes its results."""
     rows: List[dict] = []
+    start = time.perf_counter()
     with tqdm(total=len(cases) * len(impls), desc="bench", unit="impl", disable=not progress,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for case in cases:
+        for i, case in enumerate(cases):
+            if budget is not None and i > 0 and time.perf_counter() - start > budget:
+                note = f"time budget of {budget:g} s spent before this case"
+                rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=note) for impl in impls for mode in MODES]
+                bar.update(len(impls))
+                continue
             rows += bench_case(case, impls, device, min_run_time, bar)
     return rows
 
@@ -482,7 +490,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to run on")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="dtype of every case (default: each case's own; float32 unless the case list says)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--sizes", choices=list(CASE_SETS), default="quick", help="which case list to run")
     sizes.add_argument("--quick", dest="sizes", action="store_const", const="quick", help="same as --sizes quick")
@@ -501,6 +510,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "file in --out for this device and dtype; 'none': no comparison")
     p.add_argument("--memory", action="store_true", help="measure peak memory on every case (default: marked cases)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no new case starts (the rest are reported SKIPPED)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cases and implementations that would run, time nothing (needs no GPU)")
     return p.parse_args(argv)
 
 
@@ -520,8 +533,10 @@ def main(argv: Optional[Sequence[str]] = None, extra_impls: Sequence[Impl] = ())
 
 
 def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[Impl]) -> dict:
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         raise SystemExit("--device cuda: no CUDA device is available to this PyTorch build")
+    if args.budget is not None and args.budget <= 0:
+        raise SystemExit(f"--budget must be > 0 seconds, got {args.budget}")
     names = None if args.backends is None else [n.strip() for n in args.backends.split(",") if n.strip()]
     try:
         impls = default_impls(names, compile=not args.no_compile) + list(extra_impls)
@@ -535,11 +550,23 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
             raise SystemExit(f"--cases: unknown {sorted(unknown)} in --sizes {args.sizes}; "
                              f"known: {[c.name for c in cases]}")
         cases = [c for c in cases if c.name in keep]
-    cases = [replace(c, dtype=args.dtype, memory=c.memory or args.memory) for c in cases]
+    cases = [replace(c, dtype=args.dtype or c.dtype, memory=c.memory or args.memory) for c in cases]
+    dtypes = sorted({c.dtype for c in cases})
+    dtype = dtypes[0] if len(dtypes) == 1 else "mixed"
+    if args.dry_run:
+        return _dry_run(cases, impls, device, args)
+    if device.type == "cuda":
+        # float32 means float32: without this cuDNN convolutions run in TF32, and the float32
+        # reference itself misses the float64 oracle's tolerance.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
-    meta = metadata(device, args.dtype, args.sizes)
+    meta = metadata(device, dtype, args.sizes)
+    if device.type == "cuda":
+        meta["tf32"] = False
     start = time.perf_counter()
-    rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress)
+    rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress,
+                          budget=args.budget)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     stem = results_stem(meta)
     earlier = None
@@ -551,11 +578,26 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
         meta["compared_with"] = earlier.name
         compare(rows, earlier)
     paths = write_results(rows, meta, args.out)
-    print(f"\nsplinet_cuda benchmark: {meta['device_name']} ({meta['device']}), {args.dtype}, "
+    print(f"\nsplinet_cuda benchmark: {meta['device_name']} ({meta['device']}), {dtype}, "
           f"torch {meta['torch']}, {meta['threads']} threads, git {meta['git_sha']}\n")
     print(format_table(rows))
     print(f"\n{meta['wall_s']} s; wrote {', '.join(str(p) for p in paths.values())}")
     return {"meta": meta, "rows": rows, "paths": paths}
+
+
+def _dry_run(cases: Sequence[Case], impls: Sequence[Impl], device: torch.device, args: argparse.Namespace) -> dict:
+    """Prints what a run would do (cases, implementations, and why one would be skipped)."""
+    plan = []
+    print(f"python -m bench dry run: {len(cases)} cases x {len(impls)} implementations on {device}, "
+          f"--sizes {args.sizes}, min run time {args.min_run_time} s per mode"
+          + (f", budget {args.budget:g} s" if args.budget else "") + f"; results would go to {args.out}")
+    for case in cases:
+        print(f"  {case.name:<20} {case.kind:<5} {case.shape}" + ("  [peak memory]" if case.memory else ""))
+        for impl in impls:
+            reason = impl.skip(case, device)
+            plan.append({"case": case.name, "impl": impl.name, "skip": reason})
+            print(f"      {impl.name:<22} {'skipped: ' + reason if reason else 'runs'}")
+    return {"meta": None, "rows": [], "paths": {}, "plan": plan}
 
 
 if __name__ == "__main__":
