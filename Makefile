@@ -2,6 +2,9 @@
 #   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
 #   make bench       venv + deps + build + benchmark suite (table, results, plot)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
+#   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
+#                    then GPU tests, smoke, compute-sanitizer, torch.compile and bench steps
+#                    (tools/gpu_check.py; DRY_RUN=1 plans and checks the setup without a GPU)
 # On a machine whose python already has a CUDA torch with a visible GPU, the venv reuses
 # it (SYSTEM_TORCH=1, detected); otherwise it installs the CPU torch 2.13.0.
 PYTHON      ?= python3
@@ -38,7 +41,14 @@ cuda-check: setup
 	$(VPY) tools/cuda_check.py
 
 test: build cuda-check
+	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
 	$(VPY) -m pytest tests -q
+
+# No venv and no pip: the GPU machine's python3 already has a CUDA torch and the tools.
+GPU_CHECK_PYTHON ?= $(PYTHON)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py$(if $(filter 1 yes true,$(DRY_RUN)), --dry-run)
 
 bench: build
 	$(VPY) -m bench
