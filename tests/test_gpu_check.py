@@ -83,10 +83,13 @@ def test_plan_for_an_h200(tmp_path):
 
 def test_timeouts_fit_the_budget_and_the_call():
     assert set(gc.STEP_BUDGET) == {"build", "import", "tests", "smoke", "racecheck", "synccheck", "compile", "bench"}
-    assert all(t > 0 for t in gc.STEP_BUDGET.values())
-    assert sum(gc.STEP_BUDGET.values()) <= gc.BUDGET_S <= gc.CALL_LIMIT_S - 20
+    assert all(t > 0 for t in gc.STEP_BUDGET.values()) and gc.BUDGET_S <= gc.CALL_LIMIT_S - 20
     steps = h200_plan(Path("/tmp/unused"))
-    assert sum(s.timeout for s in steps) <= gc.BUDGET_S
+    assert [[s.name for s in b] for b in gc.batches(steps)] == [
+        ["build"], ["import"], ["tests"], ["smoke", "racecheck", "synccheck", "compile"], ["bench"]]
+    assert gc.planned_seconds(steps) == sum(gc.STEP_BUDGET[n] for n in ("build", "import", "tests", "bench")) + \
+        max(gc.STEP_BUDGET[n] for n in ("smoke", "racecheck", "synccheck", "compile"))
+    assert gc.planned_seconds(steps) <= gc.BUDGET_S
 
 
 def test_plan_without_optional_tools(tmp_path):
@@ -182,6 +185,19 @@ def test_a_failing_or_timed_out_step_does_not_stop_the_next(tmp_path):
         assert "\nState:\tZ" in state, state
     except FileNotFoundError:
         pass
+
+
+def test_a_group_runs_at_the_same_time(tmp_path):
+    sleep = lambda t: _py(f"import time; time.sleep({t}); print('slept')")
+    steps = [gc.Step("a", "", sleep(1.5), 10, group="g"), gc.Step("b", "", sleep(30), 2, group="g"),
+             gc.Step("c", "", _py("raise SystemExit(2)"), 10, group="g"), gc.Step("d", "", sleep(1.5), 10, group="g"),
+             gc.Step("e", "", _py("print('after')"), 10)]
+    start = time.monotonic()
+    results = gc.run_steps(steps, tmp_path, echo=lambda _: None)
+    wall = time.monotonic() - start
+    assert [r.status for r in results] == [gc.PASS, gc.TIMEOUT, gc.FAIL, gc.PASS, gc.PASS]
+    assert wall < 1.5 + 1.5 + 2 and results[1].seconds < 8  # a, b, d overlapped
+    assert "after" in results[4].tail
 
 
 def test_the_budget_caps_the_steps(tmp_path):

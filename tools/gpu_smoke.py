@@ -176,6 +176,7 @@ SANITIZER: List[Check] = [
 ]
 
 GROUPS = {"smoke": SMOKE, "sanitizer": SANITIZER}
+BACKEND_ORDER = ("cuda", "cuda+cublas", "triton")
 
 
 # ----------------------------------------------------------------------------------------
@@ -447,17 +448,22 @@ def select(groups: Sequence[str], names: Optional[Sequence[str]] = None) -> List
 def run_checks(checks: Sequence[Check], device: str, backends: Optional[Sequence[str]] = None,
                echo=print) -> List[Outcome]:
     """Every check on each of its backends (restricted to ``backends`` when given; a check
-    with none of them runs on ``backends`` instead, for the CPU harness tests)."""
+    with none of them runs on ``backends`` instead, for the CPU harness tests). The CUDA
+    backend's checks come first: the Triton ones start with JIT compiles, and a run cut
+    short by its timeout should still have covered the CUDA kernels."""
     import torch
 
-    results = []
+    pairs = []
     for c in checks:
         names = c.backends if backends is None else ([b for b in c.backends if b in backends] or list(backends))
-        for b in names:
-            results.append(run_check(c, b, device))
-            echo(format_outcome(results[-1]))
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
+        pairs += [(c, b) for b in names]
+    pairs.sort(key=lambda cb: BACKEND_ORDER.index(cb[1]) if cb[1] in BACKEND_ORDER else len(BACKEND_ORDER))
+    results = []
+    for c, b in pairs:
+        results.append(run_check(c, b, device))
+        echo(format_outcome(results[-1]))
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
