@@ -182,16 +182,17 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
 def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: torch.device,
                     rows: List[dict]) -> None:
     """Peak memory of one forward+backward per implementation that ran, on its fwd+bwd row:
-    CUDA's allocator peak in this process; on the CPU the peak RSS of a fresh subprocess."""
+    CUDA's allocator peak in this process; on the CPU the peak RSS of a fresh subprocess.
+    Compiled implementations are left out: measuring one would compile it a second time."""
     for impl in impls:
         (row,) = [r for r in rows if r["impl"] == impl.name and r["mode"] == "fwd+bwd"]
-        if row["status"] != OK:
+        if row["status"] != OK or impl.compiled:
             continue
         try:
             if device.type == "cuda":
                 with impl.environment():
                     row["peak_mb"] = peak_memory_cuda(impl.build(case), inputs)
-            elif not impl.compiled and impl.name in IMPL_NAMES:  # rebuilt by name in the subprocess
+            elif impl.name in IMPL_NAMES:  # rebuilt by name in the subprocess
                 row["peak_mb"] = peak_memory_cpu(case, impl.name)
         except Exception as err:  # memory is extra information: never fatal
             row["note"] = (row["note"] + f" memory: {type(err).__name__}: {err}").strip()

@@ -364,3 +364,21 @@ def test_bench_budget_skips_the_cases_left():
     assert by_case[first] == {run.OK} and rest  # the first case always runs
     assert all(by_case[c] == {run.SKIPPED} for c in rest)
     assert all("time budget" in r["note"] for r in rows if r["case"] in rest)
+
+
+def test_bench_memory_never_rebuilds_a_compiled_impl():
+    """On a GPU the peak-memory pass rebuilt every implementation, so a compiled one was
+    compiled twice per case (inside the GPU bench's time budget)."""
+    from bench import run
+    from bench.cases import CASE_SETS, Impl
+
+    built = []
+
+    def build(case):
+        built.append(case.name)
+        raise RuntimeError("built")
+
+    impls = [Impl("compiled-probe", build, compiled=True), Impl("plain-probe", build)]
+    rows = [{"impl": i.name, "mode": "fwd+bwd", "status": run.OK, "note": ""} for i in impls]
+    run._measure_memory(CASE_SETS["tiny"][0], impls, None, torch.device("cuda"), rows)
+    assert rows[0]["note"] == "" and "built" in rows[1]["note"] and len(built) == 1
