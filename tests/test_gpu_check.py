@@ -63,7 +63,7 @@ def test_plan_for_an_h200(tmp_path):
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0" and build.env["MAX_JOBS"] == "16"
     assert build.env["FORCE_CUDA"] == "1" and build.env["PIP_NO_INDEX"] == "1"
     tests = by["tests"].argv
-    assert tests[1:3] == ["-m", "pytest"] and "--timeout=60" in tests and tests[tests.index("-n") + 1] == "8"
+    assert tests[1:3] == ["-m", "pytest"] and "--timeout=60" in tests and "-v" in tests and tests[tests.index("-n") + 1] == "8"
     assert {"tests/test_cuda_dense.py", "tests/test_fused_dense.py", "tests/test_triton.py"} <= set(tests)
     assert tests[tests.index("-k") + 1] == "not emulated"
     assert any(a.startswith("--junitxml=" + str(tmp_path)) for a in tests)
@@ -248,6 +248,16 @@ def test_summary_junit_and_pack(tmp_path):
     assert "logs/tests-junit.xml" in names and "bench/gpu.png" in names
     kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert kept == ["bench/gpu.csv", "bench/gpu.json", "logs.tar.gz", "summary.json", "summary.md"]
+
+
+def test_pytest_progress_of_a_cut_run():
+    log = ("[gw0] [  1%] PASSED tests/test_cuda_dense.py::test_a[4]\n"
+           "[gw1] [  2%] FAILED tests/test_triton.py::test_b\n"
+           "tests/test_fused_dense.py::test_c[cuda-cuda] SKIPPED (no)\n"
+           "tests/test_fused_dense.py::test_d[cuda-cuda] ERROR\n")
+    assert gc.pytest_progress(log) == ("so far 1 passed, 1 failed, 1 errors, 1 skipped: "
+                                       "tests/test_fused_dense.py::test_d[cuda-cuda], tests/test_triton.py::test_b")
+    assert gc.pytest_progress("collecting ...") is None
 
 
 def test_dry_run_end_to_end(tmp_path):

@@ -276,7 +276,8 @@ def plan(python: str, out: Path, info: dict, *, cores: int, archs: str, nvcc: Op
              dry_note="GPU only (the test suite imports the package in CI)"),
     ]
     files = test_files()
-    pytest = [python, "-m", "pytest", *files, "-k", TEST_DESELECT, "-q", "-rfE", "-p", "no:cacheprovider",
+    # -v: one line per test as it ends, so a run stopped by its timeout still shows its failures.
+    pytest = [python, "-m", "pytest", *files, "-k", TEST_DESELECT, "-v", "-rfE", "-p", "no:cacheprovider",
               "--durations=15"]
     if modules.get("pytest_timeout"):
         pytest += [f"--timeout={PER_TEST_TIMEOUT_S}"]
@@ -539,6 +540,21 @@ def junit_counts(path: Path) -> Optional[str]:
     return f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped"
 
 
+def pytest_progress(text: str) -> Optional[str]:
+    """From a pytest -v log cut short (no junit file): "so far N passed, F failed: names"."""
+    import re
+
+    outcomes = re.findall(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", text)
+    if not outcomes:
+        return None
+    failed = re.findall(r"(?:FAILED|ERROR) (tests/\S+)|(tests/\S+) (?:FAILED|ERROR)", text)
+    names = sorted({a or b for a, b in failed})
+    counts = {k: outcomes.count(k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    head = f"so far {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors, " \
+           f"{counts['SKIPPED']} skipped"
+    return head + (": " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") if names else "")
+
+
 def write_summary(results: Sequence[Result], meta: dict, out: Path) -> str:
     """summary.md and summary.json in ``out``; returns the text to print: the log tails, then
     the header and the table (last, so that the end of the output shows it)."""
@@ -741,6 +757,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tests = next((r for r in results if r.name == "tests" and not args.dry_run), None)
     if tests is not None:
         counts = junit_counts(out / "logs" / "tests-junit.xml")
+        if counts is None:
+            counts = pytest_progress(Path(tests.log).read_text(errors="replace"))
         if counts:
             tests.note = f"{counts}; {tests.note}".strip("; ")
     meta["seconds"] = round(time.monotonic() - started, 1)
