@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -209,6 +210,7 @@ def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected):
         first_call_s = time.perf_counter() - start
         mismatch = check_agreement(actual, expected, case.torch_dtype, grads=impl.exact_grads)
     except Exception as err:  # an implementation that raises is reported, not fatal
+        traceback.print_exc()  # the row keeps one line; the log keeps where it came from
         note = f"{type(err).__name__}: {err}".splitlines()[0]
         return [_row(case, impl, mode, ERROR, agrees=False, note=note) for mode in MODES]
     built = {}

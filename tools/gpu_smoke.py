@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -319,9 +320,15 @@ def run_check(check: Check, backend: str, device: str) -> Outcome:
         if torch.cuda.device_count() < 2:
             return out(SKIP, None, f"{torch.cuda.device_count()} GPU: no second device")
         dev = torch.device("cuda", 1)
-    inputs = make_inputs(layer)
+    # Inputs rounded to the layer's dtype first: the reference then sees exactly what the
+    # backend sees, and the error measures the backend's arithmetic alone.
+    inputs = [None if t is None else t.to(_dtype(layer.dtype)).double() for t in make_inputs(layer)]
     with environment(check.env):
-        ref = call(layer, "reference", inputs, dev, "float64")
+        try:
+            ref = call(layer, "reference", inputs, dev, "float64")
+        except Exception as err:  # e.g. a sticky CUDA error left by an earlier check
+            traceback.print_exc()
+            return out(FAIL, None, f"the reference failed: {type(err).__name__}: {err}".splitlines()[0][:300])
         try:
             if check.mode == "stream":
                 got, again = _on_busy_stream(layer, backend, inputs, dev), None
@@ -334,9 +341,11 @@ def run_check(check: Check, backend: str, device: str) -> Outcome:
                 torch.cuda.synchronize(dev)
         except (ValueError, TypeError, NotImplementedError) as err:
             # Rejected by the argument checks, before any kernel ran.
+            traceback.print_exc()
             return out(REJECTED if check.optional else FAIL, None,
                        f"{type(err).__name__}: {err}".splitlines()[0][:300])
         except Exception as err:  # a kernel or launch error: this check fails, the others still run
+            traceback.print_exc()
             return out(FAIL, None, f"{type(err).__name__}: {err}".splitlines()[0][:300])
     ok, err, note = compare(got, ref, layer.dtype)
     if check.mode == "device2" and ok:
@@ -409,6 +418,7 @@ def run_compile_checks(device: str, backends: Sequence[str], echo=print) -> List
                 status = PASS if not notes else FAIL
                 note = "; ".join(notes)
             except Exception as err:
+                traceback.print_exc()
                 status, worst, note = FAIL, None, f"{type(err).__name__}: {err}".splitlines()[0][:300]
             results.append(Outcome(name, backend, status, worst, round(time.perf_counter() - start, 3), note,
                                    f"batches {[s[0] for s in shapes]}"))
