@@ -109,17 +109,18 @@ def _conv(B, C, spatial, **kw) -> Layer:
 
 CT = ("cuda", "triton")
 SMOKE: List[Check] = [
-    # Small-width dense program (one block per batch tile of TB rows, TB = 1024 / m halved
-    # until the backward fits 100 KB): W(t), bias and TB x m stage buffers in shared memory.
-    Check("dense-small-m64-rk4-f32", _dense(1000, 64, L=4, d=3, N=6, scheme="rk4"), CT,
+    # Small-width dense program: one block per batch tile of TB rows, W(t), bias and TB x m
+    # stage buffers in shared memory; TB = min(1024 / m, B / SMs) halved until the backward
+    # fits 100 KB, so only a large batch (B >= 132 TB on an H200) gets the large tiles.
+    Check("dense-small-m64-rk4-f32", _dense(4096, 64, L=4, d=3, N=6, scheme="rk4"), CT,
           "cuda: TB=16, fwd 62 KB, bwd 86 KB; triton: the width 33-64 rk4 d=3 trajectory kernel"),
-    Check("dense-small-m64-euler-f64", _dense(300, 64, L=3, d=2, N=5, variant="antisymmetric", activation="relu",
+    Check("dense-small-m64-euler-f64", _dense(4096, 64, L=3, d=2, N=5, variant="antisymmetric", activation="relu",
                                               dtype="float64"), CT, "cuda: TB=16, fwd and bwd 99 KB"),
-    Check("dense-small-m32-rk438-f64", _dense(257, 32, L=2, d=3, N=4, scheme="rk4_38", variant="symmetric",
+    Check("dense-small-m32-rk438-f64", _dense(8192, 32, L=2, d=3, N=4, scheme="rk4_38", variant="symmetric",
                                               activation="sigmoid", dtype="float64"), CT,
-          "cuda: fwd TB=32 99 KB, bwd TB=16 78 KB"),
-    Check("dense-small-m32-slots-f32", _dense(200, 32, L=5, d=3, N=7, scheme="rk4", activation="softplus"), CT,
-          "cuda: bwd 91 KB with the 17 KB cache of the d+1 gradient slots"),
+          "cuda: TB=16 (the backward's fit), fwd 54 KB, bwd 78 KB"),
+    Check("dense-small-m32-slots-f32", _dense(8192, 32, L=5, d=3, N=7, scheme="rk4", activation="softplus"), CT,
+          "cuda: TB=32, fwd 49 KB, bwd 91 KB with the 17 KB cache of the d+1 gradient slots"),
     # Fused blended GEMM: 128 x 128 tiles once the tiles reach the SM count.
     Check("dense-gemm128-bf16", _dense(4096, 1024, L=8, d=3, N=4, dtype="bfloat16"), CT + ("cuda+cublas",),
           "cuda: 128x128 wmma tile, 32x8 = 256 tiles > 132 SMs, 46 KB"),
