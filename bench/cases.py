@@ -193,8 +193,9 @@ SWEEP: List[Case] = (
 # The GPU's sweep adds the large widths.
 SWEEP_FULL: List[Case] = SWEEP + [_dense(f"width-{m}", 1024, m, 10, compile=False) for m in (2048, 4096)]
 
-# The GPU benchmark's short list (`make gpu-check`: about a minute on an H200), the closed
-# CUDA/Triton issues' targets in priority order, each case in its own dtype:
+# The GPU benchmark's short list (`make gpu-check`; planned for about a minute on an H200, not
+# yet measured): the CUDA and Triton backends' performance targets in priority order, each
+# case in its own dtype:
 # - dense1024_d3_bf16: the fused forward against N cuBLAS GEMMs of the same shape (the
 #   "of GEMM" column, target 80%), fwd+bwd against eager (2x); cuda vs cuda+cublas vs triton;
 #   torch.compile with CUDA graphs as the peer;

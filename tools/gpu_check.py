@@ -304,7 +304,7 @@ def plan(python: str, out: Path, info: dict, *, cores: int, archs: str, nvcc: Op
     bench = [python, "-m", "bench", "--device", "cuda", "--sizes", "gpu", "--backends", BENCH_BACKENDS,
              "--min-run-time", "0.03", "--budget", str(BENCH_BUDGET_S), "--no-progress",
              "--out", str(ROOT / "bench" / "results")]
-    steps.append(Step("bench", "the GPU benchmark, short mode (issue sizes; results in bench/results/)", bench,
+    steps.append(Step("bench", "the GPU benchmark, short mode (the target sizes; results in bench/results/)", bench,
                       STEP_BUDGET["bench"], gpu_env, dry_argv=bench + ["--dry-run"]))
     return steps
 
