@@ -45,10 +45,11 @@ test: build cuda-check
 	$(VPY) -m pytest tests -q
 
 # No venv and no pip: the GPU machine's python3 already has a CUDA torch and the tools.
+# GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--only build,tests".
 GPU_CHECK_PYTHON ?= $(PYTHON)
 .PHONY: gpu-check
 gpu-check:
-	$(GPU_CHECK_PYTHON) tools/gpu_check.py$(if $(filter 1 yes true,$(DRY_RUN)), --dry-run)
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py$(if $(filter 1 yes true,$(DRY_RUN)), --dry-run) $(GPU_CHECK_ARGS)
 
 bench: build
 	$(VPY) -m bench
