@@ -207,6 +207,9 @@ def parse_capability(text: str) -> Tuple[int, int]:
     return major, minor
 
 
+TOOL_PLACES = "PATH, $CUDA_HOME, /usr/local/cuda*"
+
+
 def find_tool(name: str, env: Optional[Dict[str, str]] = None) -> Optional[str]:
     """``name`` (nvcc, compute-sanitizer) on PATH, under $CUDA_HOME, or in /usr/local/cuda*."""
     env = os.environ if env is None else env
@@ -295,7 +298,7 @@ def plan(python: str, out: Path, info: dict, *, cores: int, archs: str, nvcc: Op
                 "--error-exitcode", "3", *smoke, "--group", "sanitizer", "--tag", tool]
         steps.append(Step(tool, f"compute-sanitizer {tool} on tiny shapes of every block program", argv,
                           STEP_BUDGET[tool], gpu_env,
-                          skip=None if sanitizer else "compute-sanitizer not found (PATH, $CUDA_HOME, /usr/local/cuda*)",
+                          skip=None if sanitizer else f"compute-sanitizer not found ({TOOL_PLACES})",
                           dry_argv=[sanitizer, "--version"] if sanitizer else None, classify=sanitizer_classify,
                           group=CHECKS_GROUP))
     steps.append(Step("compile", "torch.compile(fullgraph=True), default Inductor, on the cuda and triton backends",
@@ -373,8 +376,7 @@ def setup_problems(info: dict, nvcc: Optional[str], dry_run: bool) -> Tuple[List
         errors.append("no ninja binary on PATH (torch's extension builder needs it)")
     if nvcc is None:
         # Like `make cuda-check`, a dry run on a machine without a CUDA toolkit says so and passes.
-        (notes if dry_run else errors).append("nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda*): "
-                                              "the build step needs it")
+        (notes if dry_run else errors).append(f"nvcc not found ({TOOL_PLACES}): the build step needs it")
     if not info.get("torch_cuda"):
         (notes if dry_run else errors).append(f"torch {info.get('torch')} is not a CUDA build")
     if not info.get("devices"):
