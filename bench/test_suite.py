@@ -26,17 +26,20 @@ def test_layer(benchmark, case, impl, mode):
         pytest.skip(reason)
     inputs = make_inputs(case, DEVICE)
     fn = impl.build(case)
-    mismatch = check_agreement(forward_backward(fn, inputs), oracle_outputs(case, inputs), case.torch_dtype,
-                               grads=impl.exact_grads)
-    assert mismatch is None, f"{impl.name} disagrees with the reference: {mismatch}"
-    benchmark.group = f"{case.name} {mode}"
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    # The implementation's environment (e.g. "cuda+cublas": SPLINET_DENSE_GEMM=cublas) holds
+    # for the check and for every timed call, as in the CLI.
+    with impl.environment():
+        mismatch = check_agreement(forward_backward(fn, inputs), oracle_outputs(case, inputs), case.torch_dtype,
+                                   grads=impl.exact_grads)
+        assert mismatch is None, f"{impl.name} disagrees with the reference: {mismatch}"
+        benchmark.group = f"{case.name} {mode}"
+        sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
 
-    def call():
-        if mode == "fwd":
-            fn(*inputs)
-        else:
-            torch.autograd.grad(loss_fn(fn(*inputs)), inputs)
-        sync()
+        def call():
+            if mode == "fwd":
+                fn(*inputs)
+            else:
+                torch.autograd.grad(loss_fn(fn(*inputs)), inputs)
+            sync()
 
-    benchmark(call)
+        benchmark(call)

@@ -394,3 +394,31 @@ def test_bench_memory_never_rebuilds_a_compiled_impl():
     rows = [{"impl": i.name, "mode": "fwd+bwd", "status": run.OK, "note": ""} for i in impls]
     run._measure_memory(CASE_SETS["tiny"][0], impls, None, torch.device("cuda"), rows)
     assert rows[0]["note"] == "" and "built" in rows[1]["note"] and len(built) == 1
+
+
+def test_bench_pytest_suite_runs_an_impl_in_its_environment():
+    """`make bench-pytest` called the implementations without their environment, so on a GPU
+    its "cuda+cublas" rows timed the fused GEMM path under the cuBLAS label."""
+    from bench import test_suite
+    from bench.cases import CASE_SETS, Impl, reference_impl
+
+    seen = []
+
+    def build(case):
+        ref = reference_impl().build(case)
+
+        def fn(x, weight, bias):
+            seen.append(os.environ.get("SPLINET_BENCH_PROBE"))
+            return ref(x, weight, bias)
+
+        return fn
+
+    class Benchmark:  # pytest-benchmark's fixture, reduced to one call
+        group = None
+
+        def __call__(self, f):
+            f()
+
+    impl = Impl("probe", build, env={"SPLINET_BENCH_PROBE": "on"})
+    test_suite.test_layer(Benchmark(), CASE_SETS["tiny"][0], impl, "fwd+bwd")
+    assert seen and all(s == "on" for s in seen) and "SPLINET_BENCH_PROBE" not in os.environ
