@@ -149,9 +149,17 @@ def _function(kind: str) -> type:
     return FUNCTIONS[(kind, use)]
 
 
+def _device_scale(scale, x: Tensor):
+    """A Python-number scale as a cached device scalar: no host-to-device copy per call."""
+    if isinstance(scale, Tensor) or torch.compiler.is_compiling():
+        return scale
+    return _tk_common.device_scalar(float(scale), x.dtype, x.device)
+
+
 def spline_ode_triton(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                       variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the Triton kernels (arguments validated by splinet_cuda.spline_ode)."""
+    scale = _device_scale(scale, x)
     return run_layer(_function("dense"), x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                      return_trajectory, checkpoint)
 
@@ -159,6 +167,7 @@ def spline_ode_triton(x, weight, bias, scale, *, steps, degree, activation="tanh
 def spline_ode_conv_triton(x, weight, bias, scale, *, steps, degree, activation="relu", scheme="euler",
                            variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The conv2d layer on the Triton kernels (arguments validated by splinet_cuda.spline_ode_conv)."""
+    scale = _device_scale(scale, x)
     return run_layer(_function("conv"), x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                      return_trajectory, checkpoint)
 

@@ -8,7 +8,9 @@ use libdevice.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -107,3 +109,79 @@ def dot_precision(dtype: torch.dtype) -> str:
 def num_saved_states(steps: int, checkpoint: int) -> int:
     """x_0, x_K, x_2K, ... below N, and x_N (same as the C++ ops)."""
     return (steps + checkpoint - 1) // checkpoint + 1
+
+
+# --------------------------------------------------------------------------------------
+# launch-side state: per-device tables, device guard
+# --------------------------------------------------------------------------------------
+
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLES_MAX = 64
+TABLE_STATS = {"hits": 0, "misses": 0}
+
+
+def _cacheable(device: torch.device) -> bool:
+    # Tensors made while torch.compile / make_fx trace the launchers are fake or functional:
+    # they must not outlive the trace, so tracing builds its tables afresh (as constants).
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+def basis_tables(steps: int, n: int, degree: int, scheme: str, gamma: float, dtype: torch.dtype,
+                 device: torch.device):
+    """Device tables of one layer configuration: ``kt`` (N S,) int32 first coefficient and ``wt``
+    (N S (d + 1),) weights per step and stage (``splinet_cuda.basis_grid``), and ``par`` =
+    [gamma, h = 1 / N] in ``dtype``.
+
+    Built on the host and copied once per (steps, n, degree, scheme, gamma, dtype, device),
+    then reused: a copy from pageable host memory synchronises the host with the device (and
+    cannot be captured in a CUDA graph), so doing it at every forward and backward would stall
+    every call. The tables are read-only for the kernels.
+    """
+    device = torch.device(device)
+    key = (steps, n, degree, scheme, float(gamma), dtype, device)
+    cache = _cacheable(device)
+    if cache and key in _TABLES:
+        TABLE_STATS["hits"] += 1
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
+
+    k, w = basis_grid(steps, n - degree, degree, scheme)
+    tables = (k.reshape(-1).to(device=device, dtype=torch.int32),
+              w.reshape(-1).to(device=device, dtype=dtype),
+              torch.tensor([float(gamma), 1.0 / steps], dtype=dtype).to(device))
+    if cache:
+        TABLE_STATS["misses"] += 1
+        _TABLES[key] = tables
+        if len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    return tables
+
+
+def device_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim device tensor holding ``value`` (a Python-number scale), made once per
+    (value, dtype, device) for the reason ``basis_tables`` gives. Read-only."""
+    device = torch.device(device)
+    if not _cacheable(device):
+        return torch.tensor(float(value), dtype=dtype, device=device)
+    key = ("scalar", float(value), dtype, device)
+    if key in _TABLES:
+        TABLE_STATS["hits"] += 1
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    TABLE_STATS["misses"] += 1
+    t = torch.tensor(float(value), dtype=dtype).to(device)
+    _TABLES[key] = t
+    if len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return t
+
+
+def device_guard(t: torch.Tensor):
+    """Launches on ``t``'s device: Triton launches on the current CUDA device, which need not be
+    the one holding the tensors (cuda:1 while the current device is cuda:0)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -29,12 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_IDS, INTERPRET, act_bwd, act_fwd, compute_dtype, dot_precision, num_saved_states
+from ._common import (ACT_IDS, INTERPRET, act_bwd, act_fwd, basis_tables, compute_dtype, device_guard,
+                      dot_precision, num_saved_states)
 
-__all__ = ["conv_forward", "conv_backward"]
+__all__ = ["conv_forward", "conv_backward", "conv_blocks", "conv_options"]
 
 
-@triton.jit
+# The stage index and the batch change from launch to launch: not specialised (one compiled
+# kernel per configuration). C, H, W are layer constants and keep their specialisation.
+@triton.jit(do_not_specialize=["idx", "Bn"])
 def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_ptr, out_ptr, a_ptr,
                  idx, Bn, C, H, W,
                  KH: tl.constexpr, KW: tl.constexpr, DP1: tl.constexpr, TRANS: tl.constexpr,
@@ -58,7 +61,9 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_p
     CC = C * C * KH * KW  # elements of one coefficient filter
     xbase = b_idx.to(tl.int64) * C * HW
     acc = tl.zeros((BLOCK_P, BLOCK_CO), CT)
-    for tap in tl.static_range(KH * KW):
+    # A runtime loop over the taps: unrolled, a 5 x 5 kernel repeats the K loop 25 times, which
+    # multiplies the code, the live ranges ptxas must schedule (spills) and the compile time.
+    for tap in range(KH * KW):
         u = tap // KW
         v = tap % KW
         if TRANS:  # conv_transpose: input pixel p - u + KH // 2
@@ -84,7 +89,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_p
             for r in tl.static_range(DP1):
                 c = tl.load(wt_ptr + idx * DP1 + r).to(CT)
                 wt += c * tl.load(w_ptr + (k + r) * CC + woffs, mask=wmask, other=0.0).to(CT)
-            acc += tl.dot(xt, wt, input_precision=PREC).to(CT)
+            acc += tl.dot(xt, wt, input_precision=PREC, out_dtype=CT).to(CT)
     if HAS_BIAS:
         bb = tl.zeros((BLOCK_CO,), CT)
         for r in tl.static_range(DP1):
@@ -97,8 +102,8 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_p
         tl.store(a_ptr + offs, acc.to(a_ptr.dtype.element_ty), mask=mask)
     y = act_fwd(acc, ACT)
     f = COEF * y
-    if USE_H:  # h = 1 / N from the parameter buffer (exact in the compute dtype)
-        f = tl.load(par_ptr).to(CT) * f
+    if USE_H:  # h = 1 / N from the parameter table [gamma, h]
+        f = tl.load(par_ptr + 1).to(CT) * f
     if USE_LAM:
         f = tl.load(scale_ptr).to(CT) * f
     if HAS_BASE:
@@ -106,7 +111,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_p
     tl.store(out_ptr + offs, f.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["idx", "Bn"])
 def _conv_wgrad_kernel(g_ptr, x_ptr, scale_ptr, kt_ptr, wt_ptr, gw_ptr, idx, Bn, C, H, W,
                        KH: tl.constexpr, KW: tl.constexpr, DP1: tl.constexpr, COEF: tl.constexpr,
                        USE_LAM: tl.constexpr,
@@ -140,7 +145,7 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, scale_ptr, kt_ptr, wt_ptr, gw_ptr, idx, Bn,
                      mask=omask[:, None] & pmask[None, :], other=0.0).to(CT)
         xt = tl.load(x_ptr + xbase[:, None] + ci[None, :] * HW + (iy * W + ix)[:, None],
                      mask=inb[:, None] & cmask[None, :], other=0.0).to(CT)
-        acc += tl.dot(gt, xt, input_precision=PREC).to(CT)
+        acc += tl.dot(gt, xt, input_precision=PREC, out_dtype=CT).to(CT)
     acc = COEF * acc
     if USE_LAM:
         acc = tl.load(scale_ptr).to(CT) * acc
@@ -163,18 +168,27 @@ def _identity(kernel):
     return kernel
 
 
-def _blocks(C: int) -> Tuple[int, int, int]:
-    BC = max(16, min(64, triton.next_power_of_2(max(C, 1))))
-    BP = 64 if INTERPRET else 64
-    return BP, BC, BC
+def conv_blocks(C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CI, BLOCK_CO): 64 pixels; channel tiles pow2 >= C, 16 .. 64 (32 for
+    float64, whose FMA-computed products hold twice the registers per element and whose
+    tiles take twice the shared memory)."""
+    top = 32 if dtype == torch.float64 and not INTERPRET else 64
+    BC = max(16, min(top, triton.next_power_of_2(max(C, 1))))
+    return 64, BC, BC
+
+
+def conv_options(dtype: torch.dtype) -> dict:
+    """num_warps / num_stages of the conv kernels: two pipeline stages (the input tile and the
+    d + 1 filter tiles of one K slice prefetched); Triton's default of three keeps up to
+    360 KB of float64 tiles in flight at degree 3, over Hopper's 227 KB per block."""
+    return dict(num_warps=4, num_stages=2)
 
 
 class _Conv:
     """Launch helper of one layer call: the basis tables and the kernel meta-parameters."""
 
     def __init__(self, x, weight, bias, scale, steps, degree, activation, scheme, wrap):
-        from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
-        from splinet_cuda._schemes import get_tableau
+        from splinet_cuda._schemes import get_tableau  # lazy: splinet_cuda imports this package
 
         self.B, self.C, self.H, self.W = x.shape
         self.KH, self.KW = weight.shape[3], weight.shape[4]
@@ -184,17 +198,15 @@ class _Conv:
         self.tab = get_tableau(scheme)
         self.h = 1.0 / steps
         self.ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        k, w = basis_grid(steps, weight.shape[0] - degree, degree, scheme)
-        self.kt = k.to(device=x.device, dtype=torch.int32).contiguous()
-        self.par = torch.tensor([self.h], dtype=self.ct).to(x.device)
-        self.wt = w.to(device=x.device, dtype=self.ct).contiguous()
+        self.kt, self.wt, self.par = basis_tables(steps, weight.shape[0], degree, scheme, 0.0, self.ct, x.device)
         self.S = self.tab.stages
         self.DP1 = degree + 1
         self.act = ACT_IDS[activation]
         self.wrap = wrap
-        self.BP, self.BCI, self.BCO = _blocks(self.C)
-        self.meta = dict(KH=self.KH, KW=self.KW, DP1=self.DP1, CT=compute_dtype(x.dtype),
-                         PREC=dot_precision(x.dtype), BLOCK_P=self.BP, BLOCK_CI=self.BCI, BLOCK_CO=self.BCO)
+        self.BP, self.BCI, self.BCO = conv_blocks(self.C, weight.dtype)
+        self.meta = dict(KH=self.KH, KW=self.KW, DP1=self.DP1, CT=compute_dtype(weight.dtype),
+                         PREC=dot_precision(weight.dtype), BLOCK_P=self.BP, BLOCK_CI=self.BCI, BLOCK_CO=self.BCO,
+                         **conv_options(weight.dtype))
 
     def conv(self, X, idx, *, out, trans=False, act=0, bias=False, base=None, coef=1.0, use_h=False, lam=False,
              a_out=None):
@@ -257,11 +269,14 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         states.copy_(x.expand_as(states))
         return states
     op = _Conv(x, weight, bias, scale, steps, degree, activation, scheme, wrap)
-    cur = x
-    for i in range(steps):
-        cur = op.step(cur, i, variant)
-        if (i + 1) % checkpoint == 0 or i + 1 == steps:
-            states[(i + checkpoint) // checkpoint].copy_(cur)
+    # The state and the stage values stay in the compute dtype (float32 for bf16 / fp16 layers)
+    # from step to step; only the saved states are rounded to the layer's dtype.
+    cur = x.to(op.ct)
+    with device_guard(x):
+        for i in range(steps):
+            cur = op.step(cur, i, variant)
+            if (i + 1) % checkpoint == 0 or i + 1 == steps:
+                states[(i + checkpoint) // checkpoint].copy_(cur)
     return states
 
 
@@ -295,46 +310,47 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
     glam = torch.zeros((), dtype=torch.float64, device=states.device)
     z = (grad_states if last_only else grad_states[-1]).to(ct)
     x0 = states[0]
-    if x0.numel() > 0:
-        op = _Conv(x0, weight, bias, scale, steps, degree, activation, scheme, wrap)
-        lam = scale.to(ct).reshape(())
-        h, tab, S = op.h, op.tab, op.S
-        slots = torch.arange(degree + 1, device=states.device)
-        wtab = op.wt.view(-1, degree + 1)
-        ktab = op.kt.view(-1).to(torch.int64)
-        for seg in range((steps - 1) // checkpoint, -1, -1):
-            i0, i1 = seg * checkpoint, min(seg * checkpoint + checkpoint, steps)
-            xs = [states[seg]]
-            for i in range(i0, i1 - 1):
-                xs.append(op.step(xs[-1], i, variant))
-            for i in range(i1 - 1, i0 - 1, -1):
-                _, saved = op.step(xs[i - i0], i, variant, keep=True)
-                Xbar = [None] * S
-                for s in range(S - 1, -1, -1):
-                    kbar = (h * tab.b[s]) * z
-                    for q in range(s + 1, S):
-                        if tab.a[q][s] != 0.0:
-                            kbar = kbar + (h * tab.a[q][s]) * Xbar[q]
-                    idx = i * S + s
-                    Xs, A, Y = saved[s]
-                    if variant == "standard":
-                        V = kbar
-                    else:  # V = dL/d(lam act(a)) = -conv(kbar, W)
-                        V = op.conv(kbar.contiguous(), idx, out=torch.empty_like(A), coef=-1.0)
-                    Yv = Y if Y is not None else _act_from_a(A, activation)
-                    glam += (Yv.double() * V.double()).sum()
-                    G = (lam * _act_grad(A, Yv, activation) * V).contiguous()
-                    Xbar[s] = op.conv(G, idx, out=torch.empty_like(G), trans=True)
-                    op.wgrad(G, Xs.contiguous(), idx, gw)
-                    if variant == "symmetric":  # K = -lam convT(Y, W): dW -= lam corr(Y, kbar)
-                        op.wgrad(Y.contiguous(), kbar.contiguous(), idx, gw, coef=-1.0, lam=True)
-                    if has_bias:
-                        gsum = G.sum(dim=(0, 2, 3))
-                        gb.index_add_(0, ktab[idx] + slots, wtab[idx][:, None] * gsum[None, :])
-                for s in range(S):
-                    z = z + Xbar[s]
-                if not last_only and i % checkpoint == 0:
-                    z = z + grad_states[i // checkpoint]
+    with device_guard(x0):
+        if x0.numel() > 0:
+            op = _Conv(x0, weight, bias, scale, steps, degree, activation, scheme, wrap)
+            lam = scale.to(ct).reshape(())
+            h, tab, S = op.h, op.tab, op.S
+            slots = torch.arange(degree + 1, device=states.device)
+            wtab = op.wt.view(-1, degree + 1)
+            ktab = op.kt.view(-1).to(torch.int64)
+            for seg in range((steps - 1) // checkpoint, -1, -1):
+                i0, i1 = seg * checkpoint, min(seg * checkpoint + checkpoint, steps)
+                xs = [states[seg].to(ct)]
+                for i in range(i0, i1 - 1):
+                    xs.append(op.step(xs[-1], i, variant))
+                for i in range(i1 - 1, i0 - 1, -1):
+                    _, saved = op.step(xs[i - i0], i, variant, keep=True)
+                    Xbar = [None] * S
+                    for s in range(S - 1, -1, -1):
+                        kbar = (h * tab.b[s]) * z
+                        for q in range(s + 1, S):
+                            if tab.a[q][s] != 0.0:
+                                kbar = kbar + (h * tab.a[q][s]) * Xbar[q]
+                        idx = i * S + s
+                        Xs, A, Y = saved[s]
+                        if variant == "standard":
+                            V = kbar
+                        else:  # V = dL/d(lam act(a)) = -conv(kbar, W)
+                            V = op.conv(kbar.contiguous(), idx, out=torch.empty_like(A), coef=-1.0)
+                        Yv = Y if Y is not None else _act_from_a(A, activation)
+                        glam += (Yv.double() * V.double()).sum()
+                        G = (lam * _act_grad(A, Yv, activation) * V).contiguous()
+                        Xbar[s] = op.conv(G, idx, out=torch.empty_like(G), trans=True)
+                        op.wgrad(G, Xs.contiguous(), idx, gw)
+                        if variant == "symmetric":  # K = -lam convT(Y, W): dW -= lam corr(Y, kbar)
+                            op.wgrad(Y.contiguous(), kbar.contiguous(), idx, gw, coef=-1.0, lam=True)
+                        if has_bias:
+                            gsum = G.sum(dim=(0, 2, 3))
+                            gb.index_add_(0, ktab[idx] + slots, wtab[idx][:, None] * gsum[None, :])
+                    for s in range(S):
+                        z = z + Xbar[s]
+                    if not last_only and i % checkpoint == 0:
+                        z = z + grad_states[i // checkpoint]
     grad_b = gb.to(bias.dtype) if has_bias else states.new_empty((0,))
     return (z.to(states.dtype), gw.to(weight.dtype), grad_b, glam.to(scale.dtype).reshape(scale.shape))
 

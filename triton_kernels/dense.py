@@ -1,7 +1,7 @@
 """Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4), two paths chosen by width:
 
-* m <= TRAJECTORY_MAX_WIDTH (64): this module's trajectory kernel, which walks all N steps
-  of a batch tile with the state in registers, and its adjoint kernel that walks back
+* m <= TRAJECTORY_MAX_WIDTH (64; 32 in float64, see ``trajectory_max_width``): this
+  module's trajectory kernel, which walks all N steps of a batch tile with the state in registers, and its adjoint kernel that walks back
   N-1 .. 0 with the eq. 23 accumulation of coefficient gradients (below).
 * wider layers: the GEMM path of ``dense_gemm.py``, per-stage tiled GEMMs with the weight
   tile blended from the d + 1 coefficient tiles inside the K loop, the bias / activation /
@@ -36,11 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_IDS, INTERPRET, VARIANT_IDS, act_bwd, act_fwd, compute_dtype, dot_precision,
-                      num_saved_states, tableau_constexprs)
+from ._common import (ACT_IDS, INTERPRET, VARIANT_IDS, act_bwd, act_fwd, basis_tables, compute_dtype,
+                      device_guard, dot_precision, num_saved_states, tableau_constexprs)
 from .dense_gemm import gemm_backward, gemm_forward
 
-__all__ = ["dense_forward", "dense_backward", "dense_blocks", "uses_gemm", "TRAJECTORY_MAX_WIDTH"]
+__all__ = ["dense_forward", "dense_backward", "dense_blocks", "trajectory_options", "uses_gemm",
+           "TRAJECTORY_MAX_WIDTH"]
 
 # Widest m the trajectory kernel takes: its blended m x m tiles (padded to a power of two)
 # live in registers / shared memory, ~172 KB at m = 128. Wider layers take the GEMM path.
@@ -95,13 +96,13 @@ def _stage(xs, idx, w_ptr, b_ptr, kt_ptr, wt_ptr, lam, gamma, M, wrows, cols,
            CT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     """One stage: returns (K = lam f(xs), pre-activation a, act(a))."""
     W = _blend_w(w_ptr, kt_ptr, wt_ptr, idx, gamma, M, wrows, cols, DP1, VARIANT, CT, BLOCK_M)
-    a = tl.dot(xs, tl.trans(W), input_precision=PREC).to(CT)
+    a = tl.dot(xs, tl.trans(W), input_precision=PREC, out_dtype=CT).to(CT)
     if HAS_BIAS:
         a += _blend_b(b_ptr, kt_ptr, wt_ptr, idx, M, cols, DP1, CT, BLOCK_M)[None, :]
     y = act_fwd(a, ACT)
     y = tl.where((cols < M)[None, :], y, 0.0).to(CT)  # keep the padded columns at zero
     if VARIANT == 1:
-        f = -tl.dot(y, W, input_precision=PREC).to(CT)
+        f = -tl.dot(y, W, input_precision=PREC, out_dtype=CT).to(CT)
     else:
         f = y
     return lam * f, a, y
@@ -179,15 +180,15 @@ def _stage_adjoint(kbar, Xs, A, Y, idx, glam, w_ptr, kt_ptr, wt_ptr, pw_ptr, pb_
     the stage's weight / bias gradients to the d + 1 coefficient slots (eq. 23)."""
     W = _blend_w(w_ptr, kt_ptr, wt_ptr, idx, gamma, M, wrows, cols, DP1, VARIANT, CT, BLOCK_M)
     if VARIANT == 1:  # K = -lam act(a) W: V = dL/d(lam act(a)) = -kbar W^T
-        V = -tl.dot(kbar, tl.trans(W), input_precision=PREC).to(CT)
+        V = -tl.dot(kbar, tl.trans(W), input_precision=PREC, out_dtype=CT).to(CT)
     else:
         V = kbar
     glam += Y * V
     G = lam * act_bwd(A, Y, ACT) * V
-    Xbar = tl.dot(G, W, input_precision=PREC).to(CT)
-    dW = tl.dot(tl.trans(G), Xs, input_precision=PREC).to(CT)
+    Xbar = tl.dot(G, W, input_precision=PREC, out_dtype=CT).to(CT)
+    dW = tl.dot(tl.trans(G), Xs, input_precision=PREC, out_dtype=CT).to(CT)
     if VARIANT == 1:
-        dW -= lam * tl.dot(tl.trans(Y), kbar, input_precision=PREC).to(CT)
+        dW -= lam * tl.dot(tl.trans(Y), kbar, input_precision=PREC, out_dtype=CT).to(CT)
     if VARIANT == 2:  # A = W - W^T - gamma I
         dW = dW - tl.trans(dW)
     # eq. 23: scatter into the d + 1 slots k .. k + d of this program's partial buffers.
@@ -213,7 +214,10 @@ def _stage_adjoint(kbar, Xs, A, Y, idx, glam, w_ptr, kt_ptr, wt_ptr, pw_ptr, pb_
 # kernels
 # --------------------------------------------------------------------------------------
 
-@triton.jit
+# Integers that change from call to call (batch, steps, checkpoint and segment counts) are
+# not specialised: Triton would otherwise compile a kernel for the value 1, one for multiples
+# of 16 and one for the rest. The width M is a layer constant and keeps its specialisation.
+@triton.jit(do_not_specialize=["B", "N", "CK"])
 def _dense_fwd_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, out_ptr,
                       B, M, N, CK,
                       DP1: tl.constexpr, S: tl.constexpr,
@@ -244,7 +248,7 @@ def _dense_fwd_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, o
             tl.store(out_ptr + slot * BMs + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "CK", "NS", "NSEG", "NCOEF", "NTILES", "KSEG"])
 def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr,
                       gx_ptr, pw_ptr, pb_ptr, pl_ptr, ws_ptr,
                       B, M, N, CK, NS, NSEG, NCOEF, NTILES, KSEG,
@@ -355,13 +359,23 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
 # launchers
 # --------------------------------------------------------------------------------------
 
-def uses_gemm(m: int) -> bool:
-    """Whether width m takes the GEMM path (m > TRAJECTORY_MAX_WIDTH, or as FORCE_PATH says)."""
+def trajectory_max_width(dtype: Optional[torch.dtype] = None) -> int:
+    """Widest m the trajectory kernels take for ``dtype``: TRAJECTORY_MAX_WIDTH, and 32 for
+    float64, whose adjoint at BM = 64 (the stage tiles of rk4 and the 64 x 64 weight and
+    gradient tiles in float64, without tensor cores) spills about 1 KB per thread even with
+    8 warps (16 warps cap the registers at 128 and spill more)."""
+    if dtype == torch.float64 and not INTERPRET:
+        return min(32, TRAJECTORY_MAX_WIDTH)
+    return TRAJECTORY_MAX_WIDTH
+
+
+def uses_gemm(m: int, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether width m takes the GEMM path (m > trajectory_max_width(dtype), or as FORCE_PATH says)."""
     if FORCE_PATH is not None:
         if FORCE_PATH not in ("trajectory", "gemm"):
             raise ValueError(f"FORCE_PATH must be None, 'trajectory' or 'gemm', got {FORCE_PATH!r}")
         return FORCE_PATH == "gemm"
-    return m > TRAJECTORY_MAX_WIDTH
+    return m > trajectory_max_width(dtype)
 
 
 def dense_blocks(B: int, m: int) -> Tuple[int, int]:
@@ -374,19 +388,23 @@ def dense_blocks(B: int, m: int) -> Tuple[int, int]:
     return BB, BM
 
 
-def _basis_tables(steps: int, n: int, degree: int, scheme: str, device, dtype):
-    from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
+def trajectory_options(BM: int, dtype: torch.dtype) -> dict:
+    """num_warps / num_stages of the trajectory kernels for width tile BM.
 
-    k, w = basis_grid(steps, n - degree, degree, scheme)
-    return (k.to(device=device, dtype=torch.int32).contiguous(),
-            w.to(device=device, dtype=dtype).contiguous())
+    No software pipelining (num_stages=1): the step loop is a chain of dependent stages, so
+    prefetching the next iteration's weight tiles buys little, and Triton's default (3 stages)
+    keeps that many copies of the d + 1 blended BM x BM tiles in shared memory, up to 1.09 MB
+    at BM = 64 in float64 (Hopper allows 227 KB per block). 8 warps from BM = 64 (4 for
+    narrower tiles): the BM x BM weight tile and the stage tiles of the adjoint then fit the
+    255 registers per thread without spilling."""
+    return dict(num_warps=8 if BM >= 64 else 4, num_stages=1)
 
 
 def _common_meta(x_dtype, degree, activation, scheme, variant, has_bias, BB, BM) -> dict:
     meta = dict(DP1=degree + 1, ACT=ACT_IDS[activation], VARIANT=VARIANT_IDS[variant], HAS_BIAS=has_bias,
                 CT=compute_dtype(x_dtype), PREC=dot_precision(x_dtype), BLOCK_B=BB, BLOCK_M=BM)
     meta.update(tableau_constexprs(scheme))
-    meta["num_warps"] = 8 if BM >= 128 else 4
+    meta.update(trajectory_options(BM, x_dtype))
     return meta
 
 
@@ -408,20 +426,20 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     weight = weight.contiguous()
     bias_c = bias.contiguous() if bias is not None else weight  # dummy pointer without bias
     ct = _ctype(x.dtype)
-    kt, wt = _basis_tables(steps, n, degree, scheme, x.device, ct)
-    par = torch.tensor([float(gamma), 1.0 / steps], dtype=ct).to(x.device)
+    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, x.device)
     states = torch.empty((num_saved_states(steps, checkpoint), B, m), dtype=x.dtype, device=x.device)
     if B == 0 or m == 0:
         return states
-    if uses_gemm(m):
-        states[0].copy_(x)
-        return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par, states,
-                            steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
-    BB, BM = dense_blocks(B, m)
-    grid = (triton.cdiv(B, BB),)
-    wrap(_dense_fwd_kernel)[grid](x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
-                                  **_common_meta(x.dtype, degree, activation, scheme, variant, bias is not None,
-                                                 BB, BM))
+    with device_guard(x):
+        if uses_gemm(m, x.dtype):
+            states[0].copy_(x)
+            return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par,
+                                states, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
+        BB, BM = dense_blocks(B, m)
+        grid = (triton.cdiv(B, BB),)
+        wrap(_dense_fwd_kernel)[grid](x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
+                                      **_common_meta(x.dtype, degree, activation, scheme, variant, bias is not None,
+                                                     BB, BM))
     return states
 
 
@@ -440,11 +458,12 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
     has_bias = bias is not None
     bias_c = bias.contiguous() if has_bias else weight
     ct = _ctype(states.dtype)
-    kt, wt = _basis_tables(steps, n, degree, scheme, states.device, ct)
-    par = torch.tensor([float(gamma), 1.0 / steps], dtype=ct).to(states.device)
-    if B > 0 and m > 0 and uses_gemm(m):
-        z, gw, gb, pl = gemm_backward(grad_states, last_only, states, weight, bias_c if has_bias else None, scale,
-                                      kt, wt, par, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
+    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, states.device)
+    if B > 0 and m > 0 and uses_gemm(m, states.dtype):
+        with device_guard(states):
+            z, gw, gb, pl = gemm_backward(grad_states, last_only, states, weight, bias_c if has_bias else None, scale,
+                                          kt, wt, par, steps, degree, activation, scheme, variant, checkpoint,
+                                          wrap=wrap)
         return (z.to(states.dtype), gw.to(weight.dtype), gb.to(bias.dtype) if has_bias else states.new_empty((0,)),
                 pl.to(torch.float64).sum().to(scale.dtype).reshape(scale.shape))
     BB, BM = dense_blocks(B, m)
@@ -459,11 +478,12 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
     grad_x = torch.empty((B, m), dtype=states.dtype, device=states.device)
     if ntiles > 0 and m > 0:
         nseg = triton.cdiv(steps, checkpoint)
-        wrap(_dense_bwd_kernel)[(P,)](grad_states, states, weight, bias_c, scale, par, kt, wt,
-                                      grad_x, pw, pb, pl, ws, B, m, steps, checkpoint, NS, nseg, n, ntiles, kseg,
-                                      SAVED_ALL=saved_all, LAST_ONLY=last_only,
-                                      **_common_meta(states.dtype, degree, activation, scheme, variant, has_bias,
-                                                     BB, BM))
+        with device_guard(states):
+            wrap(_dense_bwd_kernel)[(P,)](grad_states, states, weight, bias_c, scale, par, kt, wt,
+                                          grad_x, pw, pb, pl, ws, B, m, steps, checkpoint, NS, nseg, n, ntiles, kseg,
+                                          SAVED_ALL=saved_all, LAST_ONLY=last_only,
+                                          **_common_meta(states.dtype, degree, activation, scheme, variant,
+                                                         has_bias, BB, BM))
     # Fixed-order reductions of the per-program partials: deterministic.
     grad_w = pw.sum(0).to(weight.dtype)
     grad_b = pb.sum(0).to(bias.dtype) if has_bias else states.new_empty((0,))

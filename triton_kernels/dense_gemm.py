@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._common import ACT_IDS, INTERPRET, VARIANT_IDS, act_bwd, act_fwd, compute_dtype, dot_precision
 
-__all__ = ["gemm_forward", "gemm_backward", "gemm_blocks"]
+__all__ = ["gemm_forward", "gemm_backward", "gemm_blocks", "gemm_options"]
 
 # Tests set these to force small tiles / a split batch reduction under the interpreter.
 BLOCKS_OVERRIDE: Optional[Tuple[int, int, int]] = None  # (BB, BN, BK)
@@ -102,7 +102,9 @@ def _weight_tile(w_ptr, kt_ptr, wt_ptr, idx, gamma, M, kk, nn, DP1: tl.constexpr
 # kernels
 # --------------------------------------------------------------------------------------
 
-@triton.jit
+# Per-launch integers (stage index, batch, batch chunk, split count, element counts) are not
+# specialised, so one configuration is one compiled kernel whatever the step or batch.
+@triton.jit(do_not_specialize=["idx", "B"])
 def _gemm_kernel(x_ptr, pro_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr,
                  out_ptr, a_ptr, ubase_ptr, ubuf_ptr, uout_ptr, save_ptr, gs_ptr, pl_ptr,
                  idx, B, M,
@@ -135,7 +137,7 @@ def _gemm_kernel(x_ptr, pro_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_pt
         X = _combo(x_ptr, pro_ptr, rbase + kk[None, :], xmask, BMs, h, P0, P1, P2, P3, True, CT)
         T = _weight_tile(w_ptr, kt_ptr, wt_ptr, idx, gamma, M, kk, cols, DP1, TRANS_W, VARIANT, CT, BLOCK_K,
                          BLOCK_N)
-        acc = tl.dot(X, T, acc, input_precision=PREC)
+        acc = tl.dot(X, T, acc, input_precision=PREC, out_dtype=CT)
     acc = acc.to(CT)
     cmask = cols < M
     mask = rmask[:, None] & cmask[None, :]
@@ -184,7 +186,7 @@ def _gemm_kernel(x_ptr, pro_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_pt
             tl.store(save_ptr + offs, xn.to(save_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["idx", "B", "BCHUNK"])
 def _wgrad_kernel(g_ptr, x_ptr, pro_ptr, a_ptr, kb_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr,
                   gw_ptr, gb_ptr, pw_ptr, pb_ptr, idx, B, M, BCHUNK,
                   P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
@@ -217,16 +219,16 @@ def _wgrad_kernel(g_ptr, x_ptr, pro_ptr, a_ptr, kb_ptr, scale_ptr, par_ptr, kt_p
         mi = rmask[:, None] & imask[None, :]
         Go = tl.load(g_ptr + rbase + o[None, :], mask=mo, other=0.0).to(CT)
         Xi = _combo(x_ptr, pro_ptr, rbase + i[None, :], mi, BMs, h, P0, P1, P2, P3, True, CT)
-        acc = tl.dot(tl.trans(Go), Xi, acc, input_precision=PREC)
+        acc = tl.dot(tl.trans(Go), Xi, acc, input_precision=PREC, out_dtype=CT)
         if VARIANT == 1:  # K = -lam act(a) W: dW -= lam Y^T kbar
             Ao = tl.load(a_ptr + rbase + o[None, :], mask=mo, other=0.0).to(CT)
             Yo = tl.where(mo, act_fwd(Ao, ACT), 0.0).to(CT)
             Ki = tl.load(kb_ptr + rbase + i[None, :], mask=mi, other=0.0).to(CT)
-            acc2 = tl.dot(tl.trans(Yo), Ki, acc2, input_precision=PREC)
+            acc2 = tl.dot(tl.trans(Yo), Ki, acc2, input_precision=PREC, out_dtype=CT)
         if VARIANT == 2:  # A = W - W^T - gamma I: dW = dA - dA^T
             Xo = _combo(x_ptr, pro_ptr, rbase + o[None, :], mo, BMs, h, P0, P1, P2, P3, True, CT)
             Gi = tl.load(g_ptr + rbase + i[None, :], mask=mi, other=0.0).to(CT)
-            acc2 = tl.dot(tl.trans(Xo), Gi, acc2, input_precision=PREC)
+            acc2 = tl.dot(tl.trans(Xo), Gi, acc2, input_precision=PREC, out_dtype=CT)
         if HAS_BIAS:
             gsum += tl.sum(Go, axis=0)
     acc = acc.to(CT)
@@ -255,7 +257,7 @@ def _wgrad_kernel(g_ptr, x_ptr, pro_ptr, a_ptr, kb_ptr, scale_ptr, par_ptr, kt_p
             tl.store(pb_ptr + ps * M + o, gsum, mask=bmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["idx", "SPLIT"])
 def _scatter_kernel(pw_ptr, pb_ptr, kt_ptr, wt_ptr, gw_ptr, gb_ptr, idx, M, SPLIT,
                     DP1: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
@@ -285,7 +287,7 @@ def _scatter_kernel(pw_ptr, pb_ptr, kt_ptr, wt_ptr, gw_ptr, gb_ptr, idx, M, SPLI
             tl.store(q, tl.load(q, mask=bmask, other=0.0) + c * gsum, mask=bmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NEL", "BMs"])
 def _adj_prep_kernel(z_ptr, xb_ptr, a_ptr, scale_ptr, par_ptr, out_ptr, pl_ptr, NEL, BMs,
                      ZC: tl.constexpr, Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr,
                      ACT: tl.constexpr, KBAR_ONLY: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
@@ -330,6 +332,20 @@ def gemm_blocks(B: int, m: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     return 64, 64, 32
 
 
+def gemm_options(dtype: torch.dtype, degree: int, variant: str) -> dict:
+    """num_warps / num_stages of the GEMM kernels.
+
+    Each K step loads the input tile and the d + 1 coefficient tiles it blends (twice that
+    for the antisymmetric variant, which also reads the transposes), and software pipelining
+    keeps num_stages - 1 of those sets in flight in shared memory. Two stages (one slice
+    prefetched while the current one is multiplied) keep every configuration under Hopper's
+    227 KB per block with the tiles of ``gemm_blocks``; deeper pipelines would only fit for
+    low degrees. float32 takes 8 warps: its exact (ieee) products run on FMA units, not tensor
+    cores, and with 4 warps the 64 x 64 accumulator plus the blended operand tiles exceed 255
+    registers per thread and spill."""
+    return dict(num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+
+
 def _wgrad_split(B: int, m: int, BB: int, BN: int) -> int:
     """Batch chunks of the weight-gradient reduction: enough programs to fill a GPU."""
     if WGRAD_SPLIT_OVERRIDE is not None:
@@ -364,7 +380,7 @@ class _Gemm:
         self.BB, self.BN, self.BK = gemm_blocks(B, m, dtype)
         self.grid = (triton.cdiv(B, self.BB), triton.cdiv(m, self.BN))
         self.base = dict(DP1=degree + 1, CT=compute_dtype(dtype), PREC=dot_precision(dtype))
-        self.num_warps = 4
+        self.options = gemm_options(dtype, degree, variant)
 
     def gemm(self, X, idx, *, pro=None, pro_coef=(), trans_w=True, variant=None, bias=False, act=0, coef=1.0,
              lam=False, a=None, store_a=False, adj=False, pl=None, out=None, ubase=None, ubuf=None, ucoef=(),
@@ -385,7 +401,7 @@ class _Gemm:
             COEF=float(coef), USE_LAM=lam, STORE_A=store_a, ADJ=adj, STORE_OUT=out is not None,
             UPDATE=uout is not None, U0=u[0], U1=u[1], U2=u[2], U3=u[3], UF=float(ufresh), UPD_H=upd_h,
             SAVE=save is not None, HAS_GS=gs is not None,
-            BLOCK_B=self.BB, BLOCK_N=self.BN, BLOCK_K=self.BK, num_warps=self.num_warps, **self.base)
+            BLOCK_B=self.BB, BLOCK_N=self.BN, BLOCK_K=self.BK, **self.options, **self.base)
 
     def stage(self, x, K, s, i, *, A=None, Y=None, store_k=True, update=None, save=None):
         """Stage s of step i from x with the earlier slopes in K (S, B, m): K[s] = lam f(X_s)
@@ -424,12 +440,12 @@ class _Gemm:
             gw, gb if gb is not None else gw, pw if pw is not None else gw, pb if pb is not None else gw,
             idx, self.B, self.m, bchunk, P0=pro[0], P1=pro[1], P2=pro[2], P3=pro[3], VARIANT=self.variant,
             ACT=self.act, HAS_BIAS=has_bias, DIRECT=split == 1, BLOCK_B=self.BB, BLOCK_O=BO, BLOCK_I=BO,
-            num_warps=self.num_warps, **self.base)
+            **self.options, **self.base)
         if split > 1:
             self.wrap(_scatter_kernel)[grid[:2]](pw, pb if pb is not None else pw, self.kt, self.wt, gw,
                                                  gb if gb is not None else gw, idx, self.m, split,
                                                  DP1=self.base["DP1"], HAS_BIAS=has_bias, CT=self.base["CT"],
-                                                 BLOCK_O=BO, BLOCK_I=BO, num_warps=self.num_warps)
+                                                 BLOCK_O=BO, BLOCK_I=BO, **self.options)
 
     def prep(self, z, Xbar, A, s, out, pl, kbar_only):
         S, tab = self.S, self.tab
