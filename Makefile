@@ -2,6 +2,7 @@
 #   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
 #   make bench       venv + deps + build + benchmark suite (table, results, plot)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
+#   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
 #                    then GPU tests, smoke, compute-sanitizer, torch.compile and bench steps
 #                    (tools/gpu_check.py; DRY_RUN=1 plans and checks the setup without a GPU)
@@ -40,7 +41,18 @@ build: setup
 cuda-check: setup
 	$(VPY) tools/cuda_check.py
 
-test: build cuda-check
+# Triton 3.6.0 (the GPU image's version) in its own directory, used only by triton-check;
+# the tests run the installed Triton.
+TRITON36    := build/triton36
+$(TRITON36)/triton/__init__.py: | $(VPY)
+	$(VPY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
+
+.PHONY: triton-check
+triton-check: build $(TRITON36)/triton/__init__.py
+	$(VPY) tools/triton_check.py --triton-path $(TRITON36)
+	$(VPY) tools/triton_check.py --corners-only
+
+test: build cuda-check triton-check
 	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
 	$(VPY) -m pytest tests -q
 
