@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SPLINET_HD __host__ __device__ __forceinline__
@@ -17,6 +18,25 @@
 #endif
 
 namespace splinet {
+
+// a + b * c with the product and the sum rounded one by one. The CPU build never fuses them
+// (x86-64 code without -mfma has no FMA instruction), but the device compiler contracts
+// a + b * c into one FMA, whose single rounding makes the device's values differ from the
+// CPU's in the last bit; the _rn intrinsics are never contracted. Host code is unchanged.
+template <typename T>
+SPLINET_HD T add_product_rn(T a, T b, T c) {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::is_same<T, double>::value) {
+    return __dadd_rn(a, __dmul_rn(b, c));
+  } else if constexpr (std::is_same<T, float>::value) {
+    return __fadd_rn(a, __fmul_rn(b, c));
+  } else {
+    return a + b * c;
+  }
+#else
+  return a + b * c;
+#endif
+}
 
 // Cox-de Boor's triangular scheme (de Boor's BasisFuns) on uniform unit knots.
 // With knots at the integers and u in the interval [0, 1], the scheme's
@@ -31,7 +51,7 @@ SPLINET_HD void bspline_weights(T u, int degree, T* w) {
     const T inv_j = T(1) / T(j);
     for (int r = 0; r < j; ++r) {
       const T temp = w[r] * inv_j;
-      w[r] = saved + (T(r + 1) - u) * temp;
+      w[r] = add_product_rn(saved, T(r + 1) - u, temp);  // rounded as on the CPU
       saved = (u + T(j - r - 1)) * temp;
     }
     w[j] = saved;

@@ -210,7 +210,7 @@ struct ConvSample {
         const acc_t v = sym ? -conv_at(kbar, e / geo.P, e % geo.P, false) : kbar[e];
         const acc_t a = A[e], y = Activation<ACT>::f(a);
         Y[e] = y;
-        glam += static_cast<double>(y) * static_cast<double>(v);
+        glam = mul_add(glam, static_cast<double>(y), static_cast<double>(v));  // rounded as on the CPU
         G[e] = act_grad<ACT>(a, y, v, lam);
       }
       ctx.sync();

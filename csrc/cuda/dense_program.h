@@ -27,6 +27,14 @@
 #include "../common/activations.h"
 #include "../common/bspline.h"
 
+// A function the device compiler must call rather than inline, where inlining copies of it
+// into unrolled or repeated call sites would multiply the kernels' size and compile time.
+#if defined(__CUDACC__)
+#define SPLINET_OUTLINE __noinline__
+#else
+#define SPLINET_OUTLINE
+#endif
+
 namespace splinet {
 
 // Widths handled by the shared-memory trajectory program; wider layers take the GEMM path
@@ -71,9 +79,7 @@ struct BlockCtx {
 // in float64 where the summation order is the same; float32 may use FMA.
 template <typename T>
 SPLINET_HD T mul_add(T acc, T x, T y) {
-#ifdef __CUDA_ARCH__
-  if constexpr (std::is_same<T, double>::value) return __dadd_rn(acc, __dmul_rn(x, y));
-#endif
+  if constexpr (std::is_same<T, double>::value) return add_product_rn(acc, x, y);
   return acc + x * y;
 }
 
@@ -146,8 +152,10 @@ SPLINET_HD CombineFn<scalar_t, acc_t> rk_combination(const DenseParams& p, Rk ki
 }
 
 // Basis of step i, stage s: weights (acc_t) of the d + 1 nonzero coefficients; returns the first.
+// Called once per stage and phase, so a call costs nothing while each inlined copy of the
+// Cox-de Boor loops added to every block program.
 template <typename acc_t>
-SPLINET_HD int64_t stage_basis(const DenseParams& p, int64_t i, int s, acc_t* w) {
+SPLINET_HD SPLINET_OUTLINE int64_t stage_basis(const DenseParams& p, int64_t i, int s, acc_t* w) {
   double wd[kMaxDegree + 1];
   const int64_t k = grid_basis<double>(i, p.c[s], p.L, p.N, static_cast<int>(p.d), wd);
   for (int64_t r = 0; r <= p.d; ++r) w[r] = static_cast<acc_t>(wd[r]);
@@ -387,7 +395,7 @@ struct DenseTile {
         }
         const acc_t a = A[e], y = Activation<ACT>::f(a);
         Y[e] = y;
-        glam += static_cast<double>(y) * static_cast<double>(v);  // dL/dlam += act(a) . V
+        glam = mul_add(glam, static_cast<double>(y), static_cast<double>(v));  // dL/dlam += act(a) . V
         G[e] = act_grad<ACT>(a, y, v, lam);
       }
       ctx.sync();
