@@ -54,3 +54,25 @@ def test_cuda_extension_configuration(monkeypatch):
     assert any(s.startswith("csrc/cpu/") for s in ext.sources)  # the CPU kernels too
     assert ("WITH_CUDA", None) in ext.define_macros
     assert "-DWITH_CUDA" in ext.extra_compile_args["cxx"] and "nvcc" in ext.extra_compile_args
+
+
+def test_cuda_units_define_each_instantiation_once():
+    """The CUDA build is split into units that compile in parallel (csrc/cuda/cuda_instances.h):
+    the op files see `extern` declarations of every (layer, direction, dtype) body, and each
+    must be defined in exactly one .cu file, or the extension fails to load (undefined symbol)
+    or to link (duplicate) on a GPU machine, which the nvcc check without a linker cannot see."""
+    import re
+
+    cuda = REPO / "csrc" / "cuda"
+    header = (cuda / "cuda_instances.h").read_text()
+    declared = re.findall(r"^extern (SPLINET_\w+\([\w:]+\));", header, re.M)
+    assert len(declared) == 16, declared
+    defined = {}
+    for cu in sorted(cuda.glob("*.cu")):
+        for inst in re.findall(r"^(SPLINET_\w+\([\w:]+\));", cu.read_text(), re.M):
+            defined.setdefault(inst, []).append(cu.name)
+    assert [d for d in declared if d not in defined] == [], "declared but defined nowhere"
+    assert {d: f for d, f in defined.items() if len(f) > 1} == {}, "defined more than once"
+    assert sorted(defined) == sorted(declared), "defined but not declared"
+    for ops_file in ("dense_cuda.cu", "conv_cuda.cu"):
+        assert '#include "cuda_instances.h"' in (cuda / ops_file).read_text()

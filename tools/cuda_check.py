@@ -2,12 +2,27 @@
 against the installed (possibly CPU-only) torch headers, so that a CUDA syntax or
 template error fails `make test` and CI. Nothing is linked or run.
 
+Each file's device code is also checked (from nvcc's PTX and ptxas's report):
+  - every block program (block_kernel<...>) synchronises its phases: one with no barrier had
+    its body dropped by the device compiler;
+  - no host function is called from device code (an error here, a warning by default);
+  - the bfloat16 / float16 dense files hold the tensor-core MMAs of the fused GEMM;
+  - float64 arithmetic is not contracted to fused multiply-adds (fma.rn.f64) where the kernels
+    promise the CPU's rounding: the basis (csrc/common/bspline.h) in every kernel, the float64
+    programs and functors, the scale-gradient sums. Only float64 kernels of the tanh, sigmoid
+    and softplus activations may contain them (libdevice's tanh, exp and log1p use FMAs;
+    those activations are not bitwise equal to the CPU's anyway);
+  - per-file budgets (PTX_BUDGET): kernel entries and PTX size, so that no translation unit
+    grows back into one that takes many minutes; both are deterministic, unlike wall time,
+    which is printed per file.
+
 The CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h (generated at build time); a
 one-line shim in build/ stands in for it.
 
-Usage: python tools/cuda_check.py [--nvcc PATH] [--archs 80,90] [--jobs N]
+Usage: python tools/cuda_check.py [--nvcc PATH] [--archs 80,90] [--jobs N] [--files GLOB]
 """
 import argparse
+import fnmatch
 import glob
 import os
 import re
@@ -44,19 +59,87 @@ def empty_block_programs(ptxas_log: str):
     return empty
 
 
-# Instructions a file's PTX must contain: the fused dense GEMM's tensor-core MMAs for bfloat16
-# and float16 (blend_gemm.h; a template slip could fall back to the scalar fragments).
+def register_report(ptxas_log: str):
+    """(most registers of a kernel, total spill-store bytes) from ptxas -v."""
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", ptxas_log)]
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", ptxas_log))
+    return (max(regs) if regs else 0), spills
+
+
+# Instructions a file's PTX must contain: the fused dense GEMM's tensor-core MMAs (blend_gemm.h;
+# a template slip could fall back to the scalar fragments).
+WMMA_BF16 = "wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32"
+WMMA_F16 = "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32"  # f16 inputs are implied
 REQUIRED_PTX = {
-    "dense_cuda.cu": ["wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32",
-                      "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32"],  # f16 inputs are implied
+    "dense_fwd_bf16.cu": [WMMA_BF16], "dense_bwd_bf16.cu": [WMMA_BF16],
+    "dense_fwd_f16.cu": [WMMA_F16], "dense_bwd_f16.cu": [WMMA_F16],
 }
 
+# Per-file budgets for one architecture: (kernel entries, PTX bytes). The largest file measured
+# (sm_90, nvcc 13.0): dense_bwd_bf16.cu, see the README; the budgets leave about 1.5x room.
+# One file that held every dense kernel had 152 entries and 31 MB of PTX and took 11-12
+# minutes per architecture on 2 cores; compile time grows with the PTX.
+PTX_BUDGET = (60, 9_000_000)
 
-def missing_instructions(src, keep_dir):
-    """The REQUIRED_PTX entries of src that none of its kept .ptx files contain."""
-    wanted = REQUIRED_PTX.get(os.path.basename(src), [])
+
+def ptx_entries(ptx: str):
+    """(mangled name, body) of every kernel entry of a PTX module."""
+    starts = [m.start() for m in re.finditer(r"^(?:\.\w+[ \t]+)*\.entry[ \t]", ptx, re.M)]
+    out = []
+    for i, s in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(ptx)
+        name = re.match(r"(?:\.\w+\s+)*\.entry\s+([^\s(]+)", ptx[s:end])
+        out.append((name.group(1) if name else "?", ptx[s:end]))
+    return out
+
+
+def demangle(names):
+    if not names:
+        return []
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        return list(names)
+    res = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    out = res.stdout.splitlines()
+    return out if len(out) == len(names) else list(names)
+
+
+# Activations whose float64 device code calls libdevice functions built on FMAs.
+LIBDEVICE_ACTS = ("(splinet::Act)2", "(splinet::Act)3", "(splinet::Act)4")
+
+
+def contracted_f64(entries):
+    """Entries with a float64 fused multiply-add where the CPU's rounding is promised: all but
+    float64 entries of the tanh / sigmoid / softplus activations."""
+    bad = []
+    names = demangle([n for n, _ in entries])
+    for (mangled, body), name in zip(entries, names):
+        if "fma.rn.f64" not in body:
+            continue
+        if "double" in name and any(a in name for a in LIBDEVICE_ACTS):
+            continue
+        bad.append(name)
+    return bad
+
+
+def check_ptx(src, keep_dir):
+    """Problems found in the PTX nvcc kept for src, and (entries, bytes) of it."""
     ptx = "".join(open(f).read() for f in glob.glob(os.path.join(keep_dir, "*.ptx")))
-    return [w for w in wanted if w not in ptx]
+    problems = []
+    if not ptx:
+        return ["no PTX kept"], (0, 0)
+    wanted = REQUIRED_PTX.get(os.path.basename(src), [])
+    missing = [w for w in wanted if w not in ptx]
+    if missing:
+        problems.append(f"no {missing} in its PTX")
+    entries = ptx_entries(ptx)
+    fma = contracted_f64(entries)
+    if fma:
+        problems.append(f"float64 multiply-adds contracted to fma.rn.f64 in {len(fma)} kernels, e.g. {fma[:2]}")
+    size = (len(entries), len(ptx.encode()))
+    if size[0] > PTX_BUDGET[0] or size[1] > PTX_BUDGET[1]:
+        problems.append(f"{size[0]} kernels / {size[1]} PTX bytes exceed the budget {PTX_BUDGET}: split the file")
+    return problems, size
 
 
 def main() -> int:
@@ -64,6 +147,7 @@ def main() -> int:
     ap.add_argument("--nvcc")
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--files", default="*.cu", help="only the csrc/cuda files matching this glob")
     args = ap.parse_args()
     nvcc = find_nvcc(args.nvcc)
     if nvcc is None:
@@ -82,33 +166,42 @@ def main() -> int:
     import sysconfig
 
     includes.append(sysconfig.get_paths()["include"])
-    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    sources = sorted(s for s in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                     if fnmatch.fnmatch(os.path.basename(s), args.files))
+    # Largest first, so that the parallel jobs finish together.
+    sources.sort(key=lambda s: (not os.path.basename(s).startswith("dense_bwd"), not "16" in s, s))
     jobs = [(src, arch) for src in sources for arch in args.archs.split(",")]
 
     def compile_one(job):
         src, arch = job
         obj = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.o")
-        # nvcc's intermediates (hundreds of MB) are kept only where the PTX is checked.
+        # nvcc's intermediates, for the PTX checks; removed once read.
         keep = os.path.join(out, f"{os.path.basename(src)}.sm{arch}.keep")
-        keep_args = ["-keep", "-keep-dir", keep] if os.path.basename(src) in REQUIRED_PTX else []
+        shutil.rmtree(keep, ignore_errors=True)
         os.makedirs(keep, exist_ok=True)
         cmd = [nvcc, "-c", src, "-o", obj, "-std=c++20", "-O1", "--expt-relaxed-constexpr",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-DWITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                "-Xcudafe", "--diag_suppress=20012",
                # A __host__ function called from __host__ __device__ code is only a warning by
                # default, and the device compiler then drops the caller's code: make it an error.
-               "-Werror", "cross-execution-space-call", "-Xptxas", "-v"] + keep_args + [f"-I{p}" for p in includes]
+               "-Werror", "cross-execution-space-call", "-Xptxas", "-v", "-keep", "-keep-dir", keep]
+        cmd += [f"-I{p}" for p in includes]
         t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True)
-        missing = missing_instructions(src, keep)
+        dt = time.time() - t0
+        problems, size = check_ptx(src, keep) if res.returncode == 0 else ([], (0, 0))
         shutil.rmtree(keep, ignore_errors=True)
-        return src, arch, res, time.time() - t0, missing
+        return src, arch, res, dt, problems, size
 
     failed = 0
+    t_all = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for src, arch, res, dt, missing in pool.map(compile_one, jobs):
+        for src, arch, res, dt, problems, size in pool.map(compile_one, jobs):
             name = os.path.relpath(src, ROOT)
             empty = empty_block_programs(res.stdout + res.stderr)
+            regs, spills = register_report(res.stdout + res.stderr)
+            stats = (f"{dt:.0f} s, {size[0]} kernels, {size[1] / 1e6:.1f} MB PTX, "
+                     f"<= {regs} registers, {spills} bytes spilled")
             if res.returncode != 0:
                 failed += 1
                 print(f"cuda-check: FAILED {name} sm_{arch} ({dt:.0f} s)\n{res.stdout}{res.stderr}")
@@ -116,12 +209,13 @@ def main() -> int:
                 failed += 1
                 print(f"cuda-check: FAILED {name} sm_{arch}: block programs compiled without a barrier "
                       f"(their code was dropped): {empty[:3]}")
-            elif missing:
+            elif problems:
                 failed += 1
-                print(f"cuda-check: FAILED {name} sm_{arch}: no {missing} in its PTX")
+                print(f"cuda-check: FAILED {name} sm_{arch} ({stats}): " + "; ".join(problems))
             else:
-                print(f"cuda-check: ok {name} sm_{arch} ({dt:.0f} s)")
-    print(f"cuda-check: {len(jobs) - failed}/{len(jobs)} compiled with {nvcc}")
+                print(f"cuda-check: ok {name} sm_{arch} ({stats})", flush=True)
+    print(f"cuda-check: {len(jobs) - failed}/{len(jobs)} compiled with {nvcc} in {time.time() - t_all:.0f} s "
+          f"({args.jobs} jobs)")
     return 1 if failed else 0
 
 

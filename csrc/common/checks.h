@@ -21,6 +21,9 @@ inline void check_basis_args(const at::Tensor& t, int64_t knots, int64_t degree)
 inline void check_layer_common_args(const char* op, const at::Tensor& weight, const at::Tensor& scale,
                                     int64_t steps, int64_t degree, int64_t checkpoint) {
   TORCH_CHECK_VALUE(scale.numel() == 1, op, ": scale must hold one value, got shape ", scale.sizes());
+  // Any floating dtype: every backend computes with the scale in x's dtype and returns its
+  // gradient in the scale's own dtype.
+  TORCH_CHECK_TYPE(scale.is_floating_point(), op, ": scale must be a floating tensor, got ", scale.scalar_type());
   TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
   TORCH_CHECK_VALUE(degree >= 0 && degree <= 15, op, ": degree must be in [0, 15], got ", degree);
   TORCH_CHECK_VALUE(weight.size(0) > degree, op, ": need n = L + degree > degree coefficients, got n = ",
@@ -81,7 +84,6 @@ inline void check_conv_args(const char* op, const at::Tensor& x, const at::Tenso
                      " differs from x dtype ", x.scalar_type());
     TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
   }
-  TORCH_CHECK_TYPE(scale.is_floating_point(), op, ": scale must be a floating tensor, got ", scale.scalar_type());
   check_layer_common_args(op, weight, scale, steps, degree, checkpoint);
 }
 

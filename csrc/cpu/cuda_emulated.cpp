@@ -56,7 +56,8 @@ struct HostExec {
   }
 
   int64_t threads() const { return nthreads; }
-  int64_t multiprocessors() const { return 1; }
+  // A fixed grid plays a device with that many multiprocessors (the small path's row choice).
+  int64_t multiprocessors() const { return std::max<int64_t>(1, blocks); }
   int64_t max_smem_bytes() const { return 100 * 1024; }  // as CudaExec on an H100 / A100
 
   template <typename Body>

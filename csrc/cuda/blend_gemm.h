@@ -1,4 +1,4 @@
-// The large-width dense path's fused GEMM (issue #5, item 2): a tiled block program for
+// The large-width dense path's fused GEMM: a tiled block program for
 //   C[M x N] = sum_k A(i, k) B(k, j),   then  epi(i, j, C[i, j])  for every entry,
 // where either operand may be read transposed and B may be the blended weight of one stage,
 // W(t) = sum_r w_r weight[k + r] (eq. 14; A(t) = W - W^T - gamma I for the antisymmetric
@@ -84,15 +84,32 @@ SPLINET_HD scalar_t gemm_a(const GemmArgs<scalar_t, acc_t>& g, int64_t i, int64_
   return g.a_mode == kRows ? g.a[i * g.lda + k] : g.a[k * g.lda + i];
 }
 
+// The blend of one B element, a call on the device rather than inlined: the loaders unroll
+// over a thread's 8-32 elements of a slice, and inlining the (d + 1)-term blend, with the
+// antisymmetric variant's second one, into each made every GEMM kernel several times larger
+// (and its compile minutes longer) for loads that wait on memory anyway.
+template <typename scalar_t, typename acc_t>
+SPLINET_HD SPLINET_OUTLINE scalar_t gemm_blended(const GemmArgs<scalar_t, acc_t>& g, int64_t j, int64_t q) {
+  return static_cast<scalar_t>(blend_entry(g.p, g.weight, g.kc, g.w, j, q));
+}
+
 template <typename scalar_t, typename acc_t>
 SPLINET_HD scalar_t gemm_b(const GemmArgs<scalar_t, acc_t>& g, int64_t k, int64_t j) {
   if (k >= g.K || j >= g.N) return scalar_t(0);
   switch (g.b_mode) {
     case kRows: return g.b[k * g.ldb + j];
     case kCols: return g.b[j * g.ldb + k];
-    case kBlend: return static_cast<scalar_t>(blend_entry(g.p, g.weight, g.kc, g.w, k, j));
-    default: return static_cast<scalar_t>(blend_entry(g.p, g.weight, g.kc, g.w, j, k));
+    case kBlend: return gemm_blended(g, k, j);
+    default: return gemm_blended(g, j, k);
   }
+}
+
+// One epilogue element, a call on the device for the same reason: the epilogue runs once
+// per output tile, over unrolled fragment loops, and the stage epilogue (bias, activation,
+// slope, Runge-Kutta combination) inlined into each iteration dominated the kernel's size.
+template <typename Epi, typename acc_t>
+SPLINET_HD SPLINET_OUTLINE void gemm_epilogue_at(const Epi& epi, int64_t i, int64_t j, acc_t v) {
+  epi(i, j, v);
 }
 
 // The warps a thread runs and the lanes it plays: on the GPU its own warp and lane; in the
@@ -160,7 +177,7 @@ struct ScalarAcc {
         for (int q = 0; q < Tile::kPerLane; ++q) {
           const int t = q * 32 + role.lane + l;
           const int64_t i = row0 + r0 + t / Tile::WN, j = col0 + c0 + t % Tile::WN;
-          if (i < M && j < N) epi(i, j, vl[q]);
+          if (i < M && j < N) gemm_epilogue_at(epi, i, j, vl[q]);
         }
       }
       if (kRoleWarps == 1) break;
@@ -218,7 +235,7 @@ struct WmmaAcc {
         __syncwarp();
         for (int t = role.lane; t < 256; t += 32) {
           const int64_t i = row0 + r0 + fi * 16 + t / 16, j = col0 + c0 + fj * 16 + t % 16;
-          if (i < M && j < N) epi(i, j, mine[t]);
+          if (i < M && j < N) gemm_epilogue_at(epi, i, j, mine[t]);
         }
         __syncwarp();
       }

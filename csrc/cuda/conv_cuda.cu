@@ -1,13 +1,13 @@
 // CUDA implementations of splinet_cuda::spline_conv_fwd / spline_conv_bwd (schemas in
 // csrc/splinet_ops.cpp): for few channels the single-launch direct program of
 // conv_program.h, otherwise cuDNN convolutions through ATen around the blend, epilogue and
-// eq. 23 scatter kernels; the host driver is conv_driver.h, the launches cuda_exec.cuh.
+// eq. 23 scatter kernels; the host driver is conv_driver.h, the launches cuda_exec.cuh;
+// the per-dtype bodies are compiled in their own units (cuda_instances.h).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "conv_driver.h"
-#include "cuda_exec.cuh"
+#include "cuda_instances.h"
 
 namespace splinet {
 namespace {

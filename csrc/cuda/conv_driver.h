@@ -307,6 +307,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
           glam.to(scale.scalar_type()).reshape(scale.sizes())};
 }
 
+// One dtype's forward / backward (see dense_forward_typed).
+template <typename scalar_t, typename Exec>
+at::Tensor conv_forward_typed(Exec& ex, Act act, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& scale, const ConvSetup& c, int64_t path) {
+  at::Tensor out;
+  SPLINET_DISPATCH_ACT(act, [&] { out = conv_forward<scalar_t, ACT>(ex, x, weight, bias, scale, c, path); });
+  return out;
+}
+
+template <typename scalar_t, typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_typed(
+    Exec& ex, Act act, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale, const ConvSetup& c, int64_t path) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  SPLINET_DISPATCH_ACT(act, [&] {
+    out = conv_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, c, path);
+  });
+  return out;
+}
+
 // Op entry points (see dense_fwd_entry).
 template <typename Exec>
 at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -314,13 +334,14 @@ at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, cons
                           int64_t degree, c10::string_view activation, c10::string_view scheme,
                           c10::string_view variant, int64_t checkpoint, int64_t path) {
   check_conv_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor scale = scale_in.to(x.scalar_type()).contiguous();  // lam in x's dtype, as on the CPU
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const ConvSetup c = conv_setup(x, weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
   const Act act = parse_activation(std::string(activation));
   at::Tensor out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
-    SPLINET_DISPATCH_ACT(act, [&] { out = conv_forward<scalar_t, ACT>(ex, x, weight, bias, scale, c, path); });
+    out = conv_forward_typed<scalar_t>(ex, act, x, weight, bias, scale, c, path);
   });
   return out;
 }
@@ -338,17 +359,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_entry(
                     states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
                     steps, ", checkpoint = ", checkpoint);
   const bool last_only = check_state_grad(op, grad_states_in, states_in);
-  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor scale = scale_in.to(states.scalar_type()).contiguous();
   const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const ConvSetup c = conv_setup(states[0], weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
   const Act act = parse_activation(std::string(activation));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
-    SPLINET_DISPATCH_ACT(act, [&] {
-      out = conv_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, c, path);
-    });
+    out = conv_backward_typed<scalar_t>(ex, act, grad_states, last_only, states, weight, bias, scale, c, path);
   });
+  std::get<3>(out) = std::get<3>(out).to(scale_in.scalar_type());  // in the scale's dtype
   return out;
 }
 

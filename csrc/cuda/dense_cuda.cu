@@ -1,12 +1,12 @@
 // CUDA implementations of splinet_cuda::spline_dense_fwd / spline_dense_bwd (schemas in
 // csrc/splinet_ops.cpp): the device code is in dense_program.h and step_functors.h, the host
-// driver in dense_driver.h, the launches in cuda_exec.cuh.
+// driver in dense_driver.h, the launches in cuda_exec.cuh; the per-dtype bodies are compiled
+// in their own units (cuda_instances.h).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda_exec.cuh"
-#include "dense_driver.h"
+#include "cuda_instances.h"
 
 namespace splinet {
 namespace {

@@ -50,17 +50,32 @@ namespace splinet {
 // Paths: 0 chooses (small when m <= kSmallMaxWidth and its shared memory fits, else large:
 // fused for bfloat16 / float16 where the executor has tensor cores, cuBLAS otherwise), 1 small,
 // 2 large through cuBLAS, 3 large through the fused blended GEMM. On the GPU the environment
-// variable SPLINET_DENSE_GEMM=cublas|fused overrides the large path's choice.
+// variable SPLINET_DENSE_GEMM=cublas|fused overrides the bfloat16 / float16 large path's choice.
 enum DensePath : int64_t { kPathAuto = 0, kPathSmall = 1, kPathLarge = 2, kPathFused = 3 };
+
+// Whether the fused GEMM is compiled for a dtype: on the GPU only for bfloat16 / float16 (tensor
+// cores). For float32 / float64 it would multiply on scalar fragments, which cuBLAS beats, and
+// its bodies (two tiles x every epilogue x every activation) would dominate the device code
+// and build time; so float32 / float64 always take cuBLAS there. The CPU emulation compiles it
+// for every dtype: path 3 is how the tests reach its tiling, blend and epilogues.
+template <typename scalar_t, typename Exec>
+constexpr bool dense_fused_compiled() {
+  return !Exec::kTensorCores || sizeof(scalar_t) == 2;
+}
 
 template <typename scalar_t, typename Exec>
 bool dense_use_fused(int64_t path) {
-  if (path == kPathFused) return true;
+  if (path == kPathFused) {
+    TORCH_CHECK_VALUE((dense_fused_compiled<scalar_t, Exec>()),
+                      "spline_dense: the fused GEMM is built for bfloat16 / float16 only");
+    return true;
+  }
   if (path == kPathLarge) return false;
   const char* env = Exec::kTensorCores ? std::getenv("SPLINET_DENSE_GEMM") : nullptr;
   const std::string gemm = env ? env : "";
   TORCH_CHECK_VALUE(gemm.empty() || gemm == "fused" || gemm == "cublas",
                     "SPLINET_DENSE_GEMM must be 'fused' or 'cublas', got '", gemm, "'");
+  if (!dense_fused_compiled<scalar_t, Exec>()) return false;
   if (!gemm.empty()) return gemm == "fused";
   return Exec::kTensorCores && sizeof(scalar_t) == 2;
 }
@@ -96,10 +111,15 @@ inline DenseParams dense_params(int64_t B, int64_t m, int64_t n, bool has_bias, 
   return p;
 }
 
-// Tile rows for the small path: enough rows that a tile has ~1024 elements, halved until the
-// backward's shared memory (the larger) fits the budget. Returns 0 when even one row does not.
-inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t smem_budget) {
+// Tile rows for the small path: enough rows that a tile has ~1024 elements, but no more than
+// spread the batch over every multiprocessor (`sms`): a block walks all N steps of its tile
+// in sequence, so B = 256, m = 4 in one tile of 256 rows would run on one SM while the others
+// idle; ceil(B / sms) rows make one tile per SM. Then halved until the backward's shared
+// memory (the larger) fits the budget. Returns 0 when even one row does not fit.
+inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t smem_budget, int64_t sms) {
   int64_t tb = std::max<int64_t>(1, std::min<int64_t>(256, 1024 / std::max<int64_t>(p.m, 1)));
+  const int64_t spread = (p.B + std::max<int64_t>(sms, 1) - 1) / std::max<int64_t>(sms, 1);
+  tb = std::max<int64_t>(1, std::min(tb, spread));
   for (; tb >= 1; tb /= 2) {
     p.TB = tb;
     if (dense_small_smem_elems(p, true) * elem_bytes <= smem_budget) return tb;
@@ -145,9 +165,12 @@ class DenseLarge {
   // a blend kernel, ATen's GEMM and elementwise kernels. keep: the stages' pre-activations are
   // kept for an adjoint (the backward's replays). gemm_tile: 64 or 128 forces the fused
   // GEMM's tile, 0 chooses.
+  // Whether this instantiation contains the fused GEMM's code (dense_fused_compiled).
+  static constexpr bool kFused = dense_fused_compiled<scalar_t, Exec>();
+
   DenseLarge(Exec& ex, const DenseParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale,
              bool fused, bool keep, int64_t gemm_tile)
-      : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale), fused_(fused), keep_(keep || !fused),
+      : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale), fused_(kFused && fused), keep_(keep || !fused_),
         gemm_tile_(gemm_tile) {
     const auto st = weight.options(), at_ = weight.options().dtype(acc_type_of<acc_t>());
     const int64_t B = p.B, m = p.m, S = p.S;
@@ -175,7 +198,9 @@ class DenseLarge {
   // One step from cur_ (x_i) to cur_ (x_{i+1}), keeping every stage's X_s (and A_s, W_s, b_s
   // as needed by the adjoint); x_{i+1} also to save (GEMM dtype) when set.
   void step(int64_t i, scalar_t* save = nullptr) {
-    if (fused_) return fused_step(i, save);
+    if constexpr (kFused) {
+      if (fused_) return fused_step(i, save);
+    }
     const int64_t Bm = p_.B * p_.m;
     const bool sym = p_.variant == kSymmetric;
     for (int s = 0; s < p_.S; ++s) {
@@ -216,8 +241,10 @@ class DenseLarge {
       const CombineFn<scalar_t, acc_t> kbar = combination(Rk::StageAdjoint, s, z, nullptr, ptr(kbar_st_));
       if (sym) {  // kbar W(t)^T
         ex_.for_each(Bm, kbar);
-        if (fused_) gemm(B, m, m, kbar_st_, kRows, nullptr, kBlendT, i, s, StoreEpi<scalar_t, acc_t>{m, nullptr, ptr(prod_)});
-        else at::mm_out(prod_, kbar_st_, W_[s].t());
+        if constexpr (kFused) {
+          if (fused_) gemm(B, m, m, kbar_st_, kRows, nullptr, kBlendT, i, s, StoreEpi<scalar_t, acc_t>{m, nullptr, ptr(prod_)});
+        }
+        if (!fused_) at::mm_out(prod_, kbar_st_, W_[s].t());
       }
       AdjointActFn<scalar_t, acc_t, ACT> adj{A_[s].data_ptr<acc_t>(), kbar,
                                              sym ? prod_.data_ptr<scalar_t>() : nullptr, scale_.data_ptr<scalar_t>(),
@@ -231,25 +258,27 @@ class DenseLarge {
                                     p_.has_bias ? colsum.data_ptr<acc_t>() : nullptr, scale_.data_ptr<scalar_t>(),
                                     gW.data_ptr<acc_t>(), p_.has_bias ? gb.data_ptr<acc_t>() : nullptr};
       sc.k = stage_basis(p_, i, s, sc.w);
-      if (fused_) {
-        // dL/dX_s = G W(t) (blended on load) into K_[s]; eq. 23 in the epilogues of G^T X_s
-        // (and - (G^T X_s)^T for the antisymmetric variant, - lam act(a)^T kbar for the
-        // symmetric one); the bias gradient from the column sums of G.
-        gemm(B, m, m, G_, kRows, nullptr, kBlend, i, s, StoreEpi<scalar_t, acc_t>{m, ptr_acc(K_[s]), nullptr});
-        SlotScatterEpi<scalar_t, acc_t> gw{sc, m, acc_t(1), nullptr};
-        gemm(m, m, B, G_, kCols, &X_[s], kRows, i, s, gw);
-        if (antisym) {
-          gw.sign = acc_t(-1);
-          gemm(m, m, B, X_[s], kCols, &G_, kRows, i, s, gw);
+      if constexpr (kFused) {
+        if (fused_) {
+          // dL/dX_s = G W(t) (blended on load) into K_[s]; eq. 23 in the epilogues of G^T X_s
+          // (and - (G^T X_s)^T for the antisymmetric variant, - lam act(a)^T kbar for the
+          // symmetric one); the bias gradient from the column sums of G.
+          gemm(B, m, m, G_, kRows, nullptr, kBlend, i, s, StoreEpi<scalar_t, acc_t>{m, ptr_acc(K_[s]), nullptr});
+          SlotScatterEpi<scalar_t, acc_t> gw{sc, m, acc_t(1), nullptr};
+          gemm(m, m, B, G_, kCols, &X_[s], kRows, i, s, gw);
+          if (antisym) {
+            gw.sign = acc_t(-1);
+            gemm(m, m, B, X_[s], kCols, &G_, kRows, i, s, gw);
+          }
+          if (sym) {
+            gw.sign = acc_t(-1);
+            gw.scale = scale_.data_ptr<scalar_t>();
+            gemm(m, m, B, Y_, kCols, &kbar_st_, kRows, i, s, gw);
+          }
+          sc.wsize = 0;  // the bias part only
+          if (p_.has_bias) ex_.for_each(m, sc);
+          continue;
         }
-        if (sym) {
-          gw.sign = acc_t(-1);
-          gw.scale = scale_.data_ptr<scalar_t>();
-          gemm(m, m, B, Y_, kCols, &kbar_st_, kRows, i, s, gw);
-        }
-        sc.wsize = 0;  // the bias part only
-        if (p_.has_bias) ex_.for_each(m, sc);
-        continue;
       }
       if (std::is_same<scalar_t, acc_t>::value) {
         at::Tensor xbar = K_[s];
@@ -422,12 +451,11 @@ void large_backward(Run& run, const DenseParams& p, const at::Tensor& states, co
 // ---------------------------------------------------------------------------------------
 // The ops.
 
-// What the CUDA drivers add to the layers' shared checks (checks.h): the kernels read the
-// scale on the device in x's dtype, and unroll up to kMaxDegree.
+// What the CUDA drivers add to the layers' shared checks (checks.h): the kernels unroll up to
+// kMaxDegree, and read the scale on x's device (the entries convert it to x's dtype, as the CPU
+// op does, and return its gradient in the scale's own dtype).
 inline void check_driver_args(const char* op, const at::Tensor& x, const at::Tensor& scale, int64_t degree) {
   TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
-  TORCH_CHECK_TYPE(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
   TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
 }
 
@@ -441,7 +469,7 @@ inline void check_dense_op_args(const char* op, const at::Tensor& x, const at::T
 inline bool dense_use_small(int64_t path, const DenseParams& p, int64_t elem_bytes, int64_t smem_budget) {
   TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFused, "spline_dense: path must be 0, 1, 2 or 3, got ", path);
   if (path == kPathLarge || path == kPathFused) return false;
-  const bool fits = dense_small_tile_rows(p, elem_bytes, smem_budget) > 0;
+  const bool fits = dense_small_tile_rows(p, elem_bytes, smem_budget, 1) > 0;
   if (path == kPathSmall) {
     TORCH_CHECK_VALUE(fits, "spline_dense: width ", p.m, " does not fit the small-width kernel's shared memory");
     return true;
@@ -465,7 +493,8 @@ at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight
   at::Tensor states = at::empty({Ns, p.B, p.m}, x.options());
   if (p.B == 0) return states;
   if (dense_use_small(path, p, sizeof(acc_t), ex.max_smem_bytes())) {
-    p.TB = tile_rows > 0 ? tile_rows : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes());
+    p.TB = tile_rows > 0 ? tile_rows
+                         : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes(), ex.multiprocessors());
     const int64_t smem = dense_small_smem_elems(p, false) * sizeof(acc_t);
     const int64_t tiles = (p.B + p.TB - 1) / p.TB;
     using Body = SmallFwdBody<scalar_t, acc_t, ACT>;
@@ -502,8 +531,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     // The current interval's gradient slots go to shared memory when they take at most half
     // the budget and a tile still fits beside them.
     p.cache_slots = dense_slot_cache_elems(p) * static_cast<int64_t>(sizeof(acc_t)) <= ex.max_smem_bytes() / 2;
-    if (dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes()) == 0) p.cache_slots = false;
-    p.TB = tile_rows > 0 ? tile_rows : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes());
+    if (dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes(), 1) == 0) p.cache_slots = false;
+    p.TB = tile_rows > 0 ? tile_rows
+                         : dense_small_tile_rows(p, sizeof(acc_t), ex.max_smem_bytes(), ex.multiprocessors());
     const int64_t smem = dense_small_smem_elems(p, true) * sizeof(acc_t);
     const int64_t tiles = (p.B + p.TB - 1) / p.TB, threads = ex.threads();
     using Body = SmallBwdBody<scalar_t, acc_t, ACT>;
@@ -546,6 +576,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
   return {grad_x, gW.to(weight.scalar_type()), grad_b_out, glam.to(scale.scalar_type()).reshape(scale.sizes())};
 }
 
+// One dtype's forward / backward with the activation made a compile-time constant. Each is one
+// unit of compilation: the CUDA build instantiates every dtype in its own translation unit
+// (csrc/cuda/cuda_instances.h), so the units compile in parallel; the emulation instantiates
+// them where it includes this file.
+template <typename scalar_t, typename Exec>
+at::Tensor dense_forward_typed(Exec& ex, Act act, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& scale, const DenseParams& p, int64_t path,
+                               int64_t tile_rows) {
+  at::Tensor out;
+  SPLINET_DISPATCH_ACT(act, [&] { out = dense_forward<scalar_t, ACT>(ex, x, weight, bias, scale, p, path, tile_rows); });
+  return out;
+}
+
+template <typename scalar_t, typename Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward_typed(
+    Exec& ex, Act act, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale, const DenseParams& p, int64_t path,
+    int64_t tile_rows) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  SPLINET_DISPATCH_ACT(act, [&] {
+    out = dense_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, p, path, tile_rows);
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Op entry points shared by the CUDA ops (dense_cuda.cu) and the emulation ops: checks,
 // contiguous inputs, dtype and activation dispatch. Exec::kHalfTypes says whether bfloat16
@@ -567,14 +622,15 @@ at::Tensor dense_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, con
                            c10::string_view variant, double gamma, int64_t checkpoint, int64_t path,
                            int64_t tile_rows) {
   check_dense_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor scale = scale_in.to(x.scalar_type()).contiguous();  // lam in x's dtype, as on the CPU
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseParams p = dense_params(x.size(0), x.size(1), weight.size(0), bias.defined(), steps, degree, scheme,
                                      variant, gamma, checkpoint);
   const Act act = parse_activation(std::string(activation));
   at::Tensor out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
-    SPLINET_DISPATCH_ACT(act, [&] { out = dense_forward<scalar_t, ACT>(ex, x, weight, bias, scale, p, path, tile_rows); });
+    out = dense_forward_typed<scalar_t>(ex, act, x, weight, bias, scale, p, path, tile_rows);
   });
   return out;
 }
@@ -591,7 +647,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_entry(
                     states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
                     steps, ", checkpoint = ", checkpoint);
   const bool last_only = check_state_grad(op, grad_states_in, states_in);
-  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor scale = scale_in.to(states.scalar_type()).contiguous();
   const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseParams p = dense_params(states.size(1), states.size(2), weight.size(0), bias.defined(), steps, degree,
@@ -599,10 +656,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_entry(
   const Act act = parse_activation(std::string(activation));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
-    SPLINET_DISPATCH_ACT(act, [&] {
-      out = dense_backward<scalar_t, ACT>(ex, grad_states, last_only, states, weight, bias, scale, p, path, tile_rows);
-    });
+    out = dense_backward_typed<scalar_t>(ex, act, grad_states, last_only, states, weight, bias, scale, p, path,
+                                         tile_rows);
   });
+  std::get<3>(out) = std::get<3>(out).to(scale_in.scalar_type());  // in the scale's dtype
   return out;
 }
 

@@ -1,0 +1,6 @@
+// The CUDA dense layer's forward, float32: one translation unit (see cuda_instances.h).
+#include "cuda_instances.h"
+
+namespace splinet {
+SPLINET_DENSE_FWD(float);
+}  // namespace splinet
