@@ -11,6 +11,14 @@ import pytest  # noqa: E402
 
 import splinet_cuda  # noqa: E402
 
+# float32 CUDA results are compared with true float32 references: TF32 off for cuDNN
+# convolutions (PyTorch's default is on) and for cuBLAS matmuls, for the whole session. The
+# legacy flags set cuDNN's conv and RNN precision together (mixing them with the newer
+# fp32_precision settings makes torch raise on the next read). The cuda backend's cuDNN path
+# follows these flags, as torch.nn.functional.conv2d does.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

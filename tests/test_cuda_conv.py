@@ -123,6 +123,27 @@ def test_emulated_float32_and_wide_kernels(path):
     assert_all_close(emulated((x, w, b, s), cfg, grad, states, path), [states, *ref], rtol=1e-11, atol=1e-12)
 
 
+def test_tf32_is_off_in_tests():
+    """conftest pins TF32 off, so float32 CUDA references (cuDNN convolutions, cuBLAS) and the
+    backend's cuDNN path compute in float32 (PyTorch enables TF32 for cuDNN by default)."""
+    assert not torch.backends.cudnn.allow_tf32
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@needs_emu
+@pytest.mark.parametrize("path", [DIRECT, CUDNN])
+def test_emulated_accepts_scale_of_another_dtype(path):
+    """A scale whose dtype differs from x's is taken as by the CPU op: lam in x's dtype, its
+    gradient returned in the scale's dtype."""
+    x, w, b, _ = make(2, dtype=torch.float32)
+    cfg = (3, 2, "tanh", "rk4", "standard", 0.0, 2)
+    s = torch.tensor(1.3, dtype=torch.float64)
+    states, grad, ref = cpu_op((x, w, b, s), cfg)
+    got = emulated((x, w, b, s), cfg, grad, states, path)
+    assert ref[3].dtype == got[4].dtype == torch.float64
+    assert_all_close(got, [states, *ref], rtol=2e-5, atol=2e-5)
+
+
 @needs_emu
 def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(1, d=1)
@@ -136,8 +157,8 @@ def test_emulated_ops_opcheck_and_errors():
         ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0, 1)
     with pytest.raises(ValueError, match="odd"):
         ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0, 1)
-    with pytest.raises(TypeError, match="scale dtype"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s.float(), *cfg, 0, 0, 1)
+    with pytest.raises(TypeError, match="scale"):
+        ops.cuda_conv_fwd_emulated(x, w, b, torch.tensor(1), *cfg, 0, 0, 1)
     with pytest.raises(ValueError, match="path"):
         ops.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0, 1)
     with pytest.raises(ValueError, match="shared memory"):  # 64^2 * 9 doubles > 100 KB

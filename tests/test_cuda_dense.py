@@ -220,13 +220,44 @@ def test_emulated_ops_opcheck_and_errors():
         ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, FUSED, 32, 0, 1)
     with pytest.raises(ValueError, match="weight"):
         ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0, 1)
-    with pytest.raises(TypeError, match="scale dtype"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s.float(), *cfg, SMALL, 0, 0, 1)
+    with pytest.raises(TypeError, match="scale"):
+        ops.cuda_dense_fwd_emulated(x, w, b, torch.tensor(1), *cfg, SMALL, 0, 0, 1)
     with pytest.raises(ValueError, match="threads"):
         ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, SMALL, 0, 0, 0)
     with pytest.raises(ValueError, match="shared memory"):  # one row of m = 200 needs > 100 KB
         big = make(1, 200, 1, 0)
         ops.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0, 1)
+
+
+@needs_emu
+@pytest.mark.parametrize("path", PATHS)
+def test_emulated_accepts_scale_of_another_dtype(path):
+    """A scale whose dtype differs from x's (as the Python validator allows) is taken by the
+    CUDA driver as by the CPU op: lam in x's dtype, its gradient returned in the scale's."""
+    x, w, b, _ = make(5, 4, 2, 2, dtype=torch.float32)
+    cfg = (6, 2, "tanh", "rk4", "standard", 0.0, 2)
+    for s in (torch.tensor(1.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float16)):
+        states, grad, ref = cpu_op(x, w, b, s, cfg)
+        got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=tile_of(path, 2), states=states)
+        assert ref[3].dtype == got[3].dtype == s.dtype
+        assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+    for op in (lambda s: ops.spline_dense_fwd(x, w, b, s, *cfg),
+               lambda s: ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_of(path, 2), 0, 1)):
+        with pytest.raises(TypeError, match="scale"):
+            op(torch.tensor(2))
+
+
+@needs_emu
+@pytest.mark.parametrize("B,blocks,threads", [(37, 8, 4), (20, 16, 1), (5, 32, 3)])
+def test_emulated_small_rows_spread_over_multiprocessors(B, blocks, threads):
+    """The small path's automatic tile rows (tile_rows = 0) on a grid of `blocks` blocks that
+    plays a device of as many multiprocessors: ceil(B / blocks) rows per tile, so a small batch
+    reaches every block, with teams of host threads; against the CPU kernel."""
+    x, w, b, s = make(B, 4, 3, 3, seed=B)
+    cfg = (9, 3, "softplus", "rk4", "symmetric", 0.0, 4)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, blocks=blocks, states=states, threads=threads)
+    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -247,12 +278,28 @@ def test_cuda_matches_cpu_kernel(m, variant, scheme, activation):
 
 
 @needs_gpu
+@pytest.mark.parametrize("degree", [2, 3])
+def test_cuda_basis_table_bitwise(degree):
+    """The device basis (csrc/common/bspline.h) equals the CPU's bit for bit at thousands of
+    times: with contracted multiply-adds it differed in the last bit at 15% (d = 2) and 39%
+    (d = 3) of times."""
+    g = torch.Generator().manual_seed(degree)
+    t = torch.cat([torch.rand(8192, generator=g, dtype=torch.float64), torch.linspace(0, 1, 4097, dtype=torch.float64)])
+    for knots in (3, 7, 64):
+        k, w = ops.basis_table(t, knots, degree)
+        kc, wc = ops.basis_table(t.cuda(), knots, degree)
+        assert torch.equal(kc.cpu(), k) and torch.equal(wc.cpu(), w), f"knots = {knots}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("degree", [2, 3])
 @pytest.mark.parametrize("activation", ["identity", "relu"])
-def test_cuda_bitwise_float64(activation):
+def test_cuda_bitwise_float64(activation, degree):
     """One tile (B <= TB) in one block: the GPU kernel sums in the CPU kernel's order and
-    never fuses a float64 multiply-add, so it matches the CPU backend bit for bit."""
-    x, w, b, s = make(6, 5, 3, 2)
-    cfg = (10, 2, activation, "rk4", "standard", 0.0, 1)
+    never fuses a float64 multiply-add, so it matches the CPU backend bit for bit; 1000 rk4
+    steps over 7 knot intervals evaluate the basis at 4000 stage times."""
+    x, w, b, s = make(6, 5, 7, degree)
+    cfg = (1000, degree, activation, "rk4", "standard", 0.0, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -300,9 +347,10 @@ def assert_close_scaled(got, ref, names, **tol):
 @pytest.mark.parametrize("variant,scheme,activation", [("standard", "rk4", "tanh"), ("symmetric", "euler", "relu"),
                                                        ("antisymmetric", "midpoint", "softplus")])
 def test_cuda_large_width_gemm_paths(monkeypatch, gemm, dtype, variant, scheme, activation):
-    """m = 200 > 64 (ragged against both GEMM tiles), B = 300: the large path through the fused
-    blended GEMM (tensor cores for bf16/fp16, scalar fragments for fp32/fp64) and through
-    cuBLAS, chosen with SPLINET_DENSE_GEMM, against the float64 CPU kernel."""
+    """m = 200 > 64 (ragged against both GEMM tiles), B = 300: the bf16/fp16 large path through
+    the fused blended GEMM (tensor cores) and through cuBLAS, chosen with SPLINET_DENSE_GEMM,
+    against the float64 CPU kernel; float32/float64 take cuBLAS whatever the variable says
+    (the fused GEMM is not built for them on the GPU)."""
     monkeypatch.setenv("SPLINET_DENSE_GEMM", gemm)
     x, w, b, s = make(300, 200, 3, 3)
     cfg = (5, 3, activation, scheme, variant, 0.2, 2)
