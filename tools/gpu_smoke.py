@@ -121,12 +121,10 @@ SMOKE: List[Check] = [
           "cuda: TB=16 (the backward's fit), fwd 54 KB, bwd 78 KB"),
     Check("dense-small-m32-slots-f32", _dense(8192, 32, L=5, d=3, N=7, scheme="rk4", activation="softplus"), CT,
           "cuda: TB=32, fwd 49 KB, bwd 91 KB with the 17 KB cache of the d+1 gradient slots"),
-    # Fused blended GEMM: 128 x 128 tiles once the tiles reach the SM count.
+    # Fused blended GEMM (bf16/fp16 only; fp32/fp64 take cuBLAS): 128 x 128 tiles once the
+    # tiles reach the SM count.
     Check("dense-gemm128-bf16", _dense(4096, 1024, L=8, d=3, N=4, dtype="bfloat16"), CT + ("cuda+cublas",),
           "cuda: 128x128 wmma tile, 32x8 = 256 tiles > 132 SMs, 46 KB"),
-    Check("dense-gemm128-f64-fused", _dense(4096, 640, L=2, d=1, N=2, dtype="float64"), ("cuda",),
-          "cuda: SPLINET_DENSE_GEMM=fused, fp64 128x128 tile on scalar fragments, 76 KB, 160 tiles",
-          env={"SPLINET_DENSE_GEMM": "fused"}, optional=True),
     Check("dense-gemm64-bf16-ragged", _dense(300, 200, L=2, d=2, N=3, scheme="midpoint", variant="symmetric",
                                              activation="relu", dtype="bfloat16"), CT + ("cuda+cublas",),
           "cuda: 64x64 tiles, ragged edges"),
@@ -169,8 +167,8 @@ SANITIZER: List[Check] = [
           "dense small, 16-bit"),
     Check("san-dense-gemm-bf16", _dense(70, 80, L=2, d=1, N=2, dtype="bfloat16"), ("cuda",),
           "fused GEMM, 64x64 tiles"),
-    Check("san-dense-gemm-f32", _dense(40, 72, L=1, d=1, N=1), ("cuda",), "fused GEMM on scalar fragments",
-          env={"SPLINET_DENSE_GEMM": "fused"}, optional=True),
+    Check("san-dense-gemm-f16", _dense(40, 72, L=1, d=1, N=1, scheme="midpoint", variant="symmetric",
+                                       dtype="float16"), ("cuda",), "fused GEMM, fp16"),
     Check("san-conv-direct-f32", _conv(2, 3, (6, 6), L=2, d=2, N=2, scheme="midpoint"), ("cuda",),
           "conv direct fwd + bwd"),
     Check("san-conv-direct-bf16", _conv(2, 4, (9,), L=1, d=1, N=2, variant="symmetric", dtype="bfloat16"),
