@@ -76,3 +76,29 @@ def test_cuda_units_define_each_instantiation_once():
     assert sorted(defined) == sorted(declared), "defined but not declared"
     for ops_file in ("dense_cuda.cu", "conv_cuda.cu"):
         assert '#include "cuda_instances.h"' in (cuda / ops_file).read_text()
+
+
+def test_cuda_check_finds_contracted_float64():
+    """tools/cuda_check.py's PTX rule (run by `make cuda-check` where nvcc exists): a float64
+    fused multiply-add fails every kernel but the float64 ones of the activations built on
+    libdevice's FMAs (tanh, sigmoid, softplus); the old device basis was contracted so."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import cuda_check
+
+    entry = ".visible .entry {}(\n.param .align 8 .b8 p[8]\n)\n{{\n\t{} \t%fd3, %fd1, %fd2, %fd0;\n\tret;\n}}\n"
+    identity64 = "_ZN7splinet12block_kernelINS_12SmallBwdBodyIddLNS_3ActE1EEEdEEvT_"
+    tanh64 = "_ZN7splinet12block_kernelINS_12SmallBwdBodyIddLNS_3ActE2EEEdEEvT_"
+    tanh32 = "_ZN7splinet12block_kernelINS_12SmallBwdBodyIffLNS_3ActE2EEEfEEvT_"
+    ptx = "".join(entry.format(n, "fma.rn.f64") for n in (identity64, tanh64, tanh32))
+    entries = cuda_check.ptx_entries(ptx)
+    assert [n for n, _ in entries] == [identity64, tanh64, tanh32]
+    bad = cuda_check.contracted_f64(entries)
+    if shutil.which("c++filt"):
+        assert len(bad) == 2 and "(splinet::Act)1" in bad[0] and "float" in bad[1]
+    else:  # undemangled names: every fma.rn.f64 counts
+        assert len(bad) == 3
+    fine = "".join(entry.format(n, "add.rn.f64") for n in (identity64, tanh32))
+    assert cuda_check.contracted_f64(cuda_check.ptx_entries(fine)) == []
