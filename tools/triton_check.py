@@ -15,24 +15,31 @@ callable (``torch.library.wrap_triton`` on a GPU); here a recording ``wrap`` cap
 ``kernel[grid](*args, **kwargs)`` instead of launching it, while the launchers run on small
 CPU tensors. So the tile sizes, ``num_warps`` / ``num_stages`` and constexprs are exactly what
 the backend's selection rules (``dense_blocks``, ``gemm_blocks``, ``uses_gemm``,
-``conv_blocks`` and the ``*_options`` rules) pick; the widths and channel counts tried are derived
-from those rules (one representative per distinct tile choice, a multiple of 16 as real
+``conv_blocks`` and the ``*_options`` rules) pick; the widths and channel counts tried are
+derived from those rules (one representative per distinct tile choice, a multiple of 16 as real
 layers have). Each captured launch goes through Triton's own binder and ``_pack_args`` for
 the target backend, so the signature and the launch-time specialisation (16-byte aligned
 pointers, ``tt.divisibility`` of sizes divisible by 16, integers listed in
 ``do_not_specialize`` left alone) are those of a real launch. Launches that compile to the
 same kernel (same signature, constexprs, attributes and options) are compiled once.
 
-Coverage: every dtype (float32, float64, bfloat16, float16), scheme, variant, degree 0-3 and
-tile size, with and without bias and checkpointing; activations are sampled (one per
-configuration, cycling), since an activation changes a few instructions of the epilogue, not
-the tiles, shared memory or the live registers. Conv kernel sizes 3 and 5 (the taps are a
-runtime loop, so the kernel size changes neither shared memory nor registers).
+Coverage (``--full``: every configuration, about 5,600 kernels; by default the sample of
+``in_sample``): every dtype (float32, float64, bfloat16, float16) and tile size at the heavy
+corner (rk4_38, degree 3, the variants with extra products, both checkpoint forms), where
+shared memory and registers peak, and every scheme, variant and degree one axis at a time
+on the smallest tile in float32. Activations are sampled (one per configuration, cycling):
+an activation changes a few instructions of the epilogue, not the tiles, the shared memory
+or the live registers. Conv kernel sizes 3 and 5 (the taps are a runtime loop, so the kernel
+size changes neither shared memory nor registers). ``--corners-only`` compiles the corners
+alone (``make triton-check`` does so for the installed Triton, the sweeps run on 3.6.0, the
+GPU image's version).
 
-Usage: ``python tools/triton_check.py [--triton-path DIR] [--jobs 2] [--cache DIR] [-k SUBSTR]``
-(``DIR`` put first on sys.path selects another Triton install, e.g. 3.6.0 under
-``build/triton36``). Prints one line per compiled kernel: shared bytes, registers, spill
-stores / loads, compile seconds; exits non-zero on any failure.
+Usage: ``python tools/triton_check.py [--triton-path DIR] [--jobs 2] [--cache DIR]
+[--corners-only | --full] [-k SUBSTR]`` (``DIR`` put first on sys.path selects another
+Triton install, e.g. 3.6.0 under ``build/triton36``). Prints one line per compiled kernel:
+shared bytes, registers, spill stores / loads, compile seconds, then the maxima per kernel;
+exits non-zero on any failure. Compiled kernels are cached in ``build/triton-cache``
+(Triton's on-disk cache; ptxas's report is kept beside it, since a cache hit skips ptxas).
 """
 from __future__ import annotations
 
@@ -109,10 +116,12 @@ def configurations(keep=None):
     acts = list(_common.ACT_IDS)
     B = 64
     # Widths: one per distinct (path, tiles) the rules choose, multiples of 16.
+    _dense_blocks = lambda B, m, dt: (dense.dense_blocks(B, m, dt) if "dtype" in
+                                      inspect.signature(dense.dense_blocks).parameters else dense.dense_blocks(B, m))
     uses_gemm = lambda m, dt: (dense.uses_gemm(m, dt) if "dtype" in inspect.signature(dense.uses_gemm).parameters
                                else dense.uses_gemm(m))
     widths = {dt: _representatives(lambda m, dt=dt: (dense_gemm.gemm_blocks(B, m, dt) if uses_gemm(m, dt)
-                                                      else dense.dense_blocks(B, m)),
+                                                      else _dense_blocks(B, m, dt)),
                                    range(16, 4 * dense.TRAJECTORY_MAX_WIDTH + 1, 16)) for dt in dtypes}
     conv_blocks = getattr(conv, "conv_blocks", None) or (lambda c, dt: conv._blocks(c))  # older name
     channels = {dt: _representatives(lambda c, dt=dt: conv_blocks(c, dt), range(16, 257, 16)) for dt in dtypes}
@@ -317,8 +326,12 @@ def _compile(key):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", ARCH, WARP), options=options.__dict__)
     except Exception as exc:  # every failure is reported, the others still compile
-        msg = str(exc).strip().splitlines()
-        return key, dict(error=f"{type(exc).__name__}: {' | '.join(msg[:3])[:400]}", secs=time.time() - t0)
+        # The cause is at the end of a CompilationError (after the source excerpt), the
+        # position at its start.
+        msg = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        text = " | ".join(msg[:1] + msg[-2:]) if len(msg) > 3 else " | ".join(msg)
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
+        return key, dict(error=f"{type(exc).__name__}: {text}{cause}"[:500], secs=time.time() - t0)
     report = _parse_ptxas(log.getvalue())
     if report is not None:
         with open(os.path.join(_FACTS, f"{compiled.hash}.json"), "w") as f:

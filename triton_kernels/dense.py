@@ -378,13 +378,15 @@ def uses_gemm(m: int, dtype: Optional[torch.dtype] = None) -> bool:
     return m > trajectory_max_width(dtype)
 
 
-def dense_blocks(B: int, m: int) -> Tuple[int, int]:
-    """(BLOCK_B, BLOCK_M): BM = pow2 >= max(16, m) (tl.dot needs >= 16); BB = 16 .. 64."""
+def dense_blocks(B: int, m: int, dtype: Optional[torch.dtype] = None) -> Tuple[int, int]:
+    """(BLOCK_B, BLOCK_M): BM = pow2 >= max(16, m) (tl.dot needs >= 16); BB = 16 .. 64
+    (16 in float64: the adjoint keeps every stage's input, pre-activation and activation
+    tile live, in registers of twice the size)."""
     BM = max(16, triton.next_power_of_2(max(m, 1)))
     if INTERPRET:  # fewer, larger programs run faster in the interpreter
         BB = max(16, min(64, triton.next_power_of_2(max(B, 1))))
     else:
-        BB = 16 if BM >= 64 else 32
+        BB = 16 if BM >= 64 or dtype == torch.float64 else 32
     return BB, BM
 
 
@@ -394,10 +396,10 @@ def trajectory_options(BM: int, dtype: torch.dtype) -> dict:
     No software pipelining (num_stages=1): the step loop is a chain of dependent stages, so
     prefetching the next iteration's weight tiles buys little, and Triton's default (3 stages)
     keeps that many copies of the d + 1 blended BM x BM tiles in shared memory, up to 1.09 MB
-    at BM = 64 in float64 (Hopper allows 227 KB per block). 8 warps from BM = 64 (4 for
-    narrower tiles): the BM x BM weight tile and the stage tiles of the adjoint then fit the
-    255 registers per thread without spilling."""
-    return dict(num_warps=8 if BM >= 64 else 4, num_stages=1)
+    at BM = 64 in float64 (Hopper allows 227 KB per block). 8 warps from BM = 64, and from
+    BM = 32 in float64 (4 for narrower tiles): the BM x BM weight tile and the stage tiles of
+    the adjoint then fit the 255 registers per thread."""
+    return dict(num_warps=8 if BM >= 64 or (dtype == torch.float64 and BM >= 32) else 4, num_stages=1)
 
 
 def _common_meta(x_dtype, degree, activation, scheme, variant, has_bias, BB, BM) -> dict:
@@ -435,7 +437,7 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             states[0].copy_(x)
             return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par,
                                 states, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
-        BB, BM = dense_blocks(B, m)
+        BB, BM = dense_blocks(B, m, x.dtype)
         grid = (triton.cdiv(B, BB),)
         wrap(_dense_fwd_kernel)[grid](x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
                                       **_common_meta(x.dtype, degree, activation, scheme, variant, bias is not None,
@@ -466,7 +468,7 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
                                           wrap=wrap)
         return (z.to(states.dtype), gw.to(weight.dtype), gb.to(bias.dtype) if has_bias else states.new_empty((0,)),
                 pl.to(torch.float64).sum().to(scale.dtype).reshape(scale.shape))
-    BB, BM = dense_blocks(B, m)
+    BB, BM = dense_blocks(B, m, states.dtype)
     ntiles = triton.cdiv(B, BB) if B > 0 else 0
     P = max(1, min(ntiles, _PARTIAL_ELEMENTS // max(1, n * m * m)))
     kseg = min(checkpoint, steps)
