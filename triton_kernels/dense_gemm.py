@@ -378,6 +378,10 @@ class _Gemm:
         self.wrap = wrap
         self.ct = torch.float64 if dtype == torch.float64 else torch.float32
         self.BB, self.BN, self.BK = gemm_blocks(B, m, dtype)
+        # Batch rows per step of the eq. 23 kernel's reduction: 32 in float32, whose FMA
+        # products with the prologue's stage loads and the second accumulator of the symmetric
+        # / antisymmetric variants spilled at 64 rows even with 8 warps.
+        self.WB = min(self.BB, 32) if dtype == torch.float32 else self.BB
         self.grid = (triton.cdiv(B, self.BB), triton.cdiv(m, self.BN))
         self.base = dict(DP1=degree + 1, CT=compute_dtype(dtype), PREC=dot_precision(dtype))
         self.options = gemm_options(dtype, degree, variant)
@@ -439,7 +443,7 @@ class _Gemm:
             G, x, K, A, kbar if kbar is not None else G, self.scale, self.par, self.kt, self.wt,
             gw, gb if gb is not None else gw, pw if pw is not None else gw, pb if pb is not None else gw,
             idx, self.B, self.m, bchunk, P0=pro[0], P1=pro[1], P2=pro[2], P3=pro[3], VARIANT=self.variant,
-            ACT=self.act, HAS_BIAS=has_bias, DIRECT=split == 1, BLOCK_B=self.BB, BLOCK_O=BO, BLOCK_I=BO,
+            ACT=self.act, HAS_BIAS=has_bias, DIRECT=split == 1, BLOCK_B=self.WB, BLOCK_O=BO, BLOCK_I=BO,
             **self.options, **self.base)
         if split > 1:
             self.wrap(_scatter_kernel)[grid[:2]](pw, pb if pb is not None else pw, self.kt, self.wt, gw,
