@@ -30,9 +30,10 @@ shared memory and registers peak, and every scheme, variant and degree one axis 
 on the smallest tile in float32. Activations are sampled (one per configuration, cycling):
 an activation changes a few instructions of the epilogue, not the tiles, the shared memory
 or the live registers. Conv kernel sizes 3 and 5 (the taps are a runtime loop, so the kernel
-size changes neither shared memory nor registers). ``--corners-only`` compiles the corners
-alone (``make triton-check`` does so for the installed Triton, the sweeps run on 3.6.0, the
-GPU image's version).
+size changes neither shared memory nor registers). ``--corners-only`` compiles only the
+corners on the largest tile of each path and dtype (``make triton-check`` runs the sample
+with 3.6.0, the GPU image's version, and the corners with the installed Triton, to bound the
+time on a 2-core CI machine).
 
 Usage: ``python tools/triton_check.py [--triton-path DIR] [--jobs 2] [--cache DIR]
 [--corners-only | --full] [-k SUBSTR]`` (``DIR`` put first on sys.path selects another
@@ -130,6 +131,8 @@ def configurations(keep=None):
         smallest[("dense", str(dt)[6:])] = min(widths[dt])
         smallest[("conv", str(dt)[6:])] = min(channels[dt])
         smallest[("dense-gemm", str(dt)[6:])] = min([m for m in widths[dt] if uses_gemm(m, dt)])
+        smallest[("dense-max", str(dt)[6:])] = max([m for m in widths[dt] if not uses_gemm(m, dt)])
+        smallest[("conv-max", str(dt)[6:])] = max(channels[dt])
     keep = keep or (lambda label, smallest: True)
     count = itertools.count()
     for dt in dtypes:
@@ -199,15 +202,16 @@ def in_sample(label: str, smallest: dict) -> bool:
 
     Shared memory and registers grow with the stages of the scheme, the degree (d + 1 tiles
     blended per product) and the variant's extra products / transposed loads, so the limits
-    bind at the heavy corner: every dtype x tile size x kernel size is compiled at rk4_38 with
-    degree 3, in both variants with extra products (dense: symmetric, antisymmetric; conv:
-    standard, symmetric), with both checkpoint forms. Every other scheme, variant and degree
-    is compiled on the smallest tile in float32 (checkpointed form), one axis moved off the
-    corner at a time (on the GEMM path's tile only the variant: its schemes and degrees
-    change the number of launches and blended tiles, which the corners cover), so each value of each axis compiles (frontend / lowering errors).
-    bfloat16 / float16 differ from float32 only in the element type of loads and stores (the
-    arithmetic is float32) and float64 only in the element type throughout: their corners
-    cover them."""
+    bind at the heavy corner (rk4_38, degree 3, the two variants with extra products: dense
+    symmetric and antisymmetric, conv standard and symmetric). Compiled there: float32 and
+    float64 at every tile size (the trajectory kernels' adjoint in its checkpointed form, and
+    on the largest trajectory tile also with every state saved), conv kernel size 5 in
+    float32; bfloat16 / float16 on the largest tile of each path, one variant (they differ
+    from float32 only in the element type of loads and stores: the arithmetic is float32).
+    Every other scheme, variant and degree is compiled on the smallest tile in float32, one
+    axis moved off the corner at a time (on the GEMM path only the variant: schemes and
+    degrees change the number of launches and blended tiles, which the corners cover), so
+    each value of each axis compiles (frontend / lowering errors)."""
     ax = _axes(label)
     if ax["kind"] == "dense" and ax["size"] > smallest[("dense-gemm", ax["dtype"])]:
         return False  # one width per GEMM tile choice is enough: the GEMM tiles do not depend on m
@@ -217,7 +221,13 @@ def in_sample(label: str, smallest: dict) -> bool:
         heavy_variants = heavy_variants[1:]
     off = [ax["scheme"] != _HEAVY["scheme"], ax["d"] != _HEAVY["d"], ax["variant"] not in heavy_variants]
     if not any(off):
-        return ax.get("k", "3") == "3" or ax["dtype"] == "float32"
+        if ax.get("k", "3") != "3" and ax["dtype"] != "float32":
+            return False
+        largest = ax["size"] in (smallest[(ax["kind"] + "-max", ax["dtype"])],
+                                 smallest.get((ax["kind"] + "-gemm", ax["dtype"])))
+        if (half or CORNERS_ONLY) and not largest:
+            return False
+        return ax.get("ck", "2") == "2" or largest
     small = (ax["size"] in (smallest[(ax["kind"], ax["dtype"])], smallest.get((ax["kind"] + "-gemm", ax["dtype"])))
              and ax.get("k", "3") == "3"
              and ax["dtype"] == "float32" and ax.get("ck", "2") == "2")
@@ -407,7 +417,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--cache", help="Triton's on-disk cache (default build/triton-cache)")
     p.add_argument("--corners-only", action="store_true",
-                   help="only the heavy corners of in_sample() (the resource limits), not the axis sweeps")
+                   help="only the heavy corners of in_sample() on the largest tile of each path and dtype")
     p.add_argument("--kernels-root", help="directory holding the triton_kernels package to check (default: this tree)")
     p.add_argument("--full", action="store_true", help="every configuration, not the sample of in_sample()")
     p.add_argument("-k", dest="select",
