@@ -1,6 +1,6 @@
 """Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4), two paths chosen by width:
 
-* m <= TRAJECTORY_MAX_WIDTH (64; 32 in float64, see ``trajectory_max_width``): this
+* m <= TRAJECTORY_MAX_WIDTH (64; 32 in some cases, see ``trajectory_max_width``): this
   module's trajectory kernel, which walks all N steps of a batch tile with the state in registers, and its adjoint kernel that walks back
   N-1 .. 0 with the eq. 23 accumulation of coefficient gradients (below).
 * wider layers: the GEMM path of ``dense_gemm.py``, per-stage tiled GEMMs with the weight
@@ -359,23 +359,26 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
 # launchers
 # --------------------------------------------------------------------------------------
 
-def trajectory_max_width(dtype: Optional[torch.dtype] = None) -> int:
-    """Widest m the trajectory kernels take for ``dtype``: TRAJECTORY_MAX_WIDTH, and 32 for
-    float64, whose adjoint at BM = 64 (the stage tiles of rk4 and the 64 x 64 weight and
-    gradient tiles in float64, without tensor cores) spills about 1 KB per thread even with
-    8 warps (16 warps cap the registers at 128 and spill more)."""
-    if dtype == torch.float64 and not INTERPRET:
+def trajectory_max_width(dtype: Optional[torch.dtype] = None, variant: str = "standard") -> int:
+    """Widest m the trajectory kernels take: TRAJECTORY_MAX_WIDTH, and 32 for float64, and for
+    the antisymmetric variant in float32. Their adjoints at BM = 64 (every stage's tiles and
+    the 64 x 64 weight and gradient tiles, products on FMA units: float32 is multiplied
+    exactly, not on tensor cores) spill 300 B (float32 antisymmetric, which blends W and W^T)
+    to 1 KB (float64) per thread even with 8 warps (16 warps cap the registers at 128 and
+    spill more)."""
+    if not INTERPRET and (dtype == torch.float64 or (dtype == torch.float32 and variant == "antisymmetric")):
         return min(32, TRAJECTORY_MAX_WIDTH)
     return TRAJECTORY_MAX_WIDTH
 
 
-def uses_gemm(m: int, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether width m takes the GEMM path (m > trajectory_max_width(dtype), or as FORCE_PATH says)."""
+def uses_gemm(m: int, dtype: Optional[torch.dtype] = None, variant: str = "standard") -> bool:
+    """Whether width m takes the GEMM path (m > trajectory_max_width(dtype, variant), or as
+    FORCE_PATH says)."""
     if FORCE_PATH is not None:
         if FORCE_PATH not in ("trajectory", "gemm"):
             raise ValueError(f"FORCE_PATH must be None, 'trajectory' or 'gemm', got {FORCE_PATH!r}")
         return FORCE_PATH == "gemm"
-    return m > trajectory_max_width(dtype)
+    return m > trajectory_max_width(dtype, variant)
 
 
 def dense_blocks(B: int, m: int, dtype: Optional[torch.dtype] = None) -> Tuple[int, int]:
@@ -433,7 +436,7 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if B == 0 or m == 0:
         return states
     with device_guard(x):
-        if uses_gemm(m, x.dtype):
+        if uses_gemm(m, x.dtype, variant):
             states[0].copy_(x)
             return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par,
                                 states, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
@@ -461,7 +464,7 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
     bias_c = bias.contiguous() if has_bias else weight
     ct = _ctype(states.dtype)
     kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, states.device)
-    if B > 0 and m > 0 and uses_gemm(m, states.dtype):
+    if B > 0 and m > 0 and uses_gemm(m, states.dtype, variant):
         with device_guard(states):
             z, gw, gb, pl = gemm_backward(grad_states, last_only, states, weight, bias_c if has_bias else None, scale,
                                           kt, wt, par, steps, degree, activation, scheme, variant, checkpoint,
