@@ -170,9 +170,10 @@ def _identity(kernel):
 
 def conv_blocks(C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CI, BLOCK_CO): 64 pixels; channel tiles pow2 >= C, 16 .. 64 (32 for
-    float64, whose FMA-computed products hold twice the registers per element and whose
-    tiles take twice the shared memory)."""
-    top = 32 if dtype == torch.float64 and not INTERPRET else 64
+    float32 and float64, whose exact products run on FMA units, not tensor cores: at 64 the
+    accumulator and the blended filter tile spill on sm_90, and float64 tiles also take
+    twice the shared memory)."""
+    top = 32 if dtype in (torch.float64, torch.float32) and not INTERPRET else 64
     BC = max(16, min(top, triton.next_power_of_2(max(C, 1))))
     return 64, BC, BC
 

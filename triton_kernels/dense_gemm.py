@@ -378,10 +378,11 @@ class _Gemm:
         self.wrap = wrap
         self.ct = torch.float64 if dtype == torch.float64 else torch.float32
         self.BB, self.BN, self.BK = gemm_blocks(B, m, dtype)
-        # Batch rows per step of the eq. 23 kernel's reduction: 32 in float32, whose FMA
+        # Batch rows per step of the eq. 23 kernel's reduction: 16 in float32, whose FMA
         # products with the prologue's stage loads and the second accumulator of the symmetric
-        # / antisymmetric variants spilled at 64 rows even with 8 warps.
-        self.WB = min(self.BB, 32) if dtype == torch.float32 else self.BB
+        # / antisymmetric variants spilled at 64 rows (and, with triton 3.9, at 32) even with
+        # 8 warps.
+        self.WB = min(self.BB, 16) if dtype == torch.float32 else self.BB
         self.grid = (triton.cdiv(B, self.BB), triton.cdiv(m, self.BN))
         self.base = dict(DP1=degree + 1, CT=compute_dtype(dtype), PREC=dot_precision(dtype))
         self.options = gemm_options(dtype, degree, variant)
