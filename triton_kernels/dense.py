@@ -360,13 +360,12 @@ def _dense_bwd_kernel(gs_ptr, st_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, 
 # --------------------------------------------------------------------------------------
 
 def trajectory_max_width(dtype: Optional[torch.dtype] = None, variant: str = "standard") -> int:
-    """Widest m the trajectory kernels take: TRAJECTORY_MAX_WIDTH, and 32 for float64 and for
-    the antisymmetric variant in float32. Their adjoints at BM = 64 (every stage's tiles and
-    the 64 x 64 weight and gradient tiles, products on FMA units: float32 is multiplied
-    exactly, not on tensor cores; the antisymmetric variant also blends W^T) spill up to
-    390 B (float32 antisymmetric) and 1 KB (float64) per thread even with 8 warps (16 warps
-    cap the registers at 128 and spill more)."""
-    if not INTERPRET and (dtype == torch.float64 or (dtype == torch.float32 and variant == "antisymmetric")):
+    """Widest m the trajectory kernels take: TRAJECTORY_MAX_WIDTH (bfloat16 / float16), and 32
+    for float32 and float64. Their adjoints at BM = 64 (every stage's tiles and the 64 x 64
+    weight and gradient tiles, products on FMA units: float32 is multiplied exactly, not on
+    tensor cores) spill 300-590 B (float32, rk4 / rk4_38 at degree 3) and 1 KB (float64) per
+    thread even with 8 warps (16 warps cap the registers at 128 and spill more)."""
+    if not INTERPRET and dtype in (torch.float64, torch.float32):
         return min(32, TRAJECTORY_MAX_WIDTH)
     return TRAJECTORY_MAX_WIDTH
 
