@@ -294,6 +294,22 @@ def check_agreement(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
 # Implementations
 # --------------------------------------------------------------------------------------
 
+
+@contextlib.contextmanager
+def set_environment(env: Dict[str, str]):
+    """Sets the variables of ``env`` for the duration of the block, then restores each one
+    (unset again if it was unset)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 @dataclass(frozen=True)
 class Impl:
     """A way to run a case. ``build(case)`` returns ``fn(x, weight, bias) -> y``;
@@ -310,18 +326,8 @@ class Impl:
     # Environment variables set while this implementation runs (forward and backward).
     env: Dict[str, str] = field(default_factory=dict)
 
-    @contextlib.contextmanager
     def environment(self):
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return set_environment(self.env)
 
 
 def _registry_entry(name: str):

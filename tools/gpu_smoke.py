@@ -29,7 +29,6 @@ Legend: B batch, m width, C channels, L knot intervals, d degree, N steps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -205,33 +204,20 @@ def make_inputs(layer: Layer, seed: int = 0):
     return x, w, b, s, cot
 
 
-@contextlib.contextmanager
-def environment(env: Dict[str, str]):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def call(layer: Layer, backend: str, inputs, device, dtype: Optional[str] = None):
     """(y, grad x, grad weight, grad bias, grad scale) of ``backend`` on ``inputs`` cast to
     ``dtype`` (default the layer's) on ``device``; the loss is <y, cotangent>."""
     import torch
 
     import splinet_cuda as sc
+    from bench.cases import set_environment
 
     dt = _dtype(dtype or layer.dtype)
     x, w, b, s, cot = (None if t is None else t.detach().to(device=device, dtype=dt, copy=True) for t in inputs)
     leaves = [t.requires_grad_() for t in (x, w, b, s) if t is not None]
     fn = sc.spline_ode_conv if layer.spatial else sc.spline_ode
     name, env = (("cuda", {"SPLINET_DENSE_GEMM": "cublas"}) if backend == "cuda+cublas" else (backend, {}))
-    with environment(env):
+    with set_environment(env):
         y = fn(x, w, b, s, steps=layer.N, degree=layer.d, activation=layer.activation, scheme=layer.scheme,
                variant=layer.variant, backend=name)
         grads = torch.autograd.grad(y, leaves, grad_outputs=cot)
@@ -322,7 +308,9 @@ def run_check(check: Check, backend: str, device: str) -> Outcome:
     # Inputs rounded to the layer's dtype first: the reference then sees exactly what the
     # backend sees, and the error measures the backend's arithmetic alone.
     inputs = [None if t is None else t.to(_dtype(layer.dtype)).double() for t in make_inputs(layer)]
-    with environment(check.env):
+    from bench.cases import set_environment
+
+    with set_environment(check.env):
         try:
             ref = call(layer, "reference", inputs, dev, "float64")
         except Exception as err:  # e.g. a sticky CUDA error left by an earlier check
