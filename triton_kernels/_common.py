@@ -120,12 +120,27 @@ _TABLES_MAX = 64
 TABLE_STATS = {"hits": 0, "misses": 0}
 
 
-def _cacheable(device: torch.device) -> bool:
+def _cacheable() -> bool:
     # Tensors made while torch.compile / make_fx trace the launchers are fake or functional:
     # they must not outlive the trace, so tracing builds its tables afresh (as constants).
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+def _cached(key: tuple, build):
+    """``build()``, made once per ``key`` outside tracing and kept in a small LRU cache."""
+    if not _cacheable():
+        return build()
+    if key in _TABLES:
+        TABLE_STATS["hits"] += 1
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    TABLE_STATS["misses"] += 1
+    value = _TABLES[key] = build()
+    if len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return value
 
 
 def basis_tables(steps: int, n: int, degree: int, scheme: str, gamma: float, dtype: torch.dtype,
@@ -140,43 +155,24 @@ def basis_tables(steps: int, n: int, degree: int, scheme: str, gamma: float, dty
     every call. The tables are read-only for the kernels.
     """
     device = torch.device(device)
-    key = (steps, n, degree, scheme, float(gamma), dtype, device)
-    cache = _cacheable(device)
-    if cache and key in _TABLES:
-        TABLE_STATS["hits"] += 1
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
-    from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
 
-    k, w = basis_grid(steps, n - degree, degree, scheme)
-    tables = (k.reshape(-1).to(device=device, dtype=torch.int32),
-              w.reshape(-1).to(device=device, dtype=dtype),
-              torch.tensor([float(gamma), 1.0 / steps], dtype=dtype).to(device))
-    if cache:
-        TABLE_STATS["misses"] += 1
-        _TABLES[key] = tables
-        if len(_TABLES) > _TABLES_MAX:
-            _TABLES.popitem(last=False)
-    return tables
+    def build():
+        from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
+
+        k, w = basis_grid(steps, n - degree, degree, scheme)
+        return (k.reshape(-1).to(device=device, dtype=torch.int32),
+                w.reshape(-1).to(device=device, dtype=dtype),
+                torch.tensor([float(gamma), 1.0 / steps], dtype=dtype).to(device))
+
+    return _cached((steps, n, degree, scheme, float(gamma), dtype, device), build)
 
 
 def device_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 0-dim device tensor holding ``value`` (a Python-number scale), made once per
     (value, dtype, device) for the reason ``basis_tables`` gives. Read-only."""
     device = torch.device(device)
-    if not _cacheable(device):
-        return torch.tensor(float(value), dtype=dtype, device=device)
-    key = ("scalar", float(value), dtype, device)
-    if key in _TABLES:
-        TABLE_STATS["hits"] += 1
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
-    TABLE_STATS["misses"] += 1
-    t = torch.tensor(float(value), dtype=dtype).to(device)
-    _TABLES[key] = t
-    if len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
-    return t
+    return _cached(("scalar", float(value), dtype, device),
+                   lambda: torch.tensor(float(value), dtype=dtype).to(device))
 
 
 def device_guard(t: torch.Tensor):
