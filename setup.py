@@ -5,10 +5,16 @@ toolkit and a CUDA build of PyTorch are present.
     FORCE_CUDA=1 pip install --no-build-isolation .     # CUDA even without a visible GPU
     FORCE_ONLY_CPU=1 pip install --no-build-isolation . # skip CUDA
 
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default here: 8.0 and 9.0).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures. Unset, the build covers the visible GPUs
+(PyTorch's own default) or, with no GPU visible, the list in splinet_cuda/_cuda_archs.py
+(Turing through Hopper and Blackwell as far as the installed nvcc goes, PTX of the newest).
+The list is recorded in the library, and a GPU it does not cover gets a clear error.
 """
 import glob
+import importlib.util
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -32,6 +38,48 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def _load_archs():
+    """splinet_cuda/_cuda_archs.py, loaded by path: the package cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("splinet_cuda_archs", os.path.join(ROOT, "splinet_cuda", "_cuda_archs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nvcc_archs():
+    """(major, minor) of every virtual architecture the nvcc that torch will use supports."""
+    nvcc = os.path.join(CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    found = [(int(n) // 10, int(n) % 10) for n in re.findall(r"compute_(\d+)", out)]
+    if not found:  # an nvcc without --list-gpu-arch (before CUDA 11.1): what torch was built for
+        found = [(int(n) // 10, int(n) % 10) for n in re.findall(r"sm_(\d+)", " ".join(torch.cuda.get_arch_list()))]
+    return found or [(7, 5), (8, 0), (9, 0)]
+
+
+def _visible_capabilities():
+    if not torch.cuda.is_available():
+        return []
+    return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+
+
+def cuda_arch_list() -> str:
+    """The TORCH_CUDA_ARCH_LIST of the CUDA build: the environment's when set; else the
+    visible GPUs' (PyTorch's default), PTX of the newest; else, with no GPU visible, the
+    documented default list (splinet_cuda/_cuda_archs.py: DEFAULT_ARCHS) that nvcc supports."""
+    archs = _load_archs()
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        archs.parse(env)  # a ValueError naming the entry it cannot read
+        return env
+    caps = _visible_capabilities()
+    if caps:
+        return archs.visible_arch_list(caps, _nvcc_archs())
+    return archs.default_arch_list(_nvcc_archs())
+
+
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
@@ -50,12 +98,15 @@ def _extension():
         py_limited_api=False,
     )
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        arch_list = cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # what torch's builder turns into -gencode flags
+        recorded = ",".join(str(a) for a in _load_archs().parse(arch_list))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["sources"] = sources + rel("csrc/cuda/*.cu")
         return CUDAExtension(
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
+            # The list is recorded in the library (splinet_cuda._C.cuda_arch_list, csrc/splinet_ops.cpp).
+            extra_compile_args={"cxx": cxx + ["-DWITH_CUDA", f"-DSPLINET_CUDA_ARCHS={recorded}"], "nvcc": nvcc},
             **kwargs,
         )
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)

@@ -6,13 +6,30 @@
 #ifndef SPLINET_NO_PYTHON
 #include <Python.h>
 
+// setup.py passes the CUDA build's TORCH_CUDA_ARCH_LIST, entries separated by commas (no
+// quotes survive the build's command line, so the tokens are turned into a string here).
+#define SPLINET_STRINGIFY_(...) #__VA_ARGS__
+#define SPLINET_STRINGIFY(...) SPLINET_STRINGIFY_(__VA_ARGS__)
+#ifdef SPLINET_CUDA_ARCHS
+#define SPLINET_CUDA_ARCH_STRING SPLINET_STRINGIFY(SPLINET_CUDA_ARCHS)
+#else
+#define SPLINET_CUDA_ARCH_STRING ""
+#endif
+
 extern "C" {
 // Importing splinet_cuda._C loads this library, whose static initialisers register
-// the ops with the dispatcher; the module itself holds nothing.
+// the ops with the dispatcher. The module holds one constant, `cuda_arch_list`: the
+// architectures a CUDA build has kernels for ("" without CUDA), against which
+// splinet_cuda/_cuda_archs.py checks a GPU before the first launch.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "splinet_cuda operator library", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", SPLINET_CUDA_ARCH_STRING) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 #endif  // SPLINET_NO_PYTHON

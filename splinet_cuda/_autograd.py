@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _ext
+from . import _cuda_archs, _ext
 from ._dispatch import register_backend
 
 __all__ = ["SplineDenseFunction", "SplineConvFunction", "SplineHamiltonianFunction", "spline_ode_fused",
@@ -140,7 +140,8 @@ def _register() -> None:
     if cuda:  # the CUDA extension (csrc/cuda/), built when a toolkit and a CUDA torch were present
         register_backend("cuda", dense=cuda.get("spline_dense_fwd"), conv=cuda.get("spline_conv_fwd"),
                          device_types=("cuda",),
-                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+                         dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                         device_check=_cuda_archs.cuda_backend_error)
 
 
 _register()

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _ext, reference
+from . import _cuda_archs, _ext, reference
 from ._validate import Scale, check_checkpoint, check_conv, check_dense, check_hamiltonian
 
 __all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "available_backends", "register_backend"]
@@ -33,6 +33,10 @@ class Backend(NamedTuple):
     conv_dims: Tuple[int, ...]  # spatial dims its conv kernels take
     auto_device_types: Tuple[str, ...]  # where "auto" may pick it
     spline_ode_hamiltonian: Optional[Callable] = None
+    # device_check(device, dtype): why the backend cannot run on that device in that dtype (an
+    # exception to raise), or None; e.g. a GPU the CUDA build has no kernels for. It reads
+    # device properties only, never tensor values.
+    device_check: Optional[Callable[[torch.device, torch.dtype], Optional[Exception]]] = None
 
 
 # Fused backends register themselves here when their kernels are importable;
@@ -47,20 +51,31 @@ def register_backend(name: str, *, dense: Optional[Callable], conv: Optional[Cal
                      device_types: Tuple[str, ...], dtypes: Tuple[torch.dtype, ...],
                      conv_dims: Tuple[int, ...] = (1, 2, 3),
                      auto_device_types: Optional[Tuple[str, ...]] = None,
-                     hamiltonian: Optional[Callable] = None) -> None:
+                     hamiltonian: Optional[Callable] = None,
+                     device_check: Optional[Callable[[torch.device, torch.dtype], Optional[Exception]]] = None) -> None:
     """Makes a fused backend selectable (called by the backend modules at import)."""
     if name not in BACKENDS or name in ("auto", "reference"):
         raise ValueError(f"cannot register backend {name!r}")
     auto = device_types if auto_device_types is None else auto_device_types
-    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes, conv_dims, auto, hamiltonian)
+    _REGISTRY[name] = Backend(dense, conv, device_types, dtypes, conv_dims, auto, hamiltonian, device_check)
 
 
-def available_backends() -> List[str]:
-    """The backends usable in this installation, e.g. ``["reference", "cpu"]``."""
-    return ["reference"] + [name for name in ("cpu", "triton", "cuda") if name in _REGISTRY]
+def available_backends(device: Optional[torch.device] = None) -> List[str]:
+    """The backends usable in this installation, e.g. ``["reference", "cpu"]``.
+
+    With ``device`` (a torch.device or string such as ``"cuda:0"``), those that run on it:
+    a CUDA build whose architectures do not cover that GPU is left out.
+    """
+    names = [name for name in ("cpu", "triton", "cuda") if name in _REGISTRY]
+    if device is not None:
+        device = torch.device(device)
+        names = [name for name in names if device.type in _REGISTRY[name].device_types
+                 and (_REGISTRY[name].device_check is None
+                      or _REGISTRY[name].device_check(device, torch.float32) is None)]
+    return ["reference"] + names
 
 
-def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor) -> Optional[Exception]:
+def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor, device_check: bool = True) -> Optional[Exception]:
     """Why backend ``name`` cannot run ``kind`` on ``x``, as the error to raise; None if it can."""
     if x.device.type not in impl.device_types:
         return ValueError(f"backend {name!r} runs on {list(impl.device_types)} tensors, but x is on {x.device}")
@@ -69,6 +84,8 @@ def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor) -> Option
     if kind == "spline_ode_conv" and x.dim() - 2 not in impl.conv_dims:
         return ValueError(f"backend {name!r} implements convolutions over {list(impl.conv_dims)} spatial dims, "
                           f"but x has {x.dim() - 2}")
+    if device_check and impl.device_check is not None:
+        return impl.device_check(x.device, x.dtype)
     return None
 
 
@@ -82,9 +99,14 @@ def _select(backend, kind: str, x: torch.Tensor) -> Callable:
     if backend == "auto":
         for name in _AUTO_ORDER:
             impl = _REGISTRY.get(name)
-            if (impl is not None and getattr(impl, kind) is not None and x.device.type in impl.auto_device_types
-                    and _unsupported(name, impl, kind, x) is None):
+            if impl is None or getattr(impl, kind) is None or x.device.type not in impl.auto_device_types:
+                continue
+            if _unsupported(name, impl, kind, x, device_check=False) is not None:
+                continue
+            err = impl.device_check(x.device, x.dtype) if impl.device_check is not None else None
+            if err is None:
                 return getattr(impl, kind)
+            _cuda_archs.warn_fallback(name, err)  # a GPU this build (or dtype) cannot use: said once
         return getattr(reference, kind)
     impl = _REGISTRY.get(backend)
     if impl is None or getattr(impl, kind) is None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+    from . import _C  # loading the library registers the ops
 
     LOAD_ERROR = None
+    # TORCH_CUDA_ARCH_LIST of a CUDA build, recorded in the library when it was compiled
+    # ("" for a CPU-only build); splinet_cuda/_cuda_archs.py checks GPUs against it.
+    CUDA_ARCH_LIST: str = getattr(_C, "cuda_arch_list", "")
 except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = exc
+    CUDA_ARCH_LIST = ""
 
 
 def has_op(name: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from . import _cuda_archs
 from ._autograd import layer_function, run_layer
 from ._dispatch import register_backend
 from ._ops import layer_bwd_fake, layer_fwd_fake, num_saved_states
@@ -187,7 +188,7 @@ def _register() -> None:
     dtypes = (torch.float32, torch.float64) if INTERPRET else (
         torch.float32, torch.float64, torch.bfloat16, torch.float16)
     register_backend("triton", dense=spline_ode_triton, conv=conv, device_types=device_types, dtypes=dtypes,
-                     conv_dims=(2,), auto_device_types=("cuda",))
+                     conv_dims=(2,), auto_device_types=("cuda",), device_check=_cuda_archs.triton_backend_error)
 
 
 _register()

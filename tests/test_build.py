@@ -102,3 +102,75 @@ def test_cuda_check_finds_contracted_float64():
         assert len(bad) == 3
     fine = "".join(entry.format(n, "add.rn.f64") for n in (identity64, tanh32))
     assert cuda_check.contracted_f64(cuda_check.ptx_entries(fine)) == []
+
+
+# --- the architecture list of the CUDA build (setup.py: cuda_arch_list) --------------------
+
+NVCC13 = [(7, 5), (8, 0), (8, 6), (8, 7), (8, 8), (8, 9), (9, 0), (10, 0), (11, 0), (10, 3), (12, 0), (12, 1)]
+NVCC12_4 = [(5, 0), (5, 2), (6, 0), (6, 1), (7, 0), (7, 2), (7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0)]
+
+
+def arch_setup(monkeypatch, *, env=None, gpus=(), nvcc=NVCC13):
+    """setup.py with a faked TORCH_CUDA_ARCH_LIST, visible GPUs and nvcc architecture list."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # recorded, so that what setup.py sets is undone
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    mod = load_setup(monkeypatch, **({"TORCH_CUDA_ARCH_LIST": env} if env is not None else {}))
+    monkeypatch.setattr(mod, "_visible_capabilities", lambda: list(gpus))
+    monkeypatch.setattr(mod, "_nvcc_archs", lambda: list(nvcc))
+    return mod
+
+
+def test_arch_list_without_a_gpu_covers_turing_to_blackwell(monkeypatch):
+    """No GPU visible (FORCE_CUDA=1 on a build box): the documented list that nvcc supports,
+    PTX of the newest; nvcc 13 has no Volta, nvcc 12.4 no Blackwell (PTX of Hopper covers it)."""
+    assert arch_setup(monkeypatch).cuda_arch_list() == "7.5;8.0;9.0;10.0;12.0+PTX"
+    assert arch_setup(monkeypatch, nvcc=NVCC12_4).cuda_arch_list() == "7.0;7.5;8.0;9.0+PTX"
+
+
+def test_arch_list_for_visible_gpus(monkeypatch):
+    """GPUs visible: exactly theirs (PyTorch's default), capped at what nvcc knows, PTX of the newest."""
+    assert arch_setup(monkeypatch, gpus=[(9, 0)]).cuda_arch_list() == "9.0+PTX"
+    assert arch_setup(monkeypatch, gpus=[(8, 6), (7, 5), (8, 6)]).cuda_arch_list() == "7.5;8.6+PTX"
+    assert arch_setup(monkeypatch, gpus=[(12, 0)], nvcc=NVCC12_4).cuda_arch_list() == "9.0+PTX"
+
+
+def test_arch_list_from_the_environment(monkeypatch):
+    """An explicit TORCH_CUDA_ARCH_LIST wins over visible GPUs; "native" means the visible
+    ones; an entry that cannot be read fails setup.py with its name."""
+    assert arch_setup(monkeypatch, env="8.0 9.0a", gpus=[(7, 5)]).cuda_arch_list() == "8.0 9.0a"
+    assert arch_setup(monkeypatch, env="native", gpus=[(8, 9)]).cuda_arch_list() == "8.9+PTX"
+    with pytest.raises(ValueError, match="sm_90"):
+        arch_setup(monkeypatch, env="8.0;sm_90").cuda_arch_list()
+
+
+def test_cuda_extension_records_its_arch_list(monkeypatch):
+    """The CUDA extension hands the list to torch's builder (TORCH_CUDA_ARCH_LIST, which it turns
+    into -gencode flags) and records it in the library (csrc/splinet_ops.cpp: cuda_arch_list)."""
+    from torch.utils import cpp_extension
+
+    root = cuda_toolkit()
+    if root is None:
+        pytest.skip("no CUDA toolkit found")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", root)
+    mod = arch_setup(monkeypatch)
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    ext = mod._extension()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;8.0;9.0;10.0;12.0+PTX"
+    assert "-DSPLINET_CUDA_ARCHS=7.5,8.0,9.0,10.0,12.0+PTX" in ext.extra_compile_args["cxx"]
+    # torch's builder accepts every entry (it raises on an architecture it does not know)
+    if hasattr(cpp_extension, "_get_cuda_arch_flags"):
+        flags = cpp_extension._get_cuda_arch_flags()
+        assert "-gencode=arch=compute_75,code=sm_75" in flags and "-gencode=arch=compute_120,code=compute_120" in flags
+
+
+def test_recorded_arch_list_reaches_python():
+    """splinet_cuda._C.cuda_arch_list: "" in a CPU build, the build's list in a CUDA one."""
+    from splinet_cuda import _cuda_archs, _ext
+
+    if _ext.LOAD_ERROR is not None:
+        pytest.skip(f"splinet_cuda._C not built: {_ext.LOAD_ERROR}")
+    from splinet_cuda import _C
+
+    assert _C.cuda_arch_list == _ext.CUDA_ARCH_LIST == _cuda_archs.compiled_arch_list()
+    assert (_C.cuda_arch_list != "") == _ext.has_kernel("spline_dense_fwd", "CUDA")
+    _cuda_archs.parse(_C.cuda_arch_list)  # readable

@@ -1,12 +1,16 @@
 """Compiles every csrc/cuda/*.cu file with nvcc for sm_80 and sm_90, without a GPU and
 against the installed (possibly CPU-only) torch headers, so that a CUDA syntax or
-template error fails `make test` and CI. Nothing is linked or run.
+template error fails `make test` and CI. Nothing is linked or run. The 16-bit files, whose
+device code differs below sm_80 (no bfloat16 tensor cores), are also compiled device-only
+for sm_75 (Turing), the oldest architecture of the default build (splinet_cuda/_cuda_archs.py);
+the other files' code does not depend on the architecture.
 
 Each file's device code is also checked (from nvcc's PTX and ptxas's report):
   - every block program (block_kernel<...>) synchronises its phases: one with no barrier had
     its body dropped by the device compiler;
   - no host function is called from device code (an error here, a warning by default);
-  - the bfloat16 / float16 dense files hold the tensor-core MMAs of the fused GEMM;
+  - the bfloat16 / float16 dense files hold the tensor-core MMAs of the fused GEMM where the
+    architecture has them (float16 from sm_70, bfloat16 from sm_80), and none below;
   - float64 arithmetic is not contracted to fused multiply-adds (fma.rn.f64) where the kernels
     promise the CPU's rounding: the basis (csrc/common/bspline.h) in every kernel, the float64
     programs and functors, the scale-gradient sums. Only float64 kernels of the tanh, sigmoid
@@ -19,7 +23,7 @@ Each file's device code is also checked (from nvcc's PTX and ptxas's report):
 The CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h (generated at build time); a
 one-line shim in build/ stands in for it.
 
-Usage: python tools/cuda_check.py [--nvcc PATH] [--archs 80,90] [--jobs N] [--files GLOB]
+Usage: python tools/cuda_check.py [--nvcc PATH] [--archs 80,90] [--old-archs 75] [--jobs N] [--files GLOB]
 """
 import argparse
 import fnmatch
@@ -43,9 +47,10 @@ def find_nvcc(explicit):
     return None
 
 
-def empty_block_programs(ptxas_log: str):
+def empty_block_programs(ptxas_log: str, old_arch: bool = False):
     """Entry points of the block programs (block_kernel<...>) that ptxas reports with no
-    barrier: every program synchronises its phases, so none means the body was dropped."""
+    barrier: every program synchronises its phases, so none means the body was dropped.
+    Below sm_80 (``old_arch``) the bfloat16 fused GEMM is a trap by design (blend_gemm.h)."""
     empty, current = [], None
     for line in ptxas_log.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -53,7 +58,8 @@ def empty_block_programs(ptxas_log: str):
             current = m.group(1)
         m = re.search(r"used (\d+) barriers", line)
         if m and current and "block_kernel" in current:
-            if int(m.group(1)) == 0:
+            trap = old_arch and "BlendGemmBody" in current and "BFloat16" in current
+            if int(m.group(1)) == 0 and not trap:
                 empty.append(current)
             current = None
     return empty
@@ -66,14 +72,17 @@ def register_report(ptxas_log: str):
     return (max(regs) if regs else 0), spills
 
 
-# Instructions a file's PTX must contain: the fused dense GEMM's tensor-core MMAs (blend_gemm.h;
-# a template slip could fall back to the scalar fragments).
+# Instructions a file's PTX must contain from an architecture on, and must not contain below
+# it: the fused dense GEMM's tensor-core MMAs (blend_gemm.h: wmma_min_arch; a template slip
+# could fall back to the scalar fragments, or emit bfloat16 fragments where there are none).
 WMMA_BF16 = "wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32"
 WMMA_F16 = "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32"  # f16 inputs are implied
 REQUIRED_PTX = {
-    "dense_fwd_bf16.cu": [WMMA_BF16], "dense_bwd_bf16.cu": [WMMA_BF16],
-    "dense_fwd_f16.cu": [WMMA_F16], "dense_bwd_f16.cu": [WMMA_F16],
+    "dense_fwd_bf16.cu": [(WMMA_BF16, 80)], "dense_bwd_bf16.cu": [(WMMA_BF16, 80)],
+    "dense_fwd_f16.cu": [(WMMA_F16, 70)], "dense_bwd_f16.cu": [(WMMA_F16, 70)],
 }
+# The files compiled for the older architectures too (--old-archs).
+OLD_ARCH_FILES = ("*16.cu", "*_half.cu")
 
 # Per-file budgets for one architecture: (kernel entries, PTX bytes). The largest file,
 # dense_bwd_bf16.cu, has 33 kernels and 3.0 MB of PTX (sm_90, nvcc 13.0); the budgets leave
@@ -130,10 +139,14 @@ def check_ptx(src, keep_dir, n_archs):
     problems = []
     if len(modules) != n_archs:
         return [f"{len(modules)} PTX modules kept, expected {n_archs}"], (0, 0)
-    wanted = REQUIRED_PTX.get(os.path.basename(src), [])
-    missing = [w for w in wanted if w not in ptx]
-    if missing:
-        problems.append(f"no {missing} in its PTX")
+    for module in modules:
+        target = re.search(r"^\.target\s+sm_(\d+)", module, re.M)
+        arch = int(target.group(1)) if target else 0
+        for instr, since in REQUIRED_PTX.get(os.path.basename(src), []):
+            if arch >= since and instr not in module:
+                problems.append(f"no {instr} in its sm_{arch} PTX")
+            elif arch < since and instr in module:
+                problems.append(f"{instr} in its sm_{arch} PTX (needs sm_{since})")
     entries = ptx_entries(ptx)
     fma = contracted_f64(entries)
     if fma:
@@ -148,6 +161,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nvcc")
     ap.add_argument("--archs", default="80,90")
+    ap.add_argument("--old-archs", default="75", help="device-only compiles of the 16-bit files ('' for none)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--files", default="*.cu", help="only the csrc/cuda files matching this glob")
     args = ap.parse_args()
@@ -174,17 +188,25 @@ def main() -> int:
     sources.sort(key=lambda s: (not os.path.basename(s).startswith("dense_bwd"), not "16" in s, s))
     archs = args.archs.split(",")
 
+    old_archs = [a for a in args.old_archs.split(",") if a]
+    jobs = [(src, archs, False) for src in sources]
+    jobs += [(src, old_archs, True) for src in sources
+             if old_archs and any(fnmatch.fnmatch(os.path.basename(src), g) for g in OLD_ARCH_FILES)]
+
     # One nvcc call per file for every architecture, as the extension's build makes it: the
-    # host side (most of a small file's time) is compiled once.
-    def compile_one(src):
-        obj = os.path.join(out, f"{os.path.basename(src)}.o")
+    # host side (most of a small file's time) is compiled once. The older architectures'
+    # calls compile the device code only (--fatbin): its host side is the same.
+    def compile_one(job):
+        src, archs, device_only = job
+        tag = os.path.basename(src) + ("." + "_".join(archs) if device_only else "")
+        obj = os.path.join(out, f"{tag}.fatbin" if device_only else f"{tag}.o")
         # nvcc's intermediates, for the PTX checks; removed once read.
-        keep = os.path.join(out, f"{os.path.basename(src)}.keep")
+        keep = os.path.join(out, f"{tag}.keep")
         shutil.rmtree(keep, ignore_errors=True)
         os.makedirs(keep, exist_ok=True)
         # -O0: the host side is compiled for its errors only (device code is optimised by
         # cicc/ptxas whatever the host level), and unoptimised it compiles faster.
-        cmd = [nvcc, "-c", src, "-o", obj, "-std=c++20", "-O0", "--expt-relaxed-constexpr",
+        cmd = [nvcc, "--fatbin" if device_only else "-c", src, "-o", obj, "-std=c++20", "-O0", "--expt-relaxed-constexpr",
                *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs], "-DWITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                "-Xcudafe", "--diag_suppress=20012",
                # A __host__ function called from __host__ __device__ code is only a warning by
@@ -196,14 +218,14 @@ def main() -> int:
         dt = time.time() - t0
         problems, size = check_ptx(src, keep, len(archs)) if res.returncode == 0 else ([], (0, 0))
         shutil.rmtree(keep, ignore_errors=True)
-        return src, res, dt, problems, size
+        return src, archs, device_only, res, dt, problems, size
 
     failed = 0
     t_all = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for src, res, dt, problems, size in pool.map(compile_one, sources):
-            name = os.path.relpath(src, ROOT) + " sm_" + "+".join(archs)
-            empty = empty_block_programs(res.stdout + res.stderr)
+        for src, archs, device_only, res, dt, problems, size in pool.map(compile_one, jobs):
+            name = os.path.relpath(src, ROOT) + " sm_" + "+".join(archs) + (" (device code)" if device_only else "")
+            empty = empty_block_programs(res.stdout + res.stderr, old_arch=device_only)
             regs, spills = register_report(res.stdout + res.stderr)
             stats = (f"{dt:.0f} s, {size[0]} kernels, {size[1] / 1e6:.1f} MB PTX, "
                      f"<= {regs} registers, {spills} bytes spilled")
@@ -219,7 +241,7 @@ def main() -> int:
                 print(f"cuda-check: FAILED {name} ({stats}): " + "; ".join(problems))
             else:
                 print(f"cuda-check: ok {name} ({stats})", flush=True)
-    print(f"cuda-check: {len(sources) - failed}/{len(sources)} compiled with {nvcc} in {time.time() - t_all:.0f} s "
+    print(f"cuda-check: {len(jobs) - failed}/{len(jobs)} compiled with {nvcc} in {time.time() - t_all:.0f} s "
           f"({args.jobs} jobs)")
     return 1 if failed else 0
 

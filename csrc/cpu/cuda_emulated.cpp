@@ -59,6 +59,7 @@ struct HostExec {
   // A fixed grid plays a device with that many multiprocessors (the small path's row choice).
   int64_t multiprocessors() const { return std::max<int64_t>(1, blocks); }
   int64_t max_smem_bytes() const { return 100 * 1024; }  // as CudaExec on an H100 / A100
+  int image_arch() const { return 0; }  // no device image (kTensorCores is false)
 
   template <typename Body>
   int64_t grid(int64_t tiles, int64_t, int64_t) const {

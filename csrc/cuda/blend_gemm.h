@@ -23,11 +23,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "dense_program.h"
 
 #if defined(__CUDACC__)
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -59,6 +60,15 @@ struct GemmArgs {
 };
 
 constexpr int kGemmWarps = 8, kGemmWarpsN = 4, kGemmThreads = 32 * kGemmWarps;
+
+// The oldest virtual architecture (compute_70 = 70) with wmma fragments of a 16-bit GEMM
+// dtype: float16 from Volta, bfloat16 from Ampere. The tensor-core GEMM is compiled into the
+// images of that architecture or later only (older images trap), and the host picks it only
+// where the image the driver loaded has it (CudaExec::image_arch); older GPUs take cuBLAS.
+template <typename scalar_t>
+constexpr int wmma_min_arch() {
+  return std::is_same<scalar_t, c10::BFloat16>::value ? 80 : 70;
+}
 
 // Tile geometry for a GEMM dtype; the padded leading dimensions keep wmma's 32-byte
 // fragment alignment (16-bit types) and spread shared-memory banks.
@@ -333,13 +343,17 @@ SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& 
   const int64_t tiles_n = (g.N + Tile::BN - 1) / Tile::BN, tiles = ((g.M + Tile::BM - 1) / Tile::BM) * tiles_n;
 #ifdef __CUDA_ARCH__
   if constexpr (Tile::kHalf) {
-    float* scratch = reinterpret_cast<float*>(raw + Tile::kScratchOffset);
-    for (int64_t t = block; t < tiles; t += grid) {
-      const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
-      WmmaAcc<scalar_t, Tile> acc;
-      acc.zero();
-      gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
-      acc.epilogue(role, row0, col0, g.M, g.N, epi, scratch);
+    if constexpr (__CUDA_ARCH__ >= 10 * wmma_min_arch<scalar_t>()) {
+      float* scratch = reinterpret_cast<float*>(raw + Tile::kScratchOffset);
+      for (int64_t t = block; t < tiles; t += grid) {
+        const int64_t row0 = (t / tiles_n) * Tile::BM, col0 = (t % tiles_n) * Tile::BN;
+        WmmaAcc<scalar_t, Tile> acc;
+        acc.zero();
+        gemm_k_loop<Tile>(g, ctx, role, row0, col0, ops, acc);
+        acc.epilogue(role, row0, col0, g.M, g.N, epi, scratch);
+      }
+    } else {
+      __trap();  // no wmma fragments of this dtype here: never launched (dense_use_fused)
     }
   } else  // (the scalar path is not compiled for 16-bit dtypes on the GPU)
 #endif

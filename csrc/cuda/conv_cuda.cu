@@ -18,6 +18,7 @@ at::Tensor spline_conv_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 int64_t checkpoint) {
   const c10::cuda::CUDAGuard guard(x.device());
   CudaExec ex(x.get_device());
+  ex.check_dtype(x.scalar_type(), "spline_conv_fwd (cuda)");
   return conv_fwd_entry(ex, "spline_conv_fwd (cuda)", x, weight, bias, scale, steps, degree, activation, scheme,
                         variant, checkpoint, 0);
 }
@@ -29,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cuda(
     int64_t checkpoint) {
   const c10::cuda::CUDAGuard guard(states.device());
   CudaExec ex(states.get_device());
+  ex.check_dtype(states.scalar_type(), "spline_conv_bwd (cuda)");
   return conv_bwd_entry(ex, "spline_conv_bwd (cuda)", grad_states, states, weight, bias, scale, steps, degree,
                         activation, scheme, variant, checkpoint, 0);
 }

@@ -75,6 +75,27 @@ inline const cudaDeviceProp& device_properties(int device) {
   return it->second;
 }
 
+// An empty kernel whose attributes tell which of the build's images the driver loaded.
+template <int>
+__global__ void image_probe_kernel() {}
+
+// The virtual architecture (75, 80, 90, ...) of the code this library runs on `device`: the
+// image the driver picked among those the build holds (SASS, or PTX it JIT-compiled), queried
+// once per device. Features the image lacks are not launched (dense_use_fused). The caller
+// holds a device guard for `device`.
+inline int image_arch(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, image_probe_kernel<0>));
+    it = cache.emplace(device, attr.ptxVersion).first;
+  }
+  return it->second;
+}
+
 struct CudaExec {
   static constexpr bool kHalfTypes = true;
   static constexpr bool kTensorCores = true;  // the fused GEMM takes wmma for bfloat16 / float16
@@ -85,6 +106,13 @@ struct CudaExec {
 
   int64_t threads() const { return kBlockThreads; }
   int64_t multiprocessors() const { return props->multiProcessorCount; }
+  int image_arch() const { return splinet::image_arch(device); }
+  // bfloat16 needs sm_80 (its tensor-core fragments and cuBLAS's bfloat16 GEMMs); Python's
+  // dispatch says so first (splinet_cuda/_cuda_archs.py), this guards direct op calls.
+  void check_dtype(at::ScalarType dtype, const char* op) const {
+    TORCH_CHECK_TYPE(dtype != at::kBFloat16 || props->major >= 8, op, ": bfloat16 needs a GPU of compute "
+                     "capability >= 8.0, this one has ", props->major, ".", props->minor);
+  }
   // Shared memory a block may take: the opt-in maximum, capped so that two blocks share an SM.
   int64_t max_smem_bytes() const {
     return std::min<int64_t>(static_cast<int64_t>(props->sharedMemPerBlockOptin), 100 * 1024);

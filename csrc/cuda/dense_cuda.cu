@@ -16,6 +16,7 @@ at::Tensor spline_dense_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, 
                                  c10::string_view scheme, c10::string_view variant, double gamma, int64_t checkpoint) {
   const c10::cuda::CUDAGuard guard(x.device());
   CudaExec ex(x.get_device());
+  ex.check_dtype(x.scalar_type(), "spline_dense_fwd (cuda)");
   return dense_fwd_entry(ex, "spline_dense_fwd (cuda)", x, weight, bias, scale, steps, degree, activation, scheme,
                          variant, gamma, checkpoint, kPathAuto, 0);
 }
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cuda
     int64_t checkpoint) {
   const c10::cuda::CUDAGuard guard(states.device());
   CudaExec ex(states.get_device());
+  ex.check_dtype(states.scalar_type(), "spline_dense_bwd (cuda)");
   return dense_bwd_entry(ex, "spline_dense_bwd (cuda)", grad_states, states, weight, bias, scale, steps, degree,
                          activation, scheme, variant, gamma, checkpoint, kPathAuto, 0);
 }

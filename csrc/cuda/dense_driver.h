@@ -63,11 +63,17 @@ constexpr bool dense_fused_compiled() {
   return !Exec::kTensorCores || sizeof(scalar_t) == 2;
 }
 
+// On the GPU the fused GEMM also needs tensor cores for the dtype in the image the driver
+// loaded (wmma_min_arch): a float16 run on a Turing build, or bfloat16 on one whose newest
+// image predates sm_80, takes cuBLAS.
 template <typename scalar_t, typename Exec>
-bool dense_use_fused(int64_t path) {
+bool dense_use_fused(const Exec& ex, int64_t path) {
+  const bool tensor_cores = Exec::kTensorCores && ex.image_arch() >= wmma_min_arch<scalar_t>();
   if (path == kPathFused) {
     TORCH_CHECK_VALUE((dense_fused_compiled<scalar_t, Exec>()),
                       "spline_dense: the fused GEMM is built for bfloat16 / float16 only");
+    TORCH_CHECK_VALUE(!Exec::kTensorCores || tensor_cores, "spline_dense: the fused GEMM needs tensor cores for this "
+                      "dtype, which the loaded image (compute_", ex.image_arch(), ") lacks");
     return true;
   }
   if (path == kPathLarge) return false;
@@ -76,6 +82,7 @@ bool dense_use_fused(int64_t path) {
   TORCH_CHECK_VALUE(gemm.empty() || gemm == "fused" || gemm == "cublas",
                     "SPLINET_DENSE_GEMM must be 'fused' or 'cublas', got '", gemm, "'");
   if (!dense_fused_compiled<scalar_t, Exec>()) return false;
+  if (Exec::kTensorCores && !tensor_cores) return false;  // cuBLAS, whatever SPLINET_DENSE_GEMM asks
   if (!gemm.empty()) return gemm == "fused";
   return Exec::kTensorCores && sizeof(scalar_t) == 2;
 }
@@ -509,7 +516,7 @@ at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight
     ex.launch(body, grid, ex.threads(), smem);
     return states;
   }
-  DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(path), false,
+  DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(ex, path), false,
                                              gemm_tile(path, tile_rows));
   large_forward(run, p, x, states);
   return states;
@@ -562,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     if (p.has_bias) gb = pb.sum(0);
     glam = plam.sum();
   } else {
-    DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(path),
+    DenseLarge<scalar_t, acc_t, ACT, Exec> run(ex, p, weight, bias, scale, dense_use_fused<scalar_t, Exec>(ex, path),
                                                true, gemm_tile(path, tile_rows));
     gW = at::zeros({p.n, p.m, p.m}, acc_opts);
     gb = p.has_bias ? at::zeros({p.n, p.m}, acc_opts) : at::Tensor();
