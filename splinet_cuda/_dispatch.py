@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import _cuda_archs, _ext, reference
-from ._validate import Scale, check_checkpoint, check_conv, check_dense, check_hamiltonian
+from ._validate import Scale, check_checkpoint, check_flag, check_conv, check_dense, check_hamiltonian
 
 __all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "available_backends", "register_backend"]
 
@@ -153,6 +153,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                 scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
+    check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode", x)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
               variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
@@ -178,6 +179,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
+    check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode_conv", x)
     return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
               variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
@@ -216,6 +218,7 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
     """
     check_hamiltonian(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation)
     check_checkpoint(checkpoint)
+    check_flag("return_trajectory", return_trajectory)
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     if isinstance(backend, str) and backend in BACKENDS and backend not in HAMILTONIAN_BACKENDS:

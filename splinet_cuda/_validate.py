@@ -66,8 +66,11 @@ def _check_scale(scale, x: torch.Tensor) -> None:
             raise TypeError(f"scale must be a floating tensor, got {scale.dtype}")
         if scale.device != x.device:
             raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
-        # A data-dependent check: skipped while torch.compile traces (no graph break).
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(scale.detach())):
+        # A data-dependent check, made only where it costs no device-to-host sync (a CPU
+        # tensor; not on a GPU, where it would stall every forward and break CUDA-graph
+        # capture, nor on meta tensors) and skipped while torch.compile traces (no graph break).
+        if (scale.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(scale.detach()))):
             raise ValueError(f"scale must be finite, got {scale.item()}")
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not math.isfinite(scale):
@@ -172,6 +175,12 @@ def check_hamiltonian(y, z, weight, bias, scale, *, steps, degree, activation) -
                             f"all tensors must share one dtype and device")
     _check_scale(scale, y)
     return Config(steps, degree, n - degree, activation, "verlet", "hamiltonian", 0.0)
+
+
+def check_flag(name: str, value) -> None:
+    """A bool argument (``return_trajectory``): TypeError otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def check_checkpoint(checkpoint) -> None:

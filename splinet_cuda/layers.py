@@ -12,7 +12,7 @@ from torch import nn
 
 from . import continuous
 from ._dispatch import spline_ode, spline_ode_conv, spline_ode_hamiltonian
-from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg
+from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg, check_checkpoint
 from ._schemes import TABLEAUS
 
 __all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d", "SplineODEHamiltonian"]
@@ -21,15 +21,21 @@ __all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d",
 class _SplineODEBase(nn.Module):
     def _setup(self, weight_shape, bias_shape, fan_in: int, knots: int, degree: int, steps: int,
                activation: str, scheme: str, variant: str, variants, scale: float, learn_scale: bool,
-               gamma: float, bias: bool, init_amplitude: Optional[float], backend: str, device, dtype) -> None:
+               gamma: float, bias: bool, init_amplitude: Optional[float], backend: str, device, dtype,
+               checkpoint: Optional[int] = None) -> None:
         self.knots = _int_arg("knots", knots, 1)
         self.degree = _int_arg("degree", degree, 0)
         self.steps = _int_arg("steps", steps, 1)
         self.activation = _choice("activation", activation, ACTIVATIONS)
         self.scheme = _choice("scheme", scheme, TABLEAUS)
         self.variant = _choice("variant", variant, variants)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
+        check_checkpoint(checkpoint)
+        self.checkpoint = checkpoint
+        self.scale_init = float(scale)  # what reset_parameters() restores
         self.gamma = float(gamma)
         self.backend = backend
         self.init_amplitude = 1.0 / math.sqrt(fan_in) if init_amplitude is None else float(init_amplitude)
@@ -37,7 +43,7 @@ class _SplineODEBase(nn.Module):
         n = self.knots + self.degree
         self.weight = nn.Parameter(torch.empty((n,) + tuple(weight_shape), **factory))
         self.bias = nn.Parameter(torch.empty((n,) + tuple(bias_shape), **factory)) if bias else None
-        scale_t = torch.tensor(float(scale), **factory)
+        scale_t = torch.empty((), **factory)
         if learn_scale:
             self.scale = nn.Parameter(scale_t)
         else:
@@ -51,17 +57,22 @@ class _SplineODEBase(nn.Module):
     def reset_parameters(self) -> None:
         """Every coefficient uniform in [-a, a], a = ``init_amplitude`` (default
         1/sqrt(fan_in)): the paper initialises with small random amplitudes and searches
-        a in [1e-3, 1] (its section 4.2)."""
+        a in [1e-3, 1] (its section 4.2); ``scale`` back to the constructor's value. Every
+        parameter and buffer is set, so deferred initialisation works as for ``nn.Linear``:
+        build under ``torch.device("meta")``, then ``to_empty(device=...)`` and this."""
         a = self.init_amplitude
         nn.init.uniform_(self.weight, -a, a)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -a, a)
+        with torch.no_grad():
+            self.scale.fill_(self.scale_init)
 
-    def _kwargs(self, steps: Optional[int] = None, scheme: Optional[str] = None) -> dict:
+    def _kwargs(self, steps: Optional[int] = None, scheme: Optional[str] = None,
+                return_trajectory: bool = False) -> dict:
         # steps / scheme: per-call re-discretisation of the same W(t), b(t) (seed 002's "manifestation").
         return dict(steps=self.steps if steps is None else steps, degree=self.degree, activation=self.activation,
                     scheme=self.scheme if scheme is None else scheme, variant=self.variant, gamma=self.gamma,
-                    backend=self.backend)
+                    backend=self.backend, return_trajectory=return_trajectory, checkpoint=self.checkpoint)
 
     # ---- continuous-depth features (issue 9; the math is in splinet_cuda.continuous) ----
 
@@ -104,9 +115,13 @@ class _SplineODEBase(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f"knots={self.knots}, degree={self.degree}, steps={self.steps}, activation={self.activation!r}, "
-             f"scheme={self.scheme!r}, variant={self.variant!r}, scale={self.scale.item():g}, "
+             f"scheme={self.scheme!r}, variant={self.variant!r}, scale={self._scale_repr()}, "
              f"learn_scale={self.learn_scale}, bias={self.bias is not None}, backend={self.backend!r}")
+        s += f", checkpoint={self.checkpoint}" if self.checkpoint is not None else ""
         return s + (f", gamma={self.gamma:g}" if self.variant == "antisymmetric" else "")
+
+    def _scale_repr(self) -> str:
+        return "<meta>" if self.scale.device.type == "meta" else f"{self.scale.item():g}"
 
 
 class SplineODE(_SplineODEBase):
@@ -127,15 +142,18 @@ class SplineODE(_SplineODEBase):
     def __init__(self, width: int, knots: int, degree: int, steps: int, activation: str = "tanh",
                  scheme: str = "euler", variant: str = "standard", scale: float = 1.0,
                  learn_scale: bool = False, backend: str = "auto", *, gamma: float = 0.0, bias: bool = True,
-                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+                 init_amplitude: Optional[float] = None, checkpoint: Optional[int] = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.width = _int_arg("width", width, 1)
         self._setup((width, width), (width,), width, knots, degree, steps, activation, scheme, variant,
-                    VARIANTS, scale, learn_scale, gamma, bias, init_amplitude, backend, device, dtype)
+                    VARIANTS, scale, learn_scale, gamma, bias, init_amplitude, backend, device, dtype, checkpoint)
 
-    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
-        """x (B, m) -> x_N (B, m); ``steps``/``scheme`` override the layer's for this call."""
-        return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme))
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None, *,
+                return_trajectory: bool = False) -> torch.Tensor:
+        """x (B, m) -> x_N (B, m), or all N + 1 states (N + 1, B, m) with ``return_trajectory``;
+        ``steps``/``scheme`` override the layer's for this call."""
+        return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme, return_trajectory))
 
     def extra_repr(self) -> str:
         return f"width={self.width}, " + super().extra_repr()
@@ -147,7 +165,8 @@ class _SplineODEConvNd(_SplineODEBase):
     def __init__(self, channels: int, kernel_size: Union[int, Sequence[int]], knots: int, degree: int,
                  steps: int, activation: str = "relu", scheme: str = "euler", variant: str = "standard",
                  scale: float = 1.0, learn_scale: bool = False, backend: str = "auto", *, bias: bool = True,
-                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+                 init_amplitude: Optional[float] = None, checkpoint: Optional[int] = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.channels = _int_arg("channels", channels, 1)
         ks = (kernel_size,) * self._dims if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -158,14 +177,17 @@ class _SplineODEConvNd(_SplineODEBase):
         self.kernel_size = ks
         fan_in = channels * math.prod(ks)
         self._setup((channels, channels) + ks, (channels,), fan_in, knots, degree, steps, activation, scheme,
-                    variant, CONV_VARIANTS, scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype)
+                    variant, CONV_VARIANTS, scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype,
+                    checkpoint)
 
-    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
-        """x (B, C, *spatial) -> same shape; ``steps``/``scheme`` override the layer's for this call."""
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None, *,
+                return_trajectory: bool = False) -> torch.Tensor:
+        """x (B, C, *spatial) -> same shape, or all N + 1 states (N + 1, B, C, *spatial) with
+        ``return_trajectory``; ``steps``/``scheme`` override the layer's for this call."""
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, C, {self._dims} spatial dims), "
                              f"got {tuple(x.shape)}")
-        return spline_ode_conv(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme))
+        return spline_ode_conv(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme, return_trajectory))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
@@ -217,7 +239,8 @@ class SplineODEHamiltonian(_SplineODEBase):
 
     def __init__(self, width: int, knots: int, degree: int, steps: int, activation: str = "tanh",
                  scale: float = 1.0, learn_scale: bool = False, backend: str = "auto", *, bias: bool = True,
-                 init_amplitude: Optional[float] = None, device=None, dtype=None) -> None:
+                 init_amplitude: Optional[float] = None, checkpoint: Optional[int] = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.width = _int_arg("width", width, 2)
         if width % 2:
@@ -227,10 +250,11 @@ class SplineODEHamiltonian(_SplineODEBase):
                              f"kernel for it), got {backend!r}")
         half = width // 2
         self._setup((2, half, half), (2, half), half, knots, degree, steps, activation, "euler", "hamiltonian",
-                    ("hamiltonian",), scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype)
+                    ("hamiltonian",), scale, learn_scale, 0.0, bias, init_amplitude, backend, device, dtype,
+                    checkpoint)
         self.scheme = "verlet"
 
-    def _run(self, x: torch.Tensor, steps: Optional[int], reverse: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, steps: Optional[int], reverse: bool, return_trajectory: bool = False) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.width:
             raise ValueError(f"SplineODEHamiltonian expects x of shape (B, {self.width}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -239,15 +263,17 @@ class SplineODEHamiltonian(_SplineODEBase):
         y, z = spline_ode_hamiltonian(x[:, :half], x[:, half:], self.weight, self.bias, self.scale,
                                       steps=self.steps if steps is None else steps, degree=self.degree,
                                       activation=self.activation, reverse=reverse,
+                                      return_trajectory=return_trajectory, checkpoint=self.checkpoint,
                                       backend="reference" if reverse else self.backend)
-        return torch.cat([y, z], dim=1)
+        return torch.cat([y, z], dim=-1)
 
-    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None) -> torch.Tensor:
-        """x = [y_0 | z_0] (B, m) -> [y_N | z_N] (B, m); ``steps`` overrides the layer's;
-        ``scheme`` may only be None or "verlet"."""
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None, *,
+                return_trajectory: bool = False) -> torch.Tensor:
+        """x = [y_0 | z_0] (B, m) -> [y_N | z_N] (B, m), or all N + 1 states (N + 1, B, m) with
+        ``return_trajectory``; ``steps`` overrides the layer's; ``scheme`` may only be None or "verlet"."""
         if scheme not in (None, "verlet"):
             raise ValueError(f"SplineODEHamiltonian integrates with 'verlet' only, got scheme={scheme!r}")
-        return self._run(x, steps, reverse=False)
+        return self._run(x, steps, reverse=False, return_trajectory=return_trajectory)
 
     def inverse(self, x: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
         """[y_N | z_N] -> [y_0 | z_0]: the Verlet steps run backwards (time-reversibility)."""

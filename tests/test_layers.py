@@ -226,3 +226,80 @@ def test_conv_layer_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---- deferred initialisation, the layers' checkpoint / return_trajectory options ----------
+
+def _every_layer(**kw):
+    return [sc.SplineODE(4, 2, 1, 3, scale=0.7, **kw), sc.SplineODEConv2d(2, 3, 2, 1, 3, scale=0.7, **kw),
+            sc.SplineODEHamiltonian(4, 2, 1, 3, scale=0.7, **kw)]
+
+
+def _input(layer, dtype=torch.float32):
+    shape = (2, 2, 5, 5) if isinstance(layer, sc.SplineODEConv2d) else (3, 4)
+    return torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_meta_device_init_then_reset_parameters(learn_scale):
+    """Built on the meta device, moved with to_empty and reset: every parameter and buffer is
+    set (the scale buffer was left uninitialised, outputs of 1e33), as for nn.Linear."""
+    with torch.device("meta"):
+        layers = _every_layer(learn_scale=learn_scale)
+    for layer in layers:
+        assert "scale=<meta>" in repr(layer)
+        layer.to_empty(device="cpu")
+        with torch.no_grad():
+            layer.scale.fill_(1e33)  # what uninitialised memory may hold
+        layer.reset_parameters()
+        assert layer.scale.item() == pytest.approx(0.7) and layer.learn_scale == learn_scale
+        a = layer.init_amplitude
+        assert layer.weight.abs().max() <= a and layer.bias.abs().max() <= a
+        y = layer(_input(layer))
+        assert torch.isfinite(y).all()
+
+
+def test_validation_reads_no_tensor_value_off_the_cpu():
+    """A tensor scale is checked for finiteness only on the CPU (no device-to-host sync): meta
+    tensors pass validation and run on the reference (shapes only)."""
+    x, w, b = torch.empty(3, 4, device="meta"), torch.empty(3, 4, 4, device="meta"), torch.empty(3, 4, device="meta")
+    y = sc.spline_ode(x, w, b, torch.empty((), device="meta"), steps=2, degree=1, backend="reference")
+    assert y.device.type == "meta" and y.shape == (3, 4)
+    with pytest.raises(ValueError, match="scale"):  # on the CPU the check still holds
+        sc.spline_ode(torch.randn(3, 4), torch.randn(3, 4, 4), None, torch.tensor(float("nan")), steps=2, degree=1)
+
+
+@pytest.mark.parametrize("layer_index", [0, 1, 2], ids=["dense", "conv2d", "hamiltonian"])
+def test_layer_checkpoint_and_return_trajectory(layer_index):
+    """checkpoint= (constructor) keeps every K-th state for the backward: the same values and
+    gradients; return_trajectory=True (forward) gives all N + 1 states, the last = forward()."""
+    torch.manual_seed(0)
+    plain = _every_layer()[layer_index].double()
+    ckpt = _every_layer(checkpoint=2)[layer_index].double()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.checkpoint == 2 and "checkpoint=2" in repr(ckpt)
+    x = _input(plain, torch.float64)
+    grads = []
+    for layer in (plain, ckpt):
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        grads.append((y.detach(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    traj = plain(x, return_trajectory=True)
+    assert traj.shape == (plain.steps + 1,) + x.shape
+    torch.testing.assert_close(traj[0], x)
+    torch.testing.assert_close(traj[-1], grads[0][0])
+    traj.sum().backward()  # differentiable through every state
+
+
+def test_layer_option_validation():
+    with pytest.raises(ValueError, match="checkpoint"):
+        sc.SplineODE(4, 2, 1, 3, checkpoint=0)
+    with pytest.raises(TypeError, match="checkpoint"):
+        sc.SplineODEConv1d(2, 3, 2, 1, 3, checkpoint=1.5)
+    with pytest.raises(TypeError, match="return_trajectory"):
+        sc.SplineODE(4, 2, 1, 3)(torch.randn(2, 4), return_trajectory=1)
+    with pytest.raises(TypeError, match="scale"):
+        sc.SplineODE(4, 2, 1, 3, scale=torch.tensor(1.0))
