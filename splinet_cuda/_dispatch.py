@@ -181,8 +181,15 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_checkpoint(checkpoint)
     check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode_conv", x)
-    return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
-              variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
+    out = fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
+             variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
+    # x_N in x's memory format, as nn.Conv2d / Conv3d return it (the kernels compute in the
+    # contiguous layout); a trajectory has one more dim and stays contiguous.
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if (fmt is not None and not return_trajectory and not x.is_contiguous()
+            and x.is_contiguous(memory_format=fmt)):
+        out = out.contiguous(memory_format=fmt)
+    return out
 
 
 def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -192,6 +192,21 @@ class _SplineODEConvNd(_SplineODEBase):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
 
+    def _apply(self, fn, recurse=True):
+        # The weight (n, C, C, *kernel) is n stacked ConvNd filters. Conversions see it as
+        # the ConvNd weight (n C, C, *kernel) it stacks, so model.to(memory_format=
+        # torch.channels_last) treats a SplineODEConv2d as it treats an nn.Conv2d (a 5-D
+        # tensor cannot be channels_last; it raised), and the 1-D / 3-D layers as nn.Conv1d
+        # / nn.Conv3d. The shape stays (n, C, C, *kernel).
+        rank = self._dims + 3
+
+        def as_conv_weight(t):
+            if t.dim() != rank:
+                return fn(t)
+            out = fn(t.reshape((-1,) + tuple(t.shape[2:])))
+            return out.view(t.shape) if out.dim() == rank - 1 else out
+        return super()._apply(as_conv_weight, recurse)
+
 
 class SplineODEConv1d(_SplineODEConvNd):
     """Convolutional SpliNet layer over 1 spatial dim: x (B, C, W) -> (B, C, W).

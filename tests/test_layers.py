@@ -303,3 +303,47 @@ def test_layer_option_validation():
         sc.SplineODE(4, 2, 1, 3)(torch.randn(2, 4), return_trajectory=1)
     with pytest.raises(TypeError, match="scale"):
         sc.SplineODE(4, 2, 1, 3, scale=torch.tensor(1.0))
+
+
+def test_channels_last_like_nn_conv2d():
+    """model.to(memory_format=torch.channels_last) converts a model holding SplineODEConv2d (its
+    5-D weight raised) and a channels_last input gives a channels_last output, as nn.Conv2d;
+    values and gradients equal the contiguous model's."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                       sc.SplineODEConv2d(4, 3, 2, 1, 3, learn_scale=True)).double()
+    ref, cl = make(), make()
+    cl.load_state_dict(ref.state_dict())
+    cl.to(memory_format=torch.channels_last)
+    assert cl[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl[1].weight.shape == ref[1].weight.shape
+    torch.testing.assert_close(cl[1].weight, ref[1].weight, rtol=0, atol=0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    y_ref = ref(x)
+    y = cl(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for p, q in zip(cl.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    # A contiguous input still gives a contiguous output; trajectories stay contiguous.
+    assert cl[1](torch.randn(2, 4, 6, 5, dtype=torch.float64)).is_contiguous()
+    traj = cl[1](torch.randn(2, 4, 6, 5, dtype=torch.float64).to(memory_format=torch.channels_last),
+                 return_trajectory=True)
+    assert traj.shape == (4, 2, 4, 6, 5)
+
+
+def test_memory_format_conversions_of_1d_and_3d_layers_match_torch():
+    """The 1-D layer's weight is left alone by channels_last, as nn.Conv1d's; the 3-D layer takes
+    channels_last_3d and refuses channels_last, as nn.Conv3d does."""
+    c1 = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), sc.SplineODEConv1d(2, 3, 2, 1, 2))
+    c1.to(memory_format=torch.channels_last)
+    assert c1[1].weight.is_contiguous()
+    c3 = sc.SplineODEConv3d(2, 3, 2, 1, 2)
+    c3.to(memory_format=torch.channels_last_3d)
+    assert c3.weight.shape == (3, 2, 2, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="rank 4"):
+        torch.nn.Conv3d(2, 2, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="rank 4"):
+        c3.to(memory_format=torch.channels_last)
