@@ -122,6 +122,13 @@ def spline_ode_hamiltonian_fused(y, z, weight, bias, scale, *, steps, degree, ac
     return out[..., :m], out[..., m:]
 
 
+def register_autocast_float32(op: str) -> None:
+    """Direct calls of a forward op under torch.autocast run in float32 (16-bit floating inputs
+    cast, float64 kept), as the public API runs them (splinet_cuda.spline_ode)."""
+    for device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(op, device_type, torch.float32)
+
+
 def _register() -> None:
     built = {}
     for fn, op, impl in ((SplineDenseFunction, "spline_dense_fwd", spline_ode_fused),
@@ -130,6 +137,7 @@ def _register() -> None:
         if _ext.has_op(op):
             torch.library.register_autograd(f"splinet_cuda::{op}", fn.op_backward,
                                             setup_context=fn.op_setup_context)
+            register_autocast_float32(f"splinet_cuda::{op}")
             built[op] = impl
     cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
     if cpu:

@@ -119,6 +119,30 @@ def _select(backend, kind: str, x: torch.Tensor) -> Callable:
     return getattr(impl, kind)
 
 
+def _autocast_device(x) -> Optional[str]:
+    """x's device type when torch.autocast is enabled for it, else None."""
+    if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return x.device.type
+    return None
+
+
+def _to_float32(t):
+    """Autocast's cast for the layers: bfloat16 / float16 tensors to float32; float32, float64
+    and anything else unchanged (as torch.library.register_autocast casts an op's inputs)."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
+def _run(device_type: Optional[str], fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs); under torch.autocast on ``device_type`` with autocast disabled inside,
+    so that the reference's products are not cast again."""
+    if device_type is None:
+        return fn(*args, **kwargs)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args, **kwargs)
+
+
 def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
                steps: int, degree: int, activation: str = "tanh", scheme: str = "euler",
                variant: str = "standard", gamma: float = 0.0, backend: str = "auto",
@@ -129,6 +153,11 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``degree`` on L = n - degree uniform knot intervals (paper eqs. 12-15); the ODE
     (paper eq. 24, T = scale) is discretised with ``steps`` steps of ``scheme``.
     Gradients are exact for the discrete forward pass (paper eqs. 17-23).
+
+    Under ``torch.autocast`` (CPU or CUDA) the layer runs like PyTorch's float32-policy ops
+    (softmax, norms): bfloat16 / float16 inputs are cast to float32 and the output is float32,
+    because an N-step integration accumulates rounding that a 16-bit state would amplify.
+    Pass 16-bit tensors outside autocast to run the cuda / triton backends in them.
 
     Args:
         x: (B, m) initial state.
@@ -150,13 +179,17 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         x_N (B, m), or the trajectory (N + 1, B, m).
     """
+    autocast = _autocast_device(x)
+    if autocast is not None:
+        x, weight, bias, scale = map(_to_float32, (x, weight, bias, scale))
     check_dense(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                 scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
     check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode", x)
-    return fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
-              variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
+    return _run(autocast, fn, x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                scheme=scheme, variant=variant, gamma=gamma, return_trajectory=return_trajectory,
+                checkpoint=checkpoint)
 
 
 def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
@@ -167,6 +200,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     f is act(conv(x, K(t)) + b(t)) ("standard") or -conv_transpose(act(conv(x, K(t)) + b(t)), K(t))
     ("symmetric", Ruthotto-Haber's parabolic layer), stride 1 and "same" zero padding.
+    Under ``torch.autocast`` it runs in float32, as :func:`spline_ode` says.
 
     Args:
         x: (B, C, *spatial) initial state, 1 to 3 spatial dims.
@@ -176,13 +210,17 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Returns:
         x_N like x, or the trajectory (N + 1, *x.shape).
     """
+    autocast = _autocast_device(x)
+    if autocast is not None:
+        x, weight, bias, scale = map(_to_float32, (x, weight, bias, scale))
     check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                scheme=scheme, variant=variant, gamma=gamma)
     check_checkpoint(checkpoint)
     check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode_conv", x)
-    out = fn(x, weight, bias, scale, steps=steps, degree=degree, activation=activation, scheme=scheme,
-             variant=variant, gamma=gamma, return_trajectory=return_trajectory, checkpoint=checkpoint)
+    out = _run(autocast, fn, x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+               scheme=scheme, variant=variant, gamma=gamma, return_trajectory=return_trajectory,
+               checkpoint=checkpoint)
     # x_N in x's memory format, as nn.Conv2d / Conv3d return it (the kernels compute in the
     # contiguous layout); a trajectory has one more dim and stays contiguous.
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
@@ -223,6 +261,9 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
         (y_N, z_N), each (B, m), or the trajectories ((N+1, B, m), (N+1, B, m)) (from t = 1
         down to 0 when ``reverse``).
     """
+    autocast = _autocast_device(y)
+    if autocast is not None:
+        y, z, weight, bias, scale = map(_to_float32, (y, z, weight, bias, scale))
     check_hamiltonian(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation)
     check_checkpoint(checkpoint)
     check_flag("return_trajectory", return_trajectory)
@@ -239,7 +280,7 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
         backend = "reference"
     fn = _select(backend, "spline_ode_hamiltonian", y)
     if fn is reference.spline_ode_hamiltonian:
-        return fn(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation, reverse=reverse,
-                  return_trajectory=return_trajectory)
-    return fn(y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation,
-              return_trajectory=return_trajectory, checkpoint=checkpoint)
+        return _run(autocast, fn, y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                    reverse=reverse, return_trajectory=return_trajectory)
+    return _run(autocast, fn, y, z, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+                return_trajectory=return_trajectory, checkpoint=checkpoint)

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import _cuda_archs
-from ._autograd import layer_function, run_layer
+from ._autograd import layer_function, register_autocast_float32, run_layer
 from ._dispatch import register_backend
 from ._ops import layer_bwd_fake, layer_fwd_fake, num_saved_states
 from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS
@@ -133,6 +133,7 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
 
         fn = layer_function(f"Triton{kind.title()}{suffix}Function", lambda: fwd_packet, lambda: bwd_packet)
         register_autograd(f"splinet_triton::{kind}_fwd{suffix}", fn.op_backward, setup_context=fn.op_setup_context)
+        register_autocast_float32(f"splinet_triton::{kind}_fwd{suffix}")
         FUNCTIONS[(kind, suffix or "_native")] = fn
         return fwd_packet, bwd_packet
 

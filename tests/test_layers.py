@@ -347,3 +347,53 @@ def test_memory_format_conversions_of_1d_and_3d_layers_match_torch():
         torch.nn.Conv3d(2, 2, 3).to(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="rank 4"):
         c3.to(memory_format=torch.channels_last)
+
+
+# ---- torch.autocast -------------------------------------------------------------------------
+
+def test_autocast_cpu_runs_float32_like_pytorch_fp32_ops():
+    """Under torch.autocast a Linear / Conv before the layer hands it bfloat16 (it raised a
+    TypeError): the layer runs in float32 and returns float32, as PyTorch's float32-policy ops
+    do, with the values and gradients of that float32 run."""
+    torch.manual_seed(0)
+    for pre, layer, x in (
+            (torch.nn.Linear(4, 4), sc.SplineODE(4, 2, 2, 4, learn_scale=True), torch.randn(5, 4)),
+            (torch.nn.Conv2d(2, 3, 3, padding=1), sc.SplineODEConv2d(3, 3, 2, 1, 3), torch.randn(2, 2, 5, 5)),
+            (torch.nn.Linear(4, 4), sc.SplineODEHamiltonian(4, 2, 1, 3), torch.randn(5, 4))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = pre(x)
+            assert h.dtype == torch.bfloat16
+            y = layer(h)
+        assert y.dtype == torch.float32
+        h32 = h.detach().float().requires_grad_()
+        torch.testing.assert_close(y, layer(h32))
+        y.square().sum().backward()
+        assert pre.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+
+
+def test_autocast_direct_op_call_runs_float32():
+    """The forward ops themselves carry the same autocast rule (torch.library.register_autocast)."""
+    from splinet_cuda import _ext
+
+    if not _ext.has_kernel("spline_dense_fwd", "CPU"):
+        pytest.skip("fused CPU kernels not built")
+    x, w, b = torch.randn(3, 4), 0.3 * torch.randn(3, 4, 4), torch.randn(3, 4)
+    s = torch.tensor(1.0)
+    want = torch.ops.splinet_cuda.spline_dense_fwd(x, w, b, s, 4, 1, "tanh", "euler", "standard", 0.0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.splinet_cuda.spline_dense_fwd(x.bfloat16(), w, b, s, 4, 1, "tanh", "euler", "standard",
+                                                     0.0, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.ops.splinet_cuda.spline_dense_fwd(
+        x.bfloat16().float(), w, b, s, 4, 1, "tanh", "euler", "standard", 0.0, 1))
+    assert want.shape == got.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_autocast_cuda_runs_float32():
+    layer = sc.SplineODE(8, 2, 1, 4).cuda()
+    pre = torch.nn.Linear(8, 8).cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = layer(pre(torch.randn(6, 8, device="cuda")))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    y.sum().backward()
