@@ -120,7 +120,10 @@ if __name__ == "__main__":  # tests/test_build.py imports this file to check _ex
         long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
         long_description_content_type="text/markdown",
         license="BSD-3-Clause",
-        packages=["splinet_cuda", "triton_kernels"],
+        # The Triton kernels install inside the package (splinet_cuda.triton_kernels), not as a
+        # top-level `triton_kernels` (PyPI's triton-kernels and Triton's own library use that name).
+        packages=["splinet_cuda", "splinet_cuda.triton_kernels"],
+        package_dir={"splinet_cuda.triton_kernels": "triton_kernels"},
         ext_modules=[_extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.9",

@@ -3,13 +3,39 @@
 A SpliNet layer integrates dx/dt = scale * act(W(t) x + b(t)) over t in [0, 1], where
 W(t) and b(t) are B-splines in time (Guenther, Pazner, Qi; SPEC.md).
 """
-from . import _ext, continuous, reference
-from . import _autograd  # noqa: F401  (registers the fused backends that are built)
-from . import _triton  # noqa: F401  (registers the triton backend when triton imports)
-from ._basis import basis_grid, bspline_basis
-from ._dispatch import available_backends, spline_ode, spline_ode_conv, spline_ode_hamiltonian
-from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov
-from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d, SplineODEHamiltonian
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _attach_triton_kernels() -> None:
+    """The Triton kernels are the subpackage ``splinet_cuda.triton_kernels`` (installed under
+    this package, never as a top-level ``triton_kernels``, a name other projects use). An
+    install maps the repository folder ``triton_kernels/`` there (setup.py's package_dir); a
+    source checkout used in place (``setup.py build_ext --inplace``, nothing installed) gets the
+    same module from that folder."""
+    name = __name__ + ".triton_kernels"
+    if name in _sys.modules or _importlib_util.find_spec(name) is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "triton_kernels")
+    init = _os.path.join(folder, "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_attach_triton_kernels()
+
+from . import _ext, continuous, reference  # noqa: E402
+from . import _autograd  # noqa: F401,E402  (registers the fused backends that are built)
+from . import _triton  # noqa: F401,E402  (registers the triton backend when triton imports)
+from ._basis import basis_grid, bspline_basis  # noqa: E402
+from ._dispatch import available_backends, spline_ode, spline_ode_conv, spline_ode_hamiltonian  # noqa: E402
+from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov  # noqa: E402
+from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d, SplineODEHamiltonian  # noqa: E402
 
 __version__ = "0.1.0"
 

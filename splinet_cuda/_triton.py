@@ -1,4 +1,5 @@
-"""The ``triton`` backend: registers the Triton kernels of ``triton_kernels/`` as torch ops
+"""The ``triton`` backend: registers the Triton kernels (``splinet_cuda.triton_kernels``, the
+repository's ``triton_kernels/``) as torch ops
 with autograd, and as the ``"triton"`` backend of :func:`splinet_cuda.spline_ode` /
 :func:`splinet_cuda.spline_ode_conv`.
 
@@ -19,25 +20,26 @@ Legend: B batch, m width, C channels, n = L + d coefficients, N steps, K checkpo
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import _cuda_archs
+from . import _basis, _cuda_archs
 from ._autograd import layer_function, register_autocast_float32, run_layer
 from ._dispatch import register_backend
 from ._ops import layer_bwd_fake, layer_fwd_fake, num_saved_states
 from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS
-from ._schemes import TABLEAUS
+from ._schemes import TABLEAUS, get_tableau
 
 __all__ = ["IMPORT_ERROR", "INTERPRET", "spline_ode_triton", "spline_ode_conv_triton"]
 
 try:
     import triton  # noqa: F401
-    from triton_kernels import _common as _tk_common
-    from triton_kernels import dense as _tk_dense
+    from .triton_kernels import _common as _tk_common
+    from .triton_kernels import dense as _tk_dense
 
     IMPORT_ERROR: Optional[BaseException] = None
 except Exception as exc:  # triton missing or unusable: the backend is not registered
@@ -45,7 +47,7 @@ except Exception as exc:  # triton missing or unusable: the backend is not regis
     _tk_common = _tk_dense = None
 
 try:
-    from triton_kernels import conv as _tk_conv
+    from .triton_kernels import conv as _tk_conv
 except Exception:  # conv kernels are optional
     _tk_conv = None
 
@@ -93,6 +95,15 @@ def _check_op_args(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise ValueError(f"{op}: unknown variant {variant!r}")
 
 
+@functools.lru_cache(maxsize=256)
+def time_grid(steps: int, n: int, degree: int, scheme: str):
+    """What the Triton kernels take of the time discretisation (triton_kernels TimeGrid): the
+    scheme's tableau and the basis at every step and stage, on the host, made once per
+    configuration (the kernels copy it to each device once)."""
+    k, w = _basis.basis_grid(steps, n - degree, degree, scheme)
+    return _tk_common.TimeGrid(get_tableau(scheme), k, w)
+
+
 def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
     """Registers the op pairs of one layer kind over the launchers ``forward(..., wrap=)`` and
     ``backward(..., wrap=)``; returns {"native": (fwd, bwd), "interp": (fwd, bwd)} as OpOverloadPackets."""
@@ -105,7 +116,7 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
                 activation: str, scheme: str, variant: str, gamma: float, checkpoint: int) -> Tensor:
             _check_op_args(kind, x, weight, bias, scale, steps, degree, activation, scheme, variant, checkpoint)
             return forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint,
-                           **wrap_kw)
+                           grid=time_grid(steps, weight.shape[0], degree, scheme), **wrap_kw)
 
         def bwd(grad_states: Tensor, states: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor,
                 steps: int, degree: int, activation: str, scheme: str, variant: str, gamma: float,
@@ -121,7 +132,7 @@ def _define_ops(kind: str, forward: Callable, backward: Callable) -> dict:
             _check_op_args(kind, states[0], weight, bias, scale, steps, degree, activation, scheme, variant,
                            checkpoint)
             return backward(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
-                            gamma, checkpoint, **wrap_kw)
+                            gamma, checkpoint, grid=time_grid(steps, weight.shape[0], degree, scheme), **wrap_kw)
 
         fwd_op = decorator(f"splinet_triton::{kind}_fwd{suffix}", fwd, mutates_args=())
         bwd_op = decorator(f"splinet_triton::{kind}_bwd{suffix}", bwd, mutates_args=())

@@ -50,3 +50,16 @@ def test_sdist_holds_packages_and_build_files(sdist_files):
     # no tests (they import bench/ and examples/), no build products
     assert not [f for f in sdist_files if f.startswith(("tests/", "bench/", "examples/", "tools/", "build/"))]
     assert not [f for f in sdist_files if f.endswith((".so", ".o", ".pyc"))]
+
+
+def test_wheel_layout_puts_the_triton_kernels_inside_the_package(tmp_path):
+    """What a wheel installs (setup.py build_py): splinet_cuda/ with splinet_cuda/triton_kernels/
+    inside it, and no top-level triton_kernels package (another project's name)."""
+    env = {**os.environ, "FORCE_ONLY_CPU": "1"}
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    top = sorted(p.name for p in tmp_path.iterdir())
+    assert top == ["splinet_cuda"], top
+    kernels = {p.name for p in (tmp_path / "splinet_cuda" / "triton_kernels").glob("*.py")}
+    assert kernels == {p.name for p in (REPO / "triton_kernels").glob("*.py")}

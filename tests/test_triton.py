@@ -153,7 +153,7 @@ def test_dense_empty_batch():
 # Forced on small widths with 16-wide tiles, so several K / N tiles, ragged edges and a
 # batch that is not a multiple of the batch tile occur (the interpreter is slow).
 
-from triton_kernels import dense as tk_dense, dense_gemm as tk_gemm  # noqa: E402
+from splinet_cuda.triton_kernels import dense as tk_dense, dense_gemm as tk_gemm  # noqa: E402
 
 
 @pytest.fixture
@@ -360,7 +360,8 @@ def test_conv_torch_compile_fullgraph():
 
 # --- launch-side state: cached device tables, specialisation, compute dtype ------------------
 
-from triton_kernels import _common as tk_common, conv as tk_conv  # noqa: E402
+from splinet_cuda import _triton  # noqa: E402
+from splinet_cuda.triton_kernels import _common as tk_common, conv as tk_conv  # noqa: E402
 
 
 def test_device_tables_built_once_per_configuration(monkeypatch):
@@ -369,6 +370,7 @@ def test_device_tables_built_once_per_configuration(monkeypatch):
     import splinet_cuda._basis as basis
 
     monkeypatch.setattr(tk_common, "_TABLES", type(tk_common._TABLES)())
+    _triton.time_grid.cache_clear()
     calls = []
     real = basis.basis_grid
     monkeypatch.setattr(basis, "basis_grid", lambda *a, **k: calls.append(a) or real(*a, **k))
@@ -416,9 +418,34 @@ def test_conv_bfloat16_state_stays_float32():
     w = (torch.randn(L + d, C, C, 3, 3, generator=g) * 0.9 / (C * 9) ** 0.5).bfloat16()
     b = (torch.randn(L + d, C, generator=g) * 0.3).bfloat16()
     s = torch.tensor(1.3).bfloat16()
-    states = tk_conv.conv_forward(x, w, b, s, N, d, "tanh", "rk4", "standard", 0.0, N)
+    states = tk_conv.conv_forward(x, w, b, s, N, d, "tanh", "rk4", "standard", 0.0, N,
+                                  grid=_triton.time_grid(N, L + d, d, "rk4"))
     assert states.dtype == torch.bfloat16
     ref = sc.reference.spline_ode_conv(x.double(), w.double(), b.double(), s.double(), steps=N, degree=d,
                                        activation="tanh", scheme="rk4")
     ulps = (states[-1].double() - ref).abs() / (ref.abs().clamp_min(1e-2) * 2.0 ** -8)
     assert ulps.max() <= 1.0, f"x_N off by {ulps.max():.1f} bf16 ulps"
+
+
+def test_kernels_live_inside_the_package_and_import_nothing_of_it():
+    """The kernels are splinet_cuda.triton_kernels (a top-level `triton_kernels` clashes with
+    PyPI's triton-kernels and Triton's own library), and they take the tableau and basis as
+    arguments: no module of theirs imports splinet_cuda, lazily or not."""
+    import ast
+    from pathlib import Path
+
+    import splinet_cuda.triton_kernels as tk
+
+    folder = Path(tk.__file__).parent
+    assert tk.__name__ == "splinet_cuda.triton_kernels"
+    for py in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "splinet_cuda"], f"{py.name} imports {names}"
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert '"splinet_cuda.triton_kernels"' in setup and '"triton_kernels"]' not in setup

@@ -111,7 +111,8 @@ def configurations(keep=None):
 
     torch.set_num_threads(1)  # tiny host tensors; threads would only contend on a shared machine
 
-    from triton_kernels import _common, conv, dense, dense_gemm
+    from splinet_cuda._triton import time_grid
+    from splinet_cuda.triton_kernels import _common, conv, dense, dense_gemm
 
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     schemes = ["euler", "midpoint", "rk4", "rk4_38"]
@@ -156,9 +157,10 @@ def configurations(keep=None):
                 s = torch.ones((), dtype=dt)
                 rec = _Recorder()
                 args = (w, b, s, steps, d, act, scheme, variant, 0.1, ck)
-                states = dense.dense_forward(x, *args, wrap=rec)
+                grid = time_grid(steps, n, d, scheme)
+                states = dense.dense_forward(x, *args, grid=grid, wrap=rec)
                 gs = torch.zeros_like(states[-1] if last_only else states)
-                dense.dense_backward(gs, states, *args, wrap=rec)
+                dense.dense_backward(gs, states, *args, grid=grid, wrap=rec)
                 for launch in rec.launches:
                     yield (label,) + launch
         for C, k, scheme, variant, d in itertools.product(channels[dt], (3, 5), schemes, ("standard", "symmetric"),
@@ -176,8 +178,9 @@ def configurations(keep=None):
             s = torch.ones((), dtype=dt)
             rec = _Recorder()
             args = (w, b, s, 2, d, act, scheme, variant, 0.0, 1)
-            states = conv.conv_forward(x, *args, wrap=rec)
-            conv.conv_backward(torch.zeros_like(states), states, *args, wrap=rec)
+            grid = time_grid(2, n, d, scheme)
+            states = conv.conv_forward(x, *args, grid=grid, wrap=rec)
+            conv.conv_backward(torch.zeros_like(states), states, *args, grid=grid, wrap=rec)
             for launch in rec.launches:
                 yield (label,) + launch
 
@@ -435,7 +438,6 @@ def main(argv=None) -> int:
     p.add_argument("--cache", help="Triton's on-disk cache (default build/triton-cache)")
     p.add_argument("--corners-only", action="store_true",
                    help="only the heavy corners of in_sample() on the largest tile of each path and dtype")
-    p.add_argument("--kernels-root", help="directory holding the triton_kernels package to check (default: this tree)")
     p.add_argument("--full", action="store_true", help="every configuration, not the sample of in_sample()")
     p.add_argument("-k", dest="select",
                    help="only configurations whose kernel name + label contain this ('&' separates substrings)")
@@ -446,8 +448,6 @@ def main(argv=None) -> int:
     if a.triton_path:
         sys.path.insert(0, os.path.abspath(a.triton_path))
     sys.path.insert(0, ROOT)
-    if a.kernels_root:
-        sys.path.insert(0, os.path.abspath(a.kernels_root))
     global CORNERS_ONLY
     CORNERS_ONLY = a.corners_only
     # Set before Triton reads them. One cache serves every version: its keys hash the version.

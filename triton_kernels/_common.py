@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -79,14 +80,21 @@ def act_bwd(a, y, ACT: tl.constexpr):
     return d.to(a.dtype)
 
 
-def tableau_constexprs(scheme: str) -> dict:
-    """The explicit RK tableau as kernel constexprs: S, A10 .. A32, B0 .. B3 (c is in the basis table)."""
-    from splinet_cuda._schemes import get_tableau  # lazy: splinet_cuda imports this package
+class TimeGrid(NamedTuple):
+    """The time discretisation of one layer call, given by the caller (this package imports
+    nothing of splinet_cuda): ``tableau``, the explicit Runge-Kutta tableau (``stages``, ``a``,
+    ``b``, ``c``), and the B-spline basis at every step i and stage s on the host, ``k`` (N, S)
+    first nonzero coefficient and ``w`` (N, S, d + 1) weights (``splinet_cuda.basis_grid``)."""
+    tableau: Any
+    k: torch.Tensor
+    w: torch.Tensor
 
-    tab = get_tableau(scheme)
+
+def tableau_constexprs(tab) -> dict:
+    """The explicit RK tableau as kernel constexprs: S, A10 .. A32, B0 .. B3 (c is in the basis table)."""
     S = tab.stages
     if S > 4:
-        raise ValueError(f"scheme {scheme!r}: the Triton kernels take at most 4 stages")
+        raise ValueError(f"a {S}-stage scheme: the Triton kernels take at most 4 stages")
     out = {"S": S}
     for s in range(4):
         for j in range(s):
@@ -144,9 +152,9 @@ def _cached(key: tuple, build):
 
 
 def basis_tables(steps: int, n: int, degree: int, scheme: str, gamma: float, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, grid: TimeGrid):
     """Device tables of one layer configuration: ``kt`` (N S,) int32 first coefficient and ``wt``
-    (N S (d + 1),) weights per step and stage (``splinet_cuda.basis_grid``), and ``par`` =
+    (N S (d + 1),) weights per step and stage (``grid.k``, ``grid.w``), and ``par`` =
     [gamma, h = 1 / N] in ``dtype``.
 
     Built on the host and copied once per (steps, n, degree, scheme, gamma, dtype, device),
@@ -157,9 +165,7 @@ def basis_tables(steps: int, n: int, degree: int, scheme: str, gamma: float, dty
     device = torch.device(device)
 
     def build():
-        from splinet_cuda._basis import basis_grid  # lazy: splinet_cuda imports this package
-
-        k, w = basis_grid(steps, n - degree, degree, scheme)
+        k, w = grid.k, grid.w
         return (k.reshape(-1).to(device=device, dtype=torch.int32),
                 w.reshape(-1).to(device=device, dtype=dtype),
                 torch.tensor([float(gamma), 1.0 / steps], dtype=dtype).to(device))

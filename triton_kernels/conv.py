@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_IDS, INTERPRET, act_bwd, act_fwd, basis_tables, compute_dtype, device_guard,
+from ._common import (ACT_IDS, INTERPRET, TimeGrid, act_bwd, act_fwd, basis_tables, compute_dtype, device_guard,
                       dot_precision, num_saved_states)
 
 __all__ = ["conv_forward", "conv_backward", "conv_blocks", "conv_options"]
@@ -188,18 +188,17 @@ def conv_options(dtype: torch.dtype) -> dict:
 class _Conv:
     """Launch helper of one layer call: the basis tables and the kernel meta-parameters."""
 
-    def __init__(self, x, weight, bias, scale, steps, degree, activation, scheme, wrap):
-        from splinet_cuda._schemes import get_tableau  # lazy: splinet_cuda imports this package
-
+    def __init__(self, x, weight, bias, scale, steps, degree, activation, scheme, grid, wrap):
         self.B, self.C, self.H, self.W = x.shape
         self.KH, self.KW = weight.shape[3], weight.shape[4]
         self.weight = weight.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
         self.scale = scale
-        self.tab = get_tableau(scheme)
+        self.tab = grid.tableau
         self.h = 1.0 / steps
         self.ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.kt, self.wt, self.par = basis_tables(steps, weight.shape[0], degree, scheme, 0.0, self.ct, x.device)
+        self.kt, self.wt, self.par = basis_tables(steps, weight.shape[0], degree, scheme, 0.0, self.ct, x.device,
+                                                  grid)
         self.S = self.tab.stages
         self.DP1 = degree + 1
         self.act = ACT_IDS[activation]
@@ -261,15 +260,16 @@ class _Conv:
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
                  steps: int, degree: int, activation: str, scheme: str, variant: str, gamma: float,
-                 checkpoint: int, wrap: Callable = _identity) -> torch.Tensor:
-    """All N steps; returns the saved states (num_saved_states(N, K), B, C, H, W)."""
+                 checkpoint: int, *, grid: TimeGrid, wrap: Callable = _identity) -> torch.Tensor:
+    """All N steps; returns the saved states (num_saved_states(N, K), B, C, H, W). ``grid``:
+    the scheme's tableau and the basis at every step and stage (see TimeGrid)."""
     x = x.contiguous()
     states = torch.empty((num_saved_states(steps, checkpoint), *x.shape), dtype=x.dtype, device=x.device)
     states[0].copy_(x)
     if x.numel() == 0:
         states.copy_(x.expand_as(states))
         return states
-    op = _Conv(x, weight, bias, scale, steps, degree, activation, scheme, wrap)
+    op = _Conv(x, weight, bias, scale, steps, degree, activation, scheme, grid, wrap)
     # The state and the stage values stay in the compute dtype (float32 for bf16 / fp16 layers)
     # from step to step; only the saved states are rounded to the layer's dtype.
     cur = x.to(op.ct)
@@ -297,7 +297,7 @@ def _act_grad(A: torch.Tensor, Y: torch.Tensor, activation: str) -> torch.Tensor
 
 def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor], scale: torch.Tensor, steps: int, degree: int, activation: str,
-                  scheme: str, variant: str, gamma: float, checkpoint: int,
+                  scheme: str, variant: str, gamma: float, checkpoint: int, *, grid: TimeGrid,
                   wrap: Callable = _identity) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adjoint sweep N-1 .. 0: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale).
     ``grad_states``: dL/d(saved states), the shape of ``states``, or dL/dx_N alone (one state)."""
@@ -313,7 +313,7 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
     x0 = states[0]
     with device_guard(x0):
         if x0.numel() > 0:
-            op = _Conv(x0, weight, bias, scale, steps, degree, activation, scheme, wrap)
+            op = _Conv(x0, weight, bias, scale, steps, degree, activation, scheme, grid, wrap)
             lam = scale.to(ct).reshape(())
             h, tab, S = op.h, op.tab, op.S
             slots = torch.arange(degree + 1, device=states.device)
@@ -356,8 +356,11 @@ def conv_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch
     return (z.to(states.dtype), gw.to(weight.dtype), grad_b, glam.to(scale.dtype).reshape(scale.shape))
 
 
+# act(a) in torch, PyTorch's own functions (as splinet_cuda's reference uses them).
+_ACT_FNS = {"identity": lambda a: a, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+            "softplus": torch.nn.functional.softplus}
+
+
 def _act_from_a(A: torch.Tensor, activation: str) -> torch.Tensor:
     """act(a) in torch (the standard variant's stage output, for dL/dlam and act')."""
-    from splinet_cuda.reference import ACTIVATION_FNS
-
-    return ACTIVATION_FNS[activation](A)
+    return _ACT_FNS[activation](A)

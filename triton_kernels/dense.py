@@ -11,9 +11,10 @@
 Legend: B batch, m width, n = L + d coefficients, d degree, N steps, S stages of the
 scheme, K checkpoint interval, BB / BM the batch / width tile (BM = pow2 >= 16, >= m).
 
-* Basis: the host computes the basis table of the whole grid with
-  ``splinet_cuda.basis_grid`` (int32 first coefficient k and d + 1 weights per step and
-  stage, exactly what bspline.h computes); the kernels blend W(t) and b(t) from the d + 1
+* Basis: the caller passes the basis table of the whole grid (``TimeGrid``: splinet_cuda
+  computes it with ``basis_grid``, exactly what bspline.h computes; this package imports
+  nothing of splinet_cuda), copied to the device once as int32 first coefficients k and
+  d + 1 weights per step and stage; the kernels blend W(t) and b(t) from the d + 1
   coefficient tiles at every stage (eq. 14), never a per-step weight tensor.
 * Forward (``_dense_fwd_kernel``): one program per batch tile, x in registers, every
   stage a = X W^T + b (tl.dot), act, f = act (standard) or -act W (symmetric), the RK
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ACT_IDS, INTERPRET, VARIANT_IDS, act_bwd, act_fwd, basis_tables, compute_dtype,
-                      device_guard, dot_precision, num_saved_states, tableau_constexprs)
+                      device_guard, dot_precision, num_saved_states, tableau_constexprs, TimeGrid)
 from .dense_gemm import gemm_backward, gemm_forward
 
 __all__ = ["dense_forward", "dense_backward", "dense_blocks", "trajectory_options", "uses_gemm",
@@ -404,10 +405,10 @@ def trajectory_options(BM: int, dtype: torch.dtype) -> dict:
     return dict(num_warps=8 if BM >= 64 or (dtype == torch.float64 and BM >= 32) else 4, num_stages=1)
 
 
-def _common_meta(x_dtype, degree, activation, scheme, variant, has_bias, BB, BM) -> dict:
+def _common_meta(x_dtype, degree, activation, tableau, variant, has_bias, BB, BM) -> dict:
     meta = dict(DP1=degree + 1, ACT=ACT_IDS[activation], VARIANT=VARIANT_IDS[variant], HAS_BIAS=has_bias,
                 CT=compute_dtype(x_dtype), PREC=dot_precision(x_dtype), BLOCK_B=BB, BLOCK_M=BM)
-    meta.update(tableau_constexprs(scheme))
+    meta.update(tableau_constexprs(tableau))
     meta.update(trajectory_options(BM, x_dtype))
     return meta
 
@@ -422,15 +423,16 @@ def _ctype(dtype: torch.dtype) -> torch.dtype:
 
 def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
                   steps: int, degree: int, activation: str, scheme: str, variant: str, gamma: float,
-                  checkpoint: int, wrap: Callable = _identity) -> torch.Tensor:
-    """All N steps; returns the saved states (num_saved_states(N, K), B, m)."""
+                  checkpoint: int, *, grid: TimeGrid, wrap: Callable = _identity) -> torch.Tensor:
+    """All N steps; returns the saved states (num_saved_states(N, K), B, m). ``grid``: the
+    scheme's tableau and the basis at every step and stage (see TimeGrid)."""
     B, m = x.shape
     n = weight.shape[0]
     x = x.contiguous()
     weight = weight.contiguous()
     bias_c = bias.contiguous() if bias is not None else weight  # dummy pointer without bias
     ct = _ctype(x.dtype)
-    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, x.device)
+    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, x.device, grid)
     states = torch.empty((num_saved_states(steps, checkpoint), B, m), dtype=x.dtype, device=x.device)
     if B == 0 or m == 0:
         return states
@@ -438,18 +440,17 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if uses_gemm(m, x.dtype, variant):
             states[0].copy_(x)
             return gemm_forward(x, weight, bias.contiguous() if bias is not None else None, scale, kt, wt, par,
-                                states, steps, degree, activation, scheme, variant, checkpoint, wrap=wrap)
+                                states, steps, degree, activation, grid.tableau, variant, checkpoint, wrap=wrap)
         BB, BM = dense_blocks(B, m, x.dtype)
-        grid = (triton.cdiv(B, BB),)
-        wrap(_dense_fwd_kernel)[grid](x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
-                                      **_common_meta(x.dtype, degree, activation, scheme, variant, bias is not None,
-                                                     BB, BM))
+        wrap(_dense_fwd_kernel)[(triton.cdiv(B, BB),)](
+            x, weight, bias_c, scale, par, kt, wt, states, B, m, steps, checkpoint,
+            **_common_meta(x.dtype, degree, activation, grid.tableau, variant, bias is not None, BB, BM))
     return states
 
 
 def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor], scale: torch.Tensor, steps: int, degree: int, activation: str,
-                   scheme: str, variant: str, gamma: float, checkpoint: int,
+                   scheme: str, variant: str, gamma: float, checkpoint: int, *, grid: TimeGrid,
                    wrap: Callable = _identity) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adjoint sweep: (grad_x, grad_weight, grad_bias or empty (0,), grad_scale).
     ``grad_states``: dL/d(saved states), the shape of ``states``, or dL/dx_N alone (one state)."""
@@ -462,12 +463,12 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
     has_bias = bias is not None
     bias_c = bias.contiguous() if has_bias else weight
     ct = _ctype(states.dtype)
-    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, states.device)
+    kt, wt, par = basis_tables(steps, n, degree, scheme, gamma, ct, states.device, grid)
     if B > 0 and m > 0 and uses_gemm(m, states.dtype, variant):
         with device_guard(states):
             z, gw, gb, pl = gemm_backward(grad_states, last_only, states, weight, bias_c if has_bias else None, scale,
-                                          kt, wt, par, steps, degree, activation, scheme, variant, checkpoint,
-                                          wrap=wrap)
+                                          kt, wt, par, steps, degree, activation, grid.tableau, variant,
+                                          checkpoint, wrap=wrap)
         return (z.to(states.dtype), gw.to(weight.dtype), gb.to(bias.dtype) if has_bias else states.new_empty((0,)),
                 pl.to(torch.float64).sum().to(scale.dtype).reshape(scale.shape))
     BB, BM = dense_blocks(B, m, states.dtype)
@@ -486,7 +487,7 @@ def dense_backward(grad_states: torch.Tensor, states: torch.Tensor, weight: torc
             wrap(_dense_bwd_kernel)[(P,)](grad_states, states, weight, bias_c, scale, par, kt, wt,
                                           grad_x, pw, pb, pl, ws, B, m, steps, checkpoint, NS, nseg, n, ntiles, kseg,
                                           SAVED_ALL=saved_all, LAST_ONLY=last_only,
-                                          **_common_meta(states.dtype, degree, activation, scheme, variant,
+                                          **_common_meta(states.dtype, degree, activation, grid.tableau, variant,
                                                          has_bias, BB, BM))
     # Fixed-order reductions of the per-program partials: deterministic.
     grad_w = pw.sum(0).to(weight.dtype)

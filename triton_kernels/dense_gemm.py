@@ -462,14 +462,12 @@ class _Gemm:
             Q3=q[3], ACT=self.act, KBAR_ONLY=kbar_only, CT=self.base["CT"], BLOCK=_ELEM_BLOCK)
 
 
-def gemm_forward(x, weight, bias, scale, kt, wt, par, states, steps, degree, activation, scheme, variant,
+def gemm_forward(x, weight, bias, scale, kt, wt, par, states, steps, degree, activation, tableau, variant,
                  checkpoint, wrap: Callable = _identity) -> torch.Tensor:
-    """Fills the saved states (num_saved_states(N, K), B, m) (states[0] = x already)."""
-    from splinet_cuda._schemes import get_tableau  # lazy: splinet_cuda imports this package
-
+    """Fills the saved states (num_saved_states(N, K), B, m) (states[0] = x already);
+    ``tableau``: the scheme's Runge-Kutta tableau (``TimeGrid.tableau``)."""
     B, m = x.shape
-    op = _Gemm(B, m, weight, bias, scale, kt, wt, par, get_tableau(scheme), degree, activation, variant, x.dtype,
-               wrap)
+    op = _Gemm(B, m, weight, bias, scale, kt, wt, par, tableau, degree, activation, variant, x.dtype, wrap)
     ct = op.ct
     cur = x.to(ct, copy=True).contiguous()  # a fresh buffer: the step loop writes into it
     nxt = torch.empty_like(cur)
@@ -483,15 +481,12 @@ def gemm_forward(x, weight, bias, scale, kt, wt, par, states, steps, degree, act
 
 
 def gemm_backward(grad_states, last_only, states, weight, bias, scale, kt, wt, par, steps, degree, activation,
-                  scheme, variant, checkpoint, wrap: Callable = _identity):
+                  tableau, variant, checkpoint, wrap: Callable = _identity):
     """The adjoint sweep N-1 .. 0: (grad_x, grad_w, grad_b or None, grad_scale) in the compute dtype
     (grad_scale: per-program partials, summed by the caller)."""
-    from splinet_cuda._schemes import get_tableau
-
     NS, B, m = states.shape
     dev = states.device
-    op = _Gemm(B, m, weight, bias, scale, kt, wt, par, get_tableau(scheme), degree, activation, variant,
-               states.dtype, wrap)
+    op = _Gemm(B, m, weight, bias, scale, kt, wt, par, tableau, degree, activation, variant, states.dtype, wrap)
     ct, S = op.ct, op.S
     has_bias = bias is not None
     gw = torch.zeros(weight.shape, dtype=ct, device=dev)
