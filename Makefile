@@ -16,7 +16,7 @@ MAX_JOBS    ?= 2
 VPY         := $(VENV)/bin/python
 DEPS_STAMP  := $(VENV)/.deps-installed
 
-.PHONY: setup build test bench bench-pytest cuda-check clean
+.PHONY: setup build build-test test bench bench-pytest cuda-check clean
 
 $(VPY):
 ifeq ($(SYSTEM_TORCH),1)
@@ -35,8 +35,13 @@ endif
 
 setup: $(DEPS_STAMP)
 
+# The release extension (what `pip install .` builds); build-test adds the test-only
+# CUDA emulation extension (splinet_cuda._emulation) that the tests need.
 build: setup
 	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+build-test: setup
+	SPLINET_EMULATION=1 MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 cuda-check: setup
 	$(VPY) tools/cuda_check.py
@@ -48,13 +53,13 @@ $(TRITON36)/triton/__init__.py: | $(VPY)
 	$(VPY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
 
 .PHONY: triton-check
-triton-check: build $(TRITON36)/triton/__init__.py
+triton-check: setup $(TRITON36)/triton/__init__.py
 	$(VPY) tools/triton_check.py --triton-path $(TRITON36)
 	$(VPY) tools/triton_check.py --corners-only
 
-test: build cuda-check triton-check
+test: build-test cuda-check triton-check
 	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
-	$(VPY) -m pytest tests -q
+	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
 
 # No venv and no pip: the GPU machine's python3 already has a CUDA torch and the tools.
 # GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--only build,tests".

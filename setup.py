@@ -4,6 +4,8 @@ toolkit and a CUDA build of PyTorch are present.
     pip install --no-build-isolation .          # or -e . for development
     FORCE_CUDA=1 pip install --no-build-isolation .     # CUDA even without a visible GPU
     FORCE_ONLY_CPU=1 pip install --no-build-isolation . # skip CUDA
+    SPLINET_EMULATION=1 pip install ...   # also the test-only extension (make test does this)
+    SPLINET_DEBUG=1 pip install ...       # keep debug info and symbols (a release build strips them)
 
 TORCH_CUDA_ARCH_LIST picks the GPU architectures. Unset, the build covers the visible GPUs
 (PyTorch's own default) or, with no GPU visible, the list in splinet_cuda/_cuda_archs.py
@@ -80,9 +82,11 @@ def cuda_arch_list() -> str:
     return archs.default_arch_list(_nvcc_archs())
 
 
-def _extension():
-    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cxx_flags():
     # -fno-trapping-math lets the compiler vectorise compare-and-select loops (ReLU masks);
     # it does not change any computed value.
     # No -std flag: torch's BuildExtension adds the C++ standard its headers need (C++20 from
@@ -90,11 +94,26 @@ def _extension():
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if sys.platform == "darwin":
         cxx.remove("-fopenmp")
+    return cxx
+
+
+def _release_flags():
+    """(compile, link) flags of a release build: no debug info (Python's own CFLAGS add -g) and
+    stripped symbols, which make the library about 10x smaller; SPLINET_DEBUG=1 keeps both."""
+    if _flag("SPLINET_DEBUG"):
+        return [], []
+    return ["-g0"], ([] if sys.platform == "darwin" else ["-s"])
+
+
+def _extension():
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    release_cxx, release_link = _release_flags()
+    cxx = _cxx_flags() + release_cxx
     kwargs = dict(
         name="splinet_cuda._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=[] if sys.platform == "darwin" else ["-fopenmp"],
+        extra_link_args=([] if sys.platform == "darwin" else ["-fopenmp"]) + release_link,
         py_limited_api=False,
     )
     if _want_cuda():
@@ -102,7 +121,7 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # what torch's builder turns into -gencode flags
         recorded = ",".join(str(a) for a in _load_archs().parse(arch_list))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        kwargs["sources"] = sources + rel("csrc/cuda/*.cu")
+        kwargs["sources"] = sources + _rel("csrc/cuda/*.cu")
         return CUDAExtension(
             define_macros=[("WITH_CUDA", None)],
             # The list is recorded in the library (splinet_cuda._C.cuda_arch_list, csrc/splinet_ops.cpp).
@@ -110,6 +129,26 @@ def _extension():
             **kwargs,
         )
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+def _emulation_extension():
+    """splinet_cuda._emulation, test-only: the CUDA drivers and block programs run on the CPU
+    (csrc/emulation/), how the tests reach the CUDA kernels' arithmetic without a GPU. Built
+    only with SPLINET_EMULATION=1 (make test); never part of a user's install."""
+    release_cxx, release_link = _release_flags()
+    return CppExtension(
+        name="splinet_cuda._emulation",
+        sources=_rel("csrc/emulation/*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": _cxx_flags() + release_cxx},
+        extra_link_args=([] if sys.platform == "darwin" else ["-fopenmp"]) + release_link,
+        py_limited_api=False,
+    )
+
+
+def extensions():
+    """The release extension, and the test-only one when SPLINET_EMULATION=1."""
+    return [_extension()] + ([_emulation_extension()] if _flag("SPLINET_EMULATION") else [])
 
 
 if __name__ == "__main__":  # tests/test_build.py imports this file to check _extension()
@@ -124,7 +163,7 @@ if __name__ == "__main__":  # tests/test_build.py imports this file to check _ex
         # top-level `triton_kernels` (PyPI's triton-kernels and Triton's own library use that name).
         packages=["splinet_cuda", "splinet_cuda.triton_kernels"],
         package_dir={"splinet_cuda.triton_kernels": "triton_kernels"},
-        ext_modules=[_extension()],
+        ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.9",
         install_requires=["torch>=2.11", "numpy"],

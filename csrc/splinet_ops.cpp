@@ -76,23 +76,4 @@ TORCH_LIBRARY(splinet_cuda, m) {
   m.def("spline_hamiltonian_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
         "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-
-  // --- Test-only: the CUDA kernels' drivers and programs run on the CPU (csrc/cpu/cuda_emulated.cpp)
-  // with one thread per block, so their arithmetic and indexing are tested without a GPU.
-  // Dense: the arguments of spline_dense_fwd / _bwd, then path (0 auto, 1 small-width
-  // trajectory program, 2 large-width GEMM path), tile_rows (0: as on the GPU), blocks (the
-  // grid) and threads (host threads per block). Conv: the arguments of spline_conv_fwd / _bwd,
-  // then path (0 auto, 1 direct single-launch program, 2 cuDNN path), blocks and threads.
-  m.def("cuda_dense_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
-        "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int tile_rows, int blocks, "
-        "int threads) -> Tensor");
-  m.def("cuda_dense_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
-        "int tile_rows, int blocks, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_conv_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
-        "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int blocks, int threads) "
-        "-> Tensor");
-  m.def("cuda_conv_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
-        "int blocks, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
 }

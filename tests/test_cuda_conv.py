@@ -2,7 +2,7 @@
 step_functors.h).
 
 Without a GPU the driver runs on the CPU through the test-only emulation ops
-(csrc/cpu/cuda_emulated.cpp: the same code, each kernel a loop, convolutions through ATen),
+(csrc/emulation/cuda_emulated.cpp: the same code, each kernel a loop, convolutions through ATen),
 checked against the fused CPU conv kernel, which test_fused_conv.py checks against the
 reference. With a GPU the real ops are checked against the reference and the CPU kernel
 (1-3 spatial dims, variants, schemes, activations, gradcheck, opcheck, bf16/fp16).
@@ -17,11 +17,14 @@ import torch
 import splinet_cuda as sc
 from splinet_cuda import _ext
 
+import emulation  # tests/emulation.py: the test-only extension
+
 ops = torch.ops.splinet_cuda
-HAS_EMU = _ext.has_kernel("cuda_conv_fwd_emulated", "CPU")
+emu = emulation.ops
+HAS_EMU = emulation.AVAILABLE
 HAS_CUDA = ("cuda" in sc.available_backends() and torch.cuda.is_available()
             and _ext.has_kernel("spline_conv_fwd", "CUDA"))
-needs_emu = pytest.mark.skipif(not HAS_EMU, reason="splinet_cuda._C not built")
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason=emulation.SKIP_REASON)
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
 
 SPATIAL = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}
@@ -59,8 +62,8 @@ DIRECT, CUDNN = 1, 2
 
 def emulated(args, cfg, grad, states, path, blocks=0, threads=1):
     """The CUDA driver on the CPU: one thread per block, or `threads` host threads at a barrier."""
-    got_states = ops.cuda_conv_fwd_emulated(*args, *cfg, path, blocks, threads)
-    return [got_states, *ops.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg, path, blocks, threads)]
+    got_states = emu.cuda_conv_fwd_emulated(*args, *cfg, path, blocks, threads)
+    return [got_states, *emu.cuda_conv_bwd_emulated(grad, states, *args[1:], *cfg, path, blocks, threads)]
 
 
 @needs_emu
@@ -102,8 +105,8 @@ def test_emulated_edge_shapes_and_last_only(path, B, C, N, K):
     g_last = torch.randn_like(states[-1])
     full = torch.zeros_like(states)
     full[-1] = g_last
-    a = ops.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0, 1)
-    c = ops.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0, 1)
+    a = emu.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0, 1)
+    c = emu.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0, 1)
     assert_all_close(a, c, rtol=0, atol=0)
 
 
@@ -149,21 +152,21 @@ def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(1, d=1)
     cfg = (3, 1, "tanh", "euler", "standard", 0.0, 2)
     for path in (DIRECT, CUDNN):
-        torch.library.opcheck(ops.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1, 1))
+        torch.library.opcheck(emu.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1, 1))
         states = ops.spline_conv_fwd(x, w, b, s, *cfg)
-        torch.library.opcheck(ops.cuda_conv_bwd_emulated.default,
+        torch.library.opcheck(emu.cuda_conv_bwd_emulated.default,
                               (torch.randn_like(states), states, w, b, s, *cfg, path, 1, 1))
     with pytest.raises(ValueError, match="antisymmetric"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0, 1)
+        emu.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0, 1)
     with pytest.raises(ValueError, match="odd"):
-        ops.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0, 1)
+        emu.cuda_conv_fwd_emulated(x, torch.zeros(3, 3, 3, 2, dtype=x.dtype), b, s, *cfg, 0, 0, 1)
     with pytest.raises(TypeError, match="scale"):
-        ops.cuda_conv_fwd_emulated(x, w, b, torch.tensor(1), *cfg, 0, 0, 1)
+        emu.cuda_conv_fwd_emulated(x, w, b, torch.tensor(1), *cfg, 0, 0, 1)
     with pytest.raises(ValueError, match="path"):
-        ops.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0, 1)
+        emu.cuda_conv_fwd_emulated(x, w, b, s, *cfg, 5, 0, 1)
     with pytest.raises(ValueError, match="shared memory"):  # 64^2 * 9 doubles > 100 KB
         big = torch.zeros(3, 64, 64, 3, 3, dtype=x.dtype)
-        ops.cuda_conv_fwd_emulated(torch.zeros(1, 64, 3, 3, dtype=x.dtype), big, None, s, *cfg, DIRECT, 0, 1)
+        emu.cuda_conv_fwd_emulated(torch.zeros(1, 64, 3, 3, dtype=x.dtype), big, None, s, *cfg, DIRECT, 0, 1)
 
 
 # --------------------------------------------------------------------------- on a GPU

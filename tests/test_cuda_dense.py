@@ -1,7 +1,7 @@
 """The CUDA dense kernels (csrc/cuda/dense_program.h, dense_driver.h, dense_cuda.cu).
 
 Without a GPU their block programs and the large-width path run on the CPU through the
-test-only emulation ops (csrc/cpu/cuda_emulated.cpp: one thread per block, the same code),
+test-only emulation ops (csrc/emulation/cuda_emulated.cpp: one thread per block, the same code),
 checked against the fused CPU kernel, which test_fused_dense.py checks against the
 reference. With a GPU the real kernels are checked against the CPU kernel here (bf16/fp16
 tolerances, bitwise float64) and by the whole of test_fused_dense.py (backend "cuda").
@@ -16,10 +16,13 @@ import torch
 import splinet_cuda as sc
 from splinet_cuda import _ext
 
+import emulation  # tests/emulation.py: the test-only extension
+
 ops = torch.ops.splinet_cuda
-HAS_EMU = _ext.has_kernel("cuda_dense_fwd_emulated", "CPU")
+emu = emulation.ops
+HAS_EMU = emulation.AVAILABLE
 HAS_CUDA = "cuda" in sc.available_backends() and torch.cuda.is_available()
-needs_emu = pytest.mark.skipif(not HAS_EMU, reason="splinet_cuda._C not built")
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason=emulation.SKIP_REASON)
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
 
 ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
@@ -53,9 +56,9 @@ def cpu_op(x, w, b, s, cfg, grad=None):
 
 def emulated(x, w, b, s, cfg, grad, path, tile_rows=0, blocks=0, states=None, threads=1):
     """The CUDA driver on the CPU: one thread per block, or `threads` host threads at a barrier."""
-    got = ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_rows, blocks, threads)
+    got = emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_rows, blocks, threads)
     states = got if states is None else states
-    return got, ops.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks, threads)
+    return got, emu.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks, threads)
 
 
 def assert_all_close(got, ref, **tol):
@@ -208,25 +211,25 @@ def test_emulated_large_width_paths_agree():
 def test_emulated_ops_opcheck_and_errors():
     x, w, b, s = make(3, 4, 2, 1)
     cfg = (4, 1, "tanh", "rk4", "standard", 0.0, 2)
-    torch.library.opcheck(ops.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1, 1))
+    torch.library.opcheck(emu.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1, 1))
     states = ops.spline_dense_fwd(x, w, b, s, *cfg)
-    torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
+    torch.library.opcheck(emu.cuda_dense_bwd_emulated.default,
                           (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0, 1))
-    torch.library.opcheck(ops.cuda_dense_bwd_emulated.default,
+    torch.library.opcheck(emu.cuda_dense_bwd_emulated.default,
                           (torch.randn_like(states), states, w, b, s, *cfg, FUSED, 64, 0, 1))
     with pytest.raises(ValueError, match="path"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 4, 0, 0, 1)
+        emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 4, 0, 0, 1)
     with pytest.raises(ValueError, match="tile"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, FUSED, 32, 0, 1)
+        emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, FUSED, 32, 0, 1)
     with pytest.raises(ValueError, match="weight"):
-        ops.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0, 1)
+        emu.cuda_dense_fwd_emulated(x, w[:, :3], b, s, *cfg, SMALL, 0, 0, 1)
     with pytest.raises(TypeError, match="scale"):
-        ops.cuda_dense_fwd_emulated(x, w, b, torch.tensor(1), *cfg, SMALL, 0, 0, 1)
+        emu.cuda_dense_fwd_emulated(x, w, b, torch.tensor(1), *cfg, SMALL, 0, 0, 1)
     with pytest.raises(ValueError, match="threads"):
-        ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, SMALL, 0, 0, 0)
+        emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, SMALL, 0, 0, 0)
     with pytest.raises(ValueError, match="shared memory"):  # one row of m = 200 needs > 100 KB
         big = make(1, 200, 1, 0)
-        ops.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0, 1)
+        emu.cuda_dense_fwd_emulated(*big, 1, 0, "tanh", "euler", "standard", 0.0, 1, SMALL, 0, 0, 1)
 
 
 @needs_emu
@@ -242,7 +245,7 @@ def test_emulated_accepts_scale_of_another_dtype(path):
         assert ref[3].dtype == got[3].dtype == s.dtype
         assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
     for op in (lambda s: ops.spline_dense_fwd(x, w, b, s, *cfg),
-               lambda s: ops.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_of(path, 2), 0, 1)):
+               lambda s: emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_of(path, 2), 0, 1)):
         with pytest.raises(TypeError, match="scale"):
             op(torch.tensor(2))
 

@@ -1,10 +1,12 @@
-// Test-only CPU implementations of the splinet_cuda::cuda_*_emulated ops (schemas in
-// csrc/splinet_ops.cpp): the CUDA layer drivers (csrc/cuda/dense_driver.h, conv_driver.h)
+// The test-only extension splinet_cuda._emulation (built by `make build`, never shipped): the
+// ops splinet_cuda_emulation::cuda_*_emulated run the CUDA layer drivers (csrc/cuda/dense_driver.h, conv_driver.h)
 // with an executor that runs each block's program with one thread (every phase of the
 // programs is a block-strided loop, so one thread covers it and the barriers are no-ops) or
 // with a team of host threads meeting at a host barrier, and each elementwise kernel as a loop. GEMMs and convolutions go through ATen as on
 // the GPU. This is what tests the CUDA kernels' arithmetic and indexing on machines without a
 // GPU; races, launch configuration and the cuBLAS/cuDNN calls are only tested on a GPU.
+#include <Python.h>
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -131,7 +133,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_emulated(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
+// In their own namespace, not splinet_cuda's (the public ops): dense takes the arguments of
+// spline_dense_fwd / _bwd, then path (0 auto, 1 small-width trajectory program, 2 large-width
+// GEMM path, 3 fused blended GEMM), tile_rows (0: as on the GPU), blocks (the grid) and threads
+// (host threads per block); conv the arguments of spline_conv_fwd / _bwd, then path (0 auto,
+// 1 direct single-launch program, 2 cuDNN path), blocks and threads.
+TORCH_LIBRARY(splinet_cuda_emulation, m) {
+  m.def("cuda_dense_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int tile_rows, int blocks, "
+        "int threads) -> Tensor");
+  m.def("cuda_dense_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
+        "int tile_rows, int blocks, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_conv_fwd_emulated(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint, int path, int blocks, int threads) "
+        "-> Tensor");
+  m.def("cuda_conv_bwd_emulated(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint, int path, "
+        "int blocks, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(splinet_cuda_emulation, CPU, m) {
   m.impl("cuda_dense_fwd_emulated", &dense_fwd_emulated);
   m.impl("cuda_dense_bwd_emulated", &dense_bwd_emulated);
   m.impl("cuda_conv_fwd_emulated", &conv_fwd_emulated);
@@ -139,3 +161,12 @@ TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
 }
 
 }  // namespace splinet
+
+extern "C" {
+// Importing splinet_cuda._emulation loads this library, whose static initialisers register the ops.
+PyObject* PyInit__emulation(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_emulation", "splinet_cuda's test-only CUDA emulation ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
