@@ -1,7 +1,7 @@
 """Benchmark cases and the implementations they compare, shared by the CLI (bench/run.py)
 and a future pytest-benchmark suite.
 
-A case is one SpliNet layer call (SPEC 1-2) at fixed sizes; an implementation is a way to
+A case is one SpliNet layer call at fixed sizes; an implementation is a way to
 run it: each fused backend through ``sc.spline_ode(..., backend=name)``, the eager
 pure-PyTorch ``reference`` (the baseline of every speedup), ``compiled``, the
 reference under ``torch.compile``, and on a GPU ``compiled+cudagraphs``, the same with
@@ -53,7 +53,7 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.bfloat16: (1e-1, 5e-2),
 }
 
-# Every name --backends accepts: the SPEC 2 backends, each also with checkpointing
+# Every name --backends accepts: the public API's backends, each also with checkpointing
 # ("<backend>+ckpt", every ceil(sqrt(N))-th state kept), the torch.compile baseline and the
 # torchdiffeq peers (bench/peers.py).
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
@@ -154,7 +154,7 @@ def _conv(name: str, B: int, C: int, spatial: Tuple[int, ...], N: int, activatio
     return Case(name, "conv", B, C=C, spatial=spatial, N=N, activation=activation, **kw)
 
 
-# Paper sizes (seed 000 §4): sin(fx) is m = 4, N = 100, tanh; Peaks is 1000 points,
+# Paper sizes (SpliNet paper, section 4): sin(fx) is m = 4, N = 100, tanh; Peaks is 1000 points,
 # m = 5, ReLU. Building torch.compile graphs of N unrolled steps takes about a minute a
 # case on a small CPU, so --quick compiles only Peaks.
 QUICK: List[Case] = [
@@ -167,11 +167,11 @@ QUICK: List[Case] = [
 ]
 
 # Larger sizes for a GPU or a patient CPU. indian_pines takes the paper's 220 channels
-# (seed 000 §4.1.3); its spatial length of 16 is an assumption, the paper does not say.
+# (SpliNet paper, section 4.1.3); its spatial length of 16 is an assumption, the paper does not say.
 FULL: List[Case] = [replace(c, compile=True, memory=True) for c in QUICK] + [
     _dense("dense256_rk4", 1024, 256, 20, scheme="rk4"),
     _dense("dense1024", 2048, 1024, 20),
-    _dense("dense1024_d3", 4096, 1024, 16, d=3, L=8),  # the CUDA issue's large-width target
+    _dense("dense1024_d3", 4096, 1024, 16, d=3, L=8),  # the large-width target of the CUDA kernels
     _dense("dense256_d3", 4096, 256, 50, d=3, L=16),
     _conv("indian_pines", 64, 220, (16,), 20),
     _conv("conv2d_64", 64, 64, (32, 32), 16),

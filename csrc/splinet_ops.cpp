@@ -35,11 +35,12 @@ PyObject* PyInit__C(void) {
 #endif  // SPLINET_NO_PYTHON
 
 TORCH_LIBRARY(splinet_cuda, m) {
-  // B-spline basis at the times t (SPEC 1.1): first nonzero coefficient k (int64, T)
+  // B-spline basis at the times t (SpliNet paper, eqs. 9-10): first nonzero coefficient k (int64, T)
   // and the degree + 1 weights (T, degree + 1), in t's dtype.
   m.def("basis_table(Tensor t, int knots, int degree) -> (Tensor, Tensor)");
 
-  // Dense layer, x (B, m), weight (n, m, m), bias (n, m), scale 0-dim (SPEC 1.2-1.3).
+  // Dense layer (any variant and explicit Runge-Kutta scheme), x (B, m), weight (n, m, m),
+  // bias (n, m), scale 0-dim.
   // Forward: the whole N-step trajectory in one call; returns the saved states
   // (x_0, x_K, x_2K, ... below N, then x_N), all N + 1 of them when checkpoint = 1.
   m.def("spline_dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "

@@ -80,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         + [f"| {N} | " + " | ".join(f"{errs[dshow][s][i]:.2e}" for s in SCHEMES) + " |" for i, N in enumerate(Ns)])
     notes = [
         "The paper's Fig. 4 shows forward Euler only (first order, its only scheme); midpoint and rk4 are the "
-        "library's other schemes, evaluated on the same coefficients (seed 002's re-discretisation).",
+        "library's other schemes, evaluated on the same coefficients (re-discretising one trained network with "
+        "another scheme: the 'manifestation' of Queiruga et al.'s continuous-in-depth networks, ContinuousNet).",
         f"Setting: width {WIDTH}, input x in [-pi, pi] (101 points) replicated, tanh, L = {KNOTS} knot intervals, "
         f"scale {SCALE:g}, coefficients uniform in [-{AMPLITUDE:g}, {AMPLITUDE:g}] (the paper's 'randomized network "
         f"control functions'; its values are not given), float64, {args.runs} random draws per degree (errors are "

@@ -1,7 +1,8 @@
 """splinet_cuda: fused kernels for spline-weighted neural-ODE layers (SpliNet).
 
 A SpliNet layer integrates dx/dt = scale * act(W(t) x + b(t)) over t in [0, 1], where
-W(t) and b(t) are B-splines in time (Guenther, Pazner, Qi; SPEC.md).
+W(t) and b(t) are B-splines in time (the SpliNet paper: Guenther, Pazner, Qi, "Spline
+parameterization of neural network controls for deep learning").
 """
 import importlib.util as _importlib_util
 import os as _os

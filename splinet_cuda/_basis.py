@@ -1,4 +1,5 @@
-"""The uniform B-spline basis of SPEC 1.1 in Python (the C++ twin is csrc/common/bspline.h).
+"""The uniform B-spline basis of the SpliNet paper (eqs. 9-10, blended as in eqs. 14-15) in
+Python (the C++ twin is csrc/common/bspline.h).
 
 Legend: L knot intervals on [0, 1] (``knots``), d degree, n = L + d coefficients,
 N time steps, S stages of a time-stepping scheme.
@@ -52,7 +53,7 @@ def _check_knots_degree(knots, degree) -> None:
 
 
 def bspline_basis(t: Union[float, torch.Tensor], knots: int, degree: int) -> Tuple[int, torch.Tensor]:
-    """B-spline basis at one time ``t`` in [0, 1] (SPEC 1.1).
+    """B-spline basis at one time ``t`` in [0, 1] (SpliNet paper, eqs. 9-10, on uniform knots).
 
     Args:
         t: the time, a float or a 0-dim tensor, 0 <= t <= 1.

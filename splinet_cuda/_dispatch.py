@@ -1,4 +1,4 @@
-"""The public functional API and the one place where a backend is chosen (SPEC 2).
+"""The public functional API and the one place where a backend is chosen.
 
 Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 """
@@ -234,7 +234,7 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
                            scale: Scale, *, steps: int, degree: int, activation: str = "tanh", reverse: bool = False,
                            return_trajectory: bool = False, backend: str = "auto",
                            checkpoint: Optional[int] = None):
-    """Integrates the Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004) with N symplectic
+    """Integrates the Hamiltonian SpliNet layer (Ruthotto & Haber, "Hamiltonian CNNs") with N symplectic
     Verlet steps, h = 1/N, t_j = j h, lam = scale, F_sym(x; K, b) = -act(x K^T + b) K::
 
         y_{j+1} = y_j + h lam F_sym(z_j;     K1(t_j), b1(t_j))

@@ -1,4 +1,4 @@
-"""Butcher tableaus of the explicit time-stepping schemes of SPEC 1.3."""
+"""Butcher tableaus of the explicit Runge-Kutta time-stepping schemes."""
 from __future__ import annotations
 
 from dataclasses import dataclass

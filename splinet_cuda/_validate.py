@@ -1,5 +1,5 @@
 """Argument checks shared by every backend: bad input gets a ValueError/TypeError that
-names the argument, before any kernel runs (SPEC 2).
+names the argument, before any kernel runs.
 
 Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 """

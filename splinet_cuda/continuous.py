@@ -1,6 +1,8 @@
 """Continuous-depth tools for SpliNet layers: the weights are functions of time, so a
 trained layer can be evaluated at any t, re-discretised, refined, projected, checked
-for stability and regularised in time (seeds 000, 002, 004; issue 9).
+for stability and regularised in time (after the SpliNet paper of Guenther, Pazner and Qi;
+the continuous-in-depth networks, ContinuousNet, of Queiruga, Erichson, Taylor and Mahoney;
+and the PDE-motivated networks of Ruthotto and Haber).
 
 Every function here works on coefficient tensors ``coef`` of shape ``(n, ...)``
 (n = L + d along axis 0, anything after it: (n, m, m) weights, (n, m) biases,
@@ -467,8 +469,9 @@ def _derivative_gram(knots: int, degree: int) -> torch.Tensor:
 
 def smoothness_in_time(layer_or_coefs, *, degree: Optional[int] = None, mode: str = "exact",
                        steps: Optional[int] = None, include_bias: bool = True) -> torch.Tensor:
-    """Smoothness-in-time penalty on W(t) (and b(t)), seed 004's regularisation in time
-    (its H^1-seminorm variant).
+    """Smoothness-in-time penalty on W(t) (and b(t)), the regularisation in time of Ruthotto &
+    Haber ("Deep neural networks motivated by partial differential equations"), in the
+    H^1-seminorm form they cite.
 
     ``mode="exact"`` (default): the exact integral ``int_0^1 ||dW/dt||_F^2 dt`` of the
     spline, ``sum c^T G c`` with G the Gram matrix of the basis derivatives (exact

@@ -1,4 +1,4 @@
-"""nn.Module wrappers of the SpliNet layers (SPEC 2).
+"""nn.Module wrappers of the SpliNet layers.
 
 Legend: m width, C channels, n = L + d coefficients, d degree, N steps.
 """
@@ -69,12 +69,13 @@ class _SplineODEBase(nn.Module):
 
     def _kwargs(self, steps: Optional[int] = None, scheme: Optional[str] = None,
                 return_trajectory: bool = False) -> dict:
-        # steps / scheme: per-call re-discretisation of the same W(t), b(t) (seed 002's "manifestation").
+        # steps / scheme: per-call re-discretisation of the same W(t), b(t) at another step count or
+        # scheme (the "manifestation" of continuous-in-depth networks, Queiruga et al.'s ContinuousNet).
         return dict(steps=self.steps if steps is None else steps, degree=self.degree, activation=self.activation,
                     scheme=self.scheme if scheme is None else scheme, variant=self.variant, gamma=self.gamma,
                     backend=self.backend, return_trajectory=return_trajectory, checkpoint=self.checkpoint)
 
-    # ---- continuous-depth features (issue 9; the math is in splinet_cuda.continuous) ----
+    # ---- continuous-depth features (the math is in splinet_cuda.continuous) ----
 
     def weights_at(self, t) -> torch.Tensor:
         """W(t) = sum_j B_j(t) weight[j] for t a float in [0, 1] (-> weight.shape[1:]) or a
@@ -233,9 +234,10 @@ class SplineODEConv3d(_SplineODEConvNd):
 
 
 class SplineODEHamiltonian(_SplineODEBase):
-    """Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004, "Hamiltonian CNNs"): the input
-    features are partitioned into two states, x = [y | z] (each of width/2), integrated
-    with the seed's symplectic Verlet scheme (see
+    """Hamiltonian SpliNet layer (Ruthotto & Haber, "Deep neural networks motivated by partial
+    differential equations", section "Hamiltonian CNNs"): the input features are partitioned
+    into two states, x = [y | z] (each of width/2), integrated with their symplectic Verlet
+    scheme (see
     :func:`splinet_cuda.reference.spline_ode_hamiltonian` for the exact form)::
 
         y_{j+1} = y_j - h scale K1(t_j)^T act(K1(t_j) z_j + b1(t_j))

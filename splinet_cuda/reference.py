@@ -30,7 +30,7 @@ _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d), 3
 
 
 def dense_rhs(activation: str, variant: str, gamma: float = 0.0) -> Callable:
-    """f(x, W, b) of the dense layer (SPEC 1.2), W and b already blended at one time."""
+    """f(x, W, b) of the dense layer (SpliNet paper eq. 12, or a variant), W and b already blended at one time."""
     act = ACTIVATION_FNS[activation]
 
     def rhs(xs, W, b):
@@ -43,7 +43,7 @@ def dense_rhs(activation: str, variant: str, gamma: float = 0.0) -> Callable:
 
 
 def conv_rhs(activation: str, variant: str, spatial_dims: int) -> Callable:
-    """f(x, K, b) of the conv layer (SPEC 1.2): stride 1, "same" zero padding."""
+    """f(x, K, b) of the conv layer (SpliNet paper eq. 12, or a variant): stride 1, "same" zero padding."""
     act = ACTIVATION_FNS[activation]
     conv, conv_t = _CONV[spatial_dims]
 
@@ -97,9 +97,10 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Dense SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode`.
 
-    Right-hand sides (SPEC 1.2), W = W(t) and b = b(t) blended from the coefficients:
-    ``standard`` act(x W^T + b); ``symmetric`` -act(x W^T + b) W;
-    ``antisymmetric`` act(x A^T + b) with A = W - W^T - gamma I.
+    Right-hand sides, W = W(t) and b = b(t) blended from the coefficients:
+    ``standard`` act(x W^T + b) (SpliNet paper, eq. 12); ``symmetric`` -act(x W^T + b) W
+    (the parabolic layer of Ruthotto & Haber); ``antisymmetric`` act(x A^T + b) with
+    A = W - W^T - gamma I (SpliNet paper, section 2.2; Ruthotto & Haber).
 
     Args:
         x: (B, m) initial state. weight: (n, m, m) coefficients, n = L + degree.
@@ -121,8 +122,9 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     return_trajectory: bool = False, checkpoint: Optional[int] = None) -> torch.Tensor:
     """Convolutional SpliNet layer, pure PyTorch. Same signature as :func:`splinet_cuda.spline_ode_conv`.
 
-    Right-hand sides (SPEC 1.2), stride 1 and "same" zero padding:
-    ``standard`` act(conv(x, K) + b); ``symmetric`` -conv_transpose(act(conv(x, K) + b), K).
+    Right-hand sides, stride 1 and "same" zero padding: ``standard`` act(conv(x, K) + b)
+    (SpliNet paper, eq. 12); ``symmetric`` -conv_transpose(act(conv(x, K) + b), K) (the
+    parabolic layer of Ruthotto & Haber).
 
     Args:
         x: (B, C, *spatial), 1 to 3 spatial dims. weight: (n, C, C, *kernel), odd kernel sizes.
@@ -140,11 +142,12 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            scale: Scale, *, steps: int, degree: int, activation: str = "tanh",
                            reverse: bool = False, return_trajectory: bool = False):
-    """Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004, "Hamiltonian CNNs"), pure PyTorch.
+    """Hamiltonian SpliNet layer (Ruthotto & Haber, "Deep neural networks motivated by partial
+    differential equations", section "Hamiltonian CNNs"), pure PyTorch.
 
     Two coupled states y, z of equal width m and two B-spline controls
     theta1(t) = (K1(t), b1(t)) = (weight[:, 0], bias[:, 0]) and theta2(t) = (weight[:, 1], bias[:, 1]).
-    With F_sym(x; K, b) = -K^T act(K x + b) (row vectors: -act(x K^T + b) K), the seed's
+    With F_sym(x; K, b) = -K^T act(K x + b) (row vectors: -act(x K^T + b) K), their
     symplectic Verlet step, h = 1/N, t_j = j h, lam = scale:
 
         y_{j+1} = y_j + h lam F_sym(z_j;     K1(t_j), b1(t_j))

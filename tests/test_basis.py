@@ -1,4 +1,4 @@
-"""The Python B-spline basis: splinet_cuda.bspline_basis and splinet_cuda.basis_grid (SPEC 1.1)."""
+"""The Python B-spline basis: splinet_cuda.bspline_basis and splinet_cuda.basis_grid (SpliNet paper, eqs. 9-10)."""
 from __future__ import annotations
 
 import math

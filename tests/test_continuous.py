@@ -1,4 +1,4 @@
-"""Continuous-depth features (issue 9): re-discretisation, weights_at / bias_at, knot
+"""Continuous-depth features: re-discretisation, weights_at / bias_at, knot
 refinement and L2 projection, eq. 16 spectra and stability reports, regularisers, and
 the Hamiltonian (Verlet) layer."""
 from __future__ import annotations

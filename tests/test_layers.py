@@ -1,4 +1,4 @@
-"""nn.Module wrappers: SplineODE and SplineODEConv1d/2d/3d (SPEC 2)."""
+"""nn.Module wrappers: SplineODE and SplineODEConv1d/2d/3d."""
 from __future__ import annotations
 
 import pytest

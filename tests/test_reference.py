@@ -3,7 +3,7 @@
 The independent model below shares no code with the package: its basis comes from
 scipy.interpolate.BSpline on the extended uniform knot vector tau_k = k/L, k = -d..L+d
 (coefficient j is scipy's basis element j), its Butcher tableaus are written out here,
-and it steps with plain Python loops (SPEC 1.1-1.3).
+and it steps with plain Python loops.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def test_reference_conv_matches_independent(cfg, one_thread):
 
 
 def test_default_activations():
-    # SPEC 2: spline_ode defaults to tanh, spline_ode_conv to relu; scheme euler, variant standard.
+    # Public API defaults: spline_ode defaults to tanh, spline_ode_conv to relu; scheme euler, variant standard.
     x, W, b = make_dense(3, 4, 5, True)
     expect = independent_ode(x, W, b, 1.0, steps=3, degree=2, activation="tanh", scheme="euler")
     torch.testing.assert_close(reference.spline_ode(x, W, b, 1.0, steps=3, degree=2), expect[-1], **TOL)

@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError/TypeError that names the argument (SPEC 2)."""
+"""Bad input gets a ValueError/TypeError that names the argument."""
 from __future__ import annotations
 
 import pytest

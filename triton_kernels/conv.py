@@ -1,5 +1,6 @@
-"""Triton kernels of the 2-D convolutional SpliNet layer (SPEC 1.2-1.4), stride 1, "same"
-zero padding, odd kernels, NCHW, C in = C out.
+"""Triton kernels of the 2-D convolutional SpliNet layer (forward with the explicit Runge-Kutta
+schemes and the fused adjoint of SpliNet paper eqs. 17-23), stride 1, "same" zero padding,
+odd kernels, NCHW, C in = C out.
 
 Legend: B batch, C channels, H x W image, KH x KW kernel, n = L + d coefficients,
 d degree, N steps, S stages, K checkpoint interval, P = B H W pixels.

@@ -1,4 +1,5 @@
-"""Triton kernels of the dense SpliNet layer (SPEC 1.2-1.4), two paths chosen by width:
+"""Triton kernels of the dense SpliNet layer (forward with the explicit Runge-Kutta schemes and
+the fused adjoint of SpliNet paper eqs. 17-23), two paths chosen by width:
 
 * m <= TRAJECTORY_MAX_WIDTH (64; 32 in some cases, see ``trajectory_max_width``): this
   module's trajectory kernel, which walks all N steps of a batch tile with the state in registers, and its adjoint kernel that walks back

@@ -1,4 +1,5 @@
-"""Large-width path of the dense SpliNet layer (SPEC 1.2-1.4): tiled GEMM kernels that
+"""Large-width path of the dense SpliNet layer (forward with the explicit Runge-Kutta schemes
+and the fused adjoint of SpliNet paper eqs. 17-23): tiled GEMM kernels that
 blend the weight tile from the d + 1 nonzero coefficient tiles inside their K loop
 (eq. 14), launched per stage by a host loop over the steps. ``dense.py`` picks this path
 above ``dense.GEMM_MIN_WIDTH``, where the trajectory kernel's m x m tiles no longer fit.

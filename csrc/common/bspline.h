@@ -1,4 +1,5 @@
-// The uniform B-spline basis of SPEC 1.1, shared by the CPU and CUDA kernels.
+// The uniform B-spline basis (SpliNet paper, eqs. 9-10, on uniform knots), shared by the CPU
+// and CUDA kernels.
 //
 // Legend: L knot intervals on [0, 1], d degree, n = L + d coefficients, N time steps.
 // Knots tau_k = k / L for every integer k (the uniform knot vector extends past both

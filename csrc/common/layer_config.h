@@ -1,4 +1,4 @@
-// Names -> ids for the layer options (SPEC 1.2-1.3), the Butcher tableaus of the
+// Names -> ids for the layer options (activation, variant, scheme), the Butcher tableaus of the
 // time-stepping schemes, and the switches that turn runtime ids into template arguments.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Fused CPU kernels of the Hamiltonian SpliNet layer (Ruthotto-Haber, seed 004): the whole
+// Fused CPU kernels of the Hamiltonian SpliNet layer (Ruthotto & Haber, "Hamiltonian CNNs"): the whole
 // N-step Verlet forward in one call and its whole discrete adjoint in one call. Schemas:
 // csrc/splinet_ops.cpp; the math is splinet_cuda/reference.py::spline_ode_hamiltonian.
 //

@@ -121,7 +121,7 @@ struct CombineFn {
   }
 };
 
-// The explicit Runge-Kutta combinations over the S stage buffers Ks (SPEC 1.3) and their
+// The explicit Runge-Kutta combinations over the S stage buffers Ks and their
 // adjoints, used by the block programs and the large paths alike:
 //   stage input  X_s = x + h sum_{j<s} a_sj K_j          update  x' = x + h sum_s b_s K_s
 //   adjoint      kbar_s = h b_s z + h sum_{q>s} a_qs Xbar_q   (Xbar_q = dL/dX_q in Ks[q])

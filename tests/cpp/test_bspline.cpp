@@ -1,5 +1,6 @@
 // Host-only test of csrc/common/bspline.h (built by CMakeLists.txt, run by ctest):
-// partition of unity, the closed forms of SPEC 1.1 and the knot-interval rule.
+// partition of unity, the closed forms of the uniform basis (SpliNet paper, eqs. 9-10, on
+// uniform knots) and the knot-interval rule.
 #include <cmath>
 #include <cstdio>
 
