@@ -167,7 +167,7 @@ if __name__ == "__main__":  # tests/test_build.py imports this file to check _ex
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.9",
         install_requires=["torch>=2.11", "numpy"],
-        extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "scipy"],
+        extras_require={"triton": ["triton>=3.6"], "plot": ["matplotlib"], "test": ["pytest", "scipy"],
                         "bench": ["pytest-benchmark", "matplotlib"]},
         zip_safe=False,
     )

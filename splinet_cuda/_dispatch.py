@@ -4,12 +4,13 @@ Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _cuda_archs, _ext, reference
-from ._validate import Scale, check_checkpoint, check_flag, check_conv, check_dense, check_hamiltonian
+from ._validate import Scale, as_number, check_checkpoint, check_flag, check_conv, check_dense, check_hamiltonian
 
 __all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "available_backends", "register_backend"]
 
@@ -89,6 +90,24 @@ def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor, device_ch
     return None
 
 
+_WARNED_DTYPES: set = set()
+
+
+def _warn_unfused_dtype(x: torch.Tensor) -> None:
+    """backend="auto" runs the reference for a dtype that the fused backend of x's device does
+    not take (bfloat16 / float16 on the CPU): said once per (device type, dtype), not silently."""
+    fused = [n for n, b in _REGISTRY.items() if x.device.type in b.auto_device_types]
+    key = (x.device.type, x.dtype)
+    if fused and x.is_floating_point() and key not in _WARNED_DTYPES and all(
+            x.dtype not in _REGISTRY[n].dtypes for n in fused):
+        _WARNED_DTYPES.add(key)
+        import warnings
+
+        warnings.warn(f"splinet_cuda: backend='auto' has no fused kernel for {x.dtype} on {x.device.type} "
+                      f"(the {fused} backend takes {[str(d) for d in _REGISTRY[fused[0]].dtypes]}); running the "
+                      f"pure-PyTorch reference", RuntimeWarning, stacklevel=4)
+
+
 def _select(backend, kind: str, x: torch.Tensor) -> Callable:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -107,6 +126,7 @@ def _select(backend, kind: str, x: torch.Tensor) -> Callable:
             if err is None:
                 return getattr(impl, kind)
             _cuda_archs.warn_fallback(name, err)  # a GPU this build (or dtype) cannot use: said once
+        _warn_unfused_dtype(x)
         return getattr(reference, kind)
     impl = _REGISTRY.get(backend)
     if impl is None or getattr(impl, kind) is None:
@@ -132,6 +152,20 @@ def _to_float32(t):
     if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
+
+
+def _flatten_leading(x):
+    """x (*, m) as (B, m), as nn.Linear takes any leading dims: (x, leading shape or None)."""
+    if isinstance(x, torch.Tensor) and x.dim() not in (0, 2):
+        lead = tuple(x.shape[:-1])
+        return x.reshape(math.prod(lead), x.shape[-1]), lead
+    return x, None
+
+
+def _unflatten_leading(out: torch.Tensor, lead, trajectory: bool) -> torch.Tensor:
+    if lead is None:
+        return out
+    return out.reshape(*((out.shape[0],) if trajectory else ()), *lead, out.shape[-1])
 
 
 def _run(device_type: Optional[str], fn: Callable, *args, **kwargs):
@@ -160,7 +194,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Pass 16-bit tensors outside autocast to run the cuda / triton backends in them.
 
     Args:
-        x: (B, m) initial state.
+        x: (B, m) initial state, or (*, m) with any leading dims (as nn.Linear takes them).
         weight: (n, m, m) coefficient matrices, (out, in) like nn.Linear.
         bias: (n, m) coefficient vectors, or None.
         scale: lam, a float or a 0-dim tensor (learnable when it requires grad).
@@ -177,8 +211,10 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             ``return_trajectory`` and by the reference).
 
     Returns:
-        x_N (B, m), or the trajectory (N + 1, B, m).
+        x_N (B, m), or the trajectory (N + 1, B, m) (x's leading dims in place of B).
     """
+    steps, degree, gamma, checkpoint, scale = map(as_number, (steps, degree, gamma, checkpoint, scale))
+    x, lead = _flatten_leading(x)
     autocast = _autocast_device(x)
     if autocast is not None:
         x, weight, bias, scale = map(_to_float32, (x, weight, bias, scale))
@@ -187,9 +223,10 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_checkpoint(checkpoint)
     check_flag("return_trajectory", return_trajectory)
     fn = _select(backend, "spline_ode", x)
-    return _run(autocast, fn, x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
-                scheme=scheme, variant=variant, gamma=gamma, return_trajectory=return_trajectory,
-                checkpoint=checkpoint)
+    out = _run(autocast, fn, x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
+               scheme=scheme, variant=variant, gamma=gamma, return_trajectory=return_trajectory,
+               checkpoint=checkpoint)
+    return _unflatten_leading(out, lead, return_trajectory)
 
 
 def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Scale, *,
@@ -210,6 +247,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Returns:
         x_N like x, or the trajectory (N + 1, *x.shape).
     """
+    steps, degree, gamma, checkpoint, scale = map(as_number, (steps, degree, gamma, checkpoint, scale))
     autocast = _autocast_device(x)
     if autocast is not None:
         x, weight, bias, scale = map(_to_float32, (x, weight, bias, scale))
@@ -261,6 +299,7 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
         (y_N, z_N), each (B, m), or the trajectories ((N+1, B, m), (N+1, B, m)) (from t = 1
         down to 0 when ``reverse``).
     """
+    steps, degree, checkpoint, scale = map(as_number, (steps, degree, checkpoint, scale))
     autocast = _autocast_device(y)
     if autocast is not None:
         y, z, weight, bias, scale = map(_to_float32, (y, z, weight, bias, scale))

@@ -6,6 +6,7 @@ Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -34,7 +35,19 @@ class Config:
     gamma: float
 
 
+def as_number(value):
+    """A numpy (or other numbers.Integral / numbers.Real) scalar as a Python int / float, as
+    PyTorch's own functions take them; bools, tensors and anything else unchanged, for the
+    checks to judge."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    if type(value).__name__ == "bool_":  # numpy's bool is no Integral, but keep it out explicitly
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _int_arg(name: str, value, minimum: int) -> int:
+    value = as_number(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:

@@ -365,8 +365,12 @@ def plot_spectra(spectra, path: str, *, scheme: str = "euler", title: Optional[s
     Returns:
         path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("plot_spectra needs matplotlib: pip install matplotlib "
+                          "(or the extra: pip install 'splinet_cuda[plot]')") from exc
 
     entries = spectra if isinstance(spectra, dict) else {None: spectra}
     fig = Figure(figsize=(6, 5))

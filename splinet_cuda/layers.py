@@ -12,7 +12,7 @@ from torch import nn
 
 from . import continuous
 from ._dispatch import spline_ode, spline_ode_conv, spline_ode_hamiltonian
-from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg, check_checkpoint
+from ._validate import ACTIVATIONS, CONV_VARIANTS, VARIANTS, _choice, _int_arg, as_number, check_checkpoint
 from ._schemes import TABLEAUS
 
 __all__ = ["SplineODE", "SplineODEConv1d", "SplineODEConv2d", "SplineODEConv3d", "SplineODEHamiltonian"]
@@ -29,6 +29,7 @@ class _SplineODEBase(nn.Module):
         self.activation = _choice("activation", activation, ACTIVATIONS)
         self.scheme = _choice("scheme", scheme, TABLEAUS)
         self.variant = _choice("variant", variant, variants)
+        scale, checkpoint = as_number(scale), as_number(checkpoint)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float, got {type(scale).__name__}")
         if not math.isfinite(scale):
@@ -153,7 +154,8 @@ class SplineODE(_SplineODEBase):
     def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None, *,
                 return_trajectory: bool = False) -> torch.Tensor:
         """x (B, m) -> x_N (B, m), or all N + 1 states (N + 1, B, m) with ``return_trajectory``;
-        ``steps``/``scheme`` override the layer's for this call."""
+        any leading dims in place of B, as nn.Linear; ``steps``/``scheme`` override the layer's
+        for this call."""
         return spline_ode(x, self.weight, self.bias, self.scale, **self._kwargs(steps, scheme, return_trajectory))
 
     def extra_repr(self) -> str:

@@ -241,3 +241,67 @@ def test_layer_bad_sizes(args, match):
 def test_conv_layer_even_kernel():
     with pytest.raises(ValueError, match="kernel"):
         sc.SplineODEConv2d(2, 4, 2, 1, 3)
+
+
+# ---- what PyTorch's own functions accept -------------------------------------------------------
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    """steps / degree / scale / checkpoint as numpy scalars (e.g. from a config array) work as
+    the Python numbers they hold ("steps must be an int, got int64" before); bools do not."""
+    np = pytest.importorskip("numpy")
+    x, W, b = dense_args()
+    want = sc.spline_ode(x, W, b, 0.5, steps=N, degree=D, checkpoint=2)
+    got = sc.spline_ode(x, W, b, np.float32(0.5), steps=np.int64(N), degree=np.int32(D), checkpoint=np.int64(2))
+    torch.testing.assert_close(got, want)
+    layer = sc.SplineODE(np.int64(M), np.int64(2), np.int64(1), np.int64(3), scale=np.float64(0.5),
+                         checkpoint=np.int16(2))
+    assert isinstance(layer.steps, int) and layer.scale.item() == 0.5 and layer.checkpoint == 2
+    with pytest.raises(TypeError, match="steps"):
+        sc.spline_ode(x, W, b, 1.0, steps=np.bool_(True), degree=D)
+    with pytest.raises(TypeError, match="steps"):
+        sc.spline_ode(x, W, b, 1.0, steps=True, degree=D)
+
+
+def test_dense_takes_any_leading_dims_like_nn_linear():
+    """x (*, m): (B, T, m) sequences and a single (m,) vector, as nn.Linear takes them; x_N and
+    the trajectory keep the leading dims."""
+    x, W, b = dense_args()
+    flat = sc.spline_ode(x, W, b, 1.0, steps=N, degree=D)
+    x3 = x.reshape(2, -1, M) if x.shape[0] % 2 == 0 else x[None]
+    y3 = sc.spline_ode(x3, W, b, 1.0, steps=N, degree=D)
+    assert y3.shape == x3.shape
+    torch.testing.assert_close(y3.reshape(-1, M), flat)
+    traj = sc.spline_ode(x3, W, b, 1.0, steps=N, degree=D, return_trajectory=True)
+    assert traj.shape == (N + 1,) + tuple(x3.shape)
+    one = sc.spline_ode(x[0], W, b, 1.0, steps=N, degree=D)
+    assert one.shape == (M,)
+    torch.testing.assert_close(one, flat[0])
+    layer = sc.SplineODE(M, 2, 1, 3).to(DT)
+    assert layer(torch.randn(2, 3, M, dtype=DT)).shape == (2, 3, M)
+
+
+def test_auto_says_when_a_dtype_has_no_fused_cpu_kernel(monkeypatch):
+    """bfloat16 on the CPU under backend="auto" runs the reference, with a one-time warning
+    instead of silently."""
+    from splinet_cuda import _dispatch
+
+    if "cpu" not in sc.available_backends():
+        pytest.skip("fused CPU kernels not built")
+    monkeypatch.setattr(_dispatch, "_WARNED_DTYPES", set())
+    x, W, b = (t.bfloat16() for t in dense_args())
+    with pytest.warns(RuntimeWarning, match="bfloat16.*reference"):
+        sc.spline_ode(x, W, b, 1.0, steps=N, degree=D)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sc.spline_ode(x, W, b, 1.0, steps=N, degree=D)  # once
+
+
+def test_plot_spectra_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install matplotlib"):
+        sc.plot_spectra(torch.zeros(3, dtype=torch.complex128), str(tmp_path / "x.png"))
