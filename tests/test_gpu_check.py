@@ -56,7 +56,7 @@ def test_arch_list_is_the_local_gpus_only():
 def test_plan_for_an_h200(tmp_path):
     steps = h200_plan(tmp_path)
     assert [s.name for s in steps] == ["build", "import", "tests", "smoke", "racecheck", "synccheck", "compile",
-                                       "bench"]
+                                       "ddp", "bench"]
     by = {s.name: s for s in steps}
     build = by["build"]
     assert build.argv[1:] == ["setup.py", "build_ext", "--inplace"]
@@ -73,6 +73,9 @@ def test_plan_for_an_h200(tmp_path):
         assert argv[0] == SANITIZER and argv[argv.index("--tool") + 1] == tool and by[tool].skip is None
         assert argv[argv.index("--kernel-name") + 1] == "kns=" + gc.SANITIZER_KERNEL
         assert argv[argv.index("--group") + 1] == "sanitizer"
+    ddp = by["ddp"].argv
+    assert ddp[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in ddp and "examples/ddp.py" in ddp
+    assert by["ddp"].group == by["smoke"].group
     bench = by["bench"].argv
     assert bench[bench.index("--device") + 1] == "cuda" and bench[bench.index("--sizes") + 1] == "gpu"
     assert "compiled+cudagraphs" in bench[bench.index("--backends") + 1]
@@ -83,13 +86,14 @@ def test_plan_for_an_h200(tmp_path):
 
 
 def test_timeouts_fit_the_budget_and_the_call():
-    assert set(gc.STEP_BUDGET) == {"build", "import", "tests", "smoke", "racecheck", "synccheck", "compile", "bench"}
+    assert set(gc.STEP_BUDGET) == {"build", "import", "tests", "smoke", "racecheck", "synccheck", "compile", "ddp",
+                                   "bench"}
     assert all(t > 0 for t in gc.STEP_BUDGET.values()) and gc.BUDGET_S <= gc.CALL_LIMIT_S - 20
     steps = h200_plan(Path("/tmp/unused"))
     assert [[s.name for s in b] for b in gc.batches(steps)] == [
-        ["build"], ["import"], ["tests"], ["smoke", "racecheck", "synccheck", "compile"], ["bench"]]
+        ["build"], ["import"], ["tests"], ["smoke", "racecheck", "synccheck", "compile", "ddp"], ["bench"]]
     assert gc.planned_seconds(steps) == sum(gc.STEP_BUDGET[n] for n in ("build", "import", "tests", "bench")) + \
-        max(gc.STEP_BUDGET[n] for n in ("smoke", "racecheck", "synccheck", "compile"))
+        max(gc.STEP_BUDGET[n] for n in ("smoke", "racecheck", "synccheck", "compile", "ddp"))
     assert gc.planned_seconds(steps) <= gc.BUDGET_S
 
 

@@ -21,6 +21,7 @@ command fits a 10-minute call with the probe before and the packing after):
       racecheck     compute-sanitizer --tool racecheck on tiny shapes of every block program
       synccheck     compute-sanitizer --tool synccheck on the same
       compile       torch.compile(fullgraph=True), default Inductor, cuda and triton backends
+      ddp           examples/ddp.py under torchrun, one process per GPU, NCCL
     bench      110  python -m bench --device cuda --sizes gpu (short GPU mode), alone on the GPU
 
 A failed or timed-out step does not stop the others. Results go to --out, else $OUT when it
@@ -71,6 +72,7 @@ STEP_BUDGET: Dict[str, float] = {
     "racecheck": 80,
     "synccheck": 80,
     "compile": 80,
+    "ddp": 80,
     "bench": 110,
 }
 CHECKS_GROUP = "checks"
@@ -304,6 +306,12 @@ def plan(python: str, out: Path, info: dict, *, cores: int, archs: str, nvcc: Op
     steps.append(Step("compile", "torch.compile(fullgraph=True), default Inductor, on the cuda and triton backends",
                       smoke + ["--group", "compile"], STEP_BUDGET["compile"], gpu_env,
                       dry_argv=smoke + ["--group", "compile", "--dry-run"], group=CHECKS_GROUP))
+    # examples/ddp.py under torchrun, one process per GPU, NCCL: DDP's all-reduce over the layers.
+    ddp = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, len(info.get('devices', [])))}",
+           "examples/ddp.py", "--steps", "20"]
+    steps.append(Step("ddp", "DistributedDataParallel training over NCCL, one process per GPU (examples/ddp.py)",
+                      ddp, STEP_BUDGET["ddp"], gpu_env, dry_argv=[python, "examples/ddp.py", "--help"],
+                      group=CHECKS_GROUP))
     bench = [python, "-m", "bench", "--device", "cuda", "--sizes", "gpu", "--backends", BENCH_BACKENDS,
              "--min-run-time", "0.03", "--budget", str(BENCH_BUDGET_S), "--no-progress",
              "--out", str(ROOT / "bench" / "results")]
