@@ -43,13 +43,13 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // bias (n, m), scale 0-dim.
   // Forward: the whole N-step trajectory in one call; returns the saved states
   // (x_0, x_K, x_2K, ... below N, then x_N), all N + 1 of them when checkpoint = 1.
-  m.def("spline_dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+  m.def("spline_dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
   // Adjoint sweep from step N - 1 down to 0 (paper eqs. 17-23), given dLoss/d(saved states)
   // or dLoss/dx_N alone (shaped like one state):
   // returns (grad_x, grad_weight, grad_bias (empty without bias), grad_scale).
   m.def("spline_dense_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // --- Conv layer (csrc/cpu/conv_cpu.cpp) ---------------------------------------------
@@ -57,12 +57,12 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // zero padding, stride 1), bias (n, C), scale 0-dim; variants standard / symmetric
   // (gamma unused). Forward: the saved states (num_saved, B, C, *spatial), same convention
   // as spline_dense_fwd.
-  m.def("spline_conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+  m.def("spline_conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
   // Adjoint sweep: (grad_x, grad_weight (n, C, C, *kernel), grad_bias (n, C) or empty (0,)
   // without bias, grad_scale shaped like scale).
   m.def("spline_conv_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // --- Hamiltonian layer (csrc/cpu/hamiltonian_cpu.cpp; Ruthotto-Haber's Verlet scheme) ---
@@ -70,11 +70,11 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // [:, 1] = K2), bias (n, 2, m), scale 0-dim. The dense ops' schema, so one autograd
   // wrapper serves both: scheme must be "verlet", variant "hamiltonian", gamma is unused.
   // Forward: the saved states (num_saved, B, 2m), same convention as spline_dense_fwd.
-  m.def("spline_hamiltonian_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, int steps, int degree, "
+  m.def("spline_hamiltonian_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
   // Discrete adjoint of the Verlet steps, given dLoss/d(saved states) or dLoss/dx_N alone:
   // (grad_x (B, 2m), grad_weight (n, 2, m, m), grad_bias (n, 2, m) or empty (0,), grad_scale).
   m.def("spline_hamiltonian_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
-        "int steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }

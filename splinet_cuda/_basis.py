@@ -7,7 +7,7 @@ N time steps, S stages of a time-stepping scheme.
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 
@@ -75,6 +75,21 @@ def bspline_basis(t: Union[float, torch.Tensor], knots: int, degree: int) -> Tup
         raise ValueError(f"t must lie in [0, 1] (the spline is not evaluated outside), got {t}")
     k, u = _interval(torch.tensor(t * knots, dtype=torch.float64), knots)
     return int(k), bspline_weights(u, degree)
+
+
+def first_coefficients(steps: int, knots: int, scheme: str = "euler") -> List[List[int]]:
+    """``basis_grid``'s ``k`` as Python ints, computed without tensors (the same float64
+    arithmetic), so that code traced by torch.compile indexes the coefficients with constants
+    instead of reading a tensor's values (a graph break)."""
+    c = get_tableau(scheme).c
+    out = []
+    for i in range(steps):
+        row = []
+        for cs in c:
+            x = ((float(i) + float(cs)) * float(knots)) / float(steps)
+            row.append(int(min(max(math.floor(x), 0), knots - 1)))
+        out.append(row)
+    return out
 
 
 def basis_grid(steps: int, knots: int, degree: int, scheme: str = "euler") -> Tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,11 @@ def _common(x, weight, bias, scale, steps, degree, activation, scheme, variant, 
     _choice("activation", activation, ACTIVATIONS)
     _choice("scheme", scheme, TABLEAUS)
     _choice("variant", variant, variants)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise ValueError(f"gamma must be a finite float, got {gamma!r}")
+    # Under torch.compile(dynamic=True) a float argument is symbolic: its value is not checked
+    # while tracing (no graph break); eager calls check it.
+    if not torch.compiler.is_compiling() and not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite float, got {gamma!r}")
     n = weight.shape[0]
     if n <= degree:

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ._basis import basis_grid
+from ._basis import basis_grid, first_coefficients
 from ._schemes import get_tableau
 from ._validate import Config, Scale, check_conv, check_dense, check_hamiltonian
 
@@ -66,8 +66,8 @@ def _integrate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     (paper eq. 24), N steps of h = 1 / N; W(t), b(t) are B-splines (eqs. 12, 14, 15)."""
     tab = get_tableau(cfg.scheme)
     h = 1.0 / cfg.steps
-    k_idx, w = basis_grid(cfg.steps, cfg.knots, cfg.degree, cfg.scheme)
-    k_idx = k_idx.tolist()
+    _, w = basis_grid(cfg.steps, cfg.knots, cfg.degree, cfg.scheme)
+    k_idx = first_coefficients(cfg.steps, cfg.knots, cfg.scheme)  # Python ints: no tensor read when traced
     w = w.to(dtype=x.dtype, device=x.device)
 
     def blend(coef: Optional[torch.Tensor], i: int, s: int) -> Optional[torch.Tensor]:
@@ -173,8 +173,8 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
 
     act = ACTIVATION_FNS[activation]
     h = 1.0 / steps
-    k_idx, w = basis_grid(steps, n - degree, degree, "euler")
-    k_idx = k_idx[:, 0].tolist()
+    _, w = basis_grid(steps, n - degree, degree, "euler")
+    k_idx = [row[0] for row in first_coefficients(steps, n - degree, "euler")]
     w = w[:, 0].to(dtype=y.dtype, device=y.device)
 
     def blend(coef, i):

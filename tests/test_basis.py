@@ -156,3 +156,14 @@ def test_basis_grid_rejects_bad_arguments():
         sc.basis_grid(0, 2, 1, "euler")
     with pytest.raises(ValueError, match="degree"):
         sc.basis_grid(4, 2, -1, "euler")
+
+
+@pytest.mark.parametrize("scheme", ["euler", "midpoint", "rk4", "rk4_38"])
+def test_first_coefficients_match_basis_grid(scheme):
+    """The pure-Python first coefficients (what the reference indexes with when traced) are
+    basis_grid's k exactly, at grids where t L / N lands on knots and just beside them."""
+    from splinet_cuda._basis import first_coefficients
+
+    for steps, knots in [(1, 1), (3, 7), (10, 10), (100, 8), (7, 3), (97, 13), (64, 64)]:
+        k, _ = sc.basis_grid(steps, knots, 2, scheme)
+        assert first_coefficients(steps, knots, scheme) == k.tolist()
