@@ -22,6 +22,45 @@ __all__ = ["SplineDenseFunction", "SplineConvFunction", "SplineHamiltonianFuncti
            "spline_ode_conv_fused", "spline_ode_hamiltonian_fused", "layer_function", "run_layer"]
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the fused backward's gradients; differentiating them raises (the adjoint
+    kernels have no derivative of their own)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(k, *tensors):
+        # tensors: k gradients, then anchors (the layer's inputs that need gradients), inputs
+        # only so that the outputs are part of the graph whenever the layer's inputs are.
+        return tuple(g.view_as(g) for g in tensors[:k])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
+                           "use backend='reference' for higher-order gradients")
+
+
+def _loop_vmap_rule(fn: type) -> Callable:
+    """torch.func.vmap rule of a layer Function: the layer once per slice of the mapped inputs
+    (per-sample gradients, Jacobians), outputs stacked on dim 0. The fused kernels batch over
+    B already; a vmapped dimension usually maps parameters (per-sample weights), which no
+    single launch takes."""
+
+    def vmap(info, in_dims, *inputs):
+        outs = []
+        for i in range(info.batch_size):
+            args = [a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
+                    for a, d in zip(inputs, in_dims)]
+            outs.append(fn.apply(*args))
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
+    return vmap
+
+
 def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable]) -> type:
     """An autograd.Function over a layer's op pair, ``fwd()`` / ``bwd()`` (looked up lazily:
     the C++ ops of torch.ops.splinet_cuda, or the Triton ops of splinet_cuda/_triton.py).
@@ -34,18 +73,25 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
     op = fwd
 
     def run_backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("splinet_cuda: double backward through the fused layers is not supported; "
-                               "use backend='reference' for higher-order gradients")
-        states, weight, bias, scale = ctx.saved_tensors
+        x, states, weight, bias, scale = ctx.saved_tensors
         gx, gw, gb, gs = bwd()(grad, states, weight, bias, scale, *ctx.config)
+        if torch.is_grad_enabled():
+            # create_graph=True, or torch.func's grad / vjp / jacrev (which always build the
+            # graph): the gradients pass through a node that depends on every input and raises
+            # if they are differentiated again, so first-order transforms work and double
+            # backward fails with the reason (never a silent zero).
+            anchors = [t for t in (x, weight, bias, scale, grad) if t is not None]
+            if ctx.has_bias:
+                gx, gw, gb, gs = _FirstOrderOnly.apply(4, gx, gw, gb, gs, *anchors)
+            else:
+                gx, gw, gs = _FirstOrderOnly.apply(3, gx, gw, gs, *anchors)
         return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
 
     def save(ctx, inputs, states):
         x, weight, bias, scale, *config = inputs
         ctx.config = tuple(config)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(states, weight, bias, scale)
+        ctx.save_for_backward(x, states, weight, bias, scale)
 
     def forward(*inputs):
         states = op()(*inputs)
@@ -58,7 +104,7 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
 
     def backward(ctx, grad_last, grad_states):
         if grad_last is None:  # x_N unused by the loss (grads are not materialised)
-            grad_last = torch.zeros_like(ctx.saved_tensors[0][-1])
+            grad_last = torch.zeros_like(ctx.saved_tensors[1][-1])
         return run_backward(ctx, grad_last)
 
     def op_setup_context(ctx, inputs, output):
@@ -66,10 +112,12 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
 
     doc = ("Fused layer: the forward op runs all N steps (returns x_N and the saved states), the backward op "
            "the adjoint sweep with the eq. 23 accumulation.")
-    return type(name, (torch.autograd.Function,), {
+    cls = type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward), "op_setup_context": staticmethod(op_setup_context),
         "op_backward": staticmethod(run_backward), "op": staticmethod(op)})
+    cls.vmap = staticmethod(_loop_vmap_rule(cls))
+    return cls
 
 
 def _cpp_op(name: str) -> Callable[[], Callable]:
