@@ -12,6 +12,7 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures. Unset, the build covers the vi
 (Turing through Hopper and Blackwell as far as the installed nvcc goes, PTX of the newest).
 The list is recorded in the library, and a GPU it does not cover gets a clear error.
 """
+import functools
 import glob
 import importlib.util
 import os
@@ -40,6 +41,7 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+@functools.lru_cache(maxsize=None)
 def _load_archs():
     """splinet_cuda/_cuda_archs.py, loaded by path: the package cannot be imported before it is built."""
     spec = importlib.util.spec_from_file_location("splinet_cuda_archs", os.path.join(ROOT, "splinet_cuda", "_cuda_archs.py"))

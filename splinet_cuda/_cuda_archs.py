@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # The architectures a build without a visible GPU covers, those the installed nvcc knows,
@@ -127,7 +126,6 @@ def dtype_error(backend: str, dtype, capability: Tuple[int, int]) -> Optional[Ty
 # ---- run time -------------------------------------------------------------------------------
 
 _CAPABILITY: Dict[int, Tuple[Tuple[int, int], str]] = {}
-_WARNED: set = set()
 
 
 def device_capability(device) -> Tuple[Tuple[int, int], str]:
@@ -166,10 +164,3 @@ def triton_backend_error(device, dtype) -> Optional[Exception]:
         return None
     return dtype_error("triton", dtype, device_capability(device)[0])
 
-
-def warn_fallback(backend: str, err: Exception) -> None:
-    """One warning per backend and reason when ``backend="auto"`` passes a backend over."""
-    key = (backend, str(err))
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(f"splinet_cuda: backend='auto' skips {backend!r}: {err}", RuntimeWarning, stacklevel=4)

@@ -5,11 +5,12 @@ Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _cuda_archs, _ext, reference
+from . import _ext, reference
 from ._validate import Scale, as_number, check_checkpoint, check_flag, check_conv, check_dense, check_hamiltonian
 
 __all__ = ["spline_ode", "spline_ode_conv", "spline_ode_hamiltonian", "available_backends", "register_backend"]
@@ -90,22 +91,25 @@ def _unsupported(name: str, impl: Backend, kind: str, x: torch.Tensor, device_ch
     return None
 
 
-_WARNED_DTYPES: set = set()
+_WARNED: set = set()  # what backend="auto" has said already
+
+
+def _warn_once(key: tuple, message: str, stacklevel: int = 4) -> None:
+    """One RuntimeWarning per ``key``: why backend="auto" did not take a fused backend
+    (``stacklevel`` counts from here to the caller of the public function)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"splinet_cuda: backend='auto' {message}", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _warn_unfused_dtype(x: torch.Tensor) -> None:
     """backend="auto" runs the reference for a dtype that the fused backend of x's device does
     not take (bfloat16 / float16 on the CPU): said once per (device type, dtype), not silently."""
     fused = [n for n, b in _REGISTRY.items() if x.device.type in b.auto_device_types]
-    key = (x.device.type, x.dtype)
-    if fused and x.is_floating_point() and key not in _WARNED_DTYPES and all(
-            x.dtype not in _REGISTRY[n].dtypes for n in fused):
-        _WARNED_DTYPES.add(key)
-        import warnings
-
-        warnings.warn(f"splinet_cuda: backend='auto' has no fused kernel for {x.dtype} on {x.device.type} "
-                      f"(the {fused} backend takes {[str(d) for d in _REGISTRY[fused[0]].dtypes]}); running the "
-                      f"pure-PyTorch reference", RuntimeWarning, stacklevel=4)
+    if fused and x.is_floating_point() and all(x.dtype not in _REGISTRY[n].dtypes for n in fused):
+        _warn_once((x.device.type, x.dtype),
+                   f"has no fused kernel for {x.dtype} on {x.device.type} (the {fused} backend takes "
+                   f"{[str(d) for d in _REGISTRY[fused[0]].dtypes]}); running the pure-PyTorch reference", stacklevel=5)
 
 
 def _select(backend, kind: str, x: torch.Tensor) -> Callable:
@@ -125,7 +129,7 @@ def _select(backend, kind: str, x: torch.Tensor) -> Callable:
             err = impl.device_check(x.device, x.dtype) if impl.device_check is not None else None
             if err is None:
                 return getattr(impl, kind)
-            _cuda_archs.warn_fallback(name, err)  # a GPU this build (or dtype) cannot use: said once
+            _warn_once((name, str(err)), f"skips {name!r}: {err}")  # a GPU this build (or dtype) cannot use
         _warn_unfused_dtype(x)
         return getattr(reference, kind)
     impl = _REGISTRY.get(backend)

@@ -74,7 +74,7 @@ def fake_gpu(monkeypatch):
         return _cuda_archs.cuda_backend_error(torch.device("cuda", 0), dtype)
 
     monkeypatch.setattr(_dispatch, "_REGISTRY", dict(_dispatch._REGISTRY))
-    monkeypatch.setattr(_cuda_archs, "_WARNED", set())
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
     _dispatch.register_backend("cuda", dense=fused, conv=None, device_types=("cpu",), device_check=check,
                                dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
     monkeypatch.setattr(_dispatch, "_AUTO_ORDER", ("cuda", "cpu"))

@@ -287,7 +287,7 @@ def test_auto_says_when_a_dtype_has_no_fused_cpu_kernel(monkeypatch):
 
     if "cpu" not in sc.available_backends():
         pytest.skip("fused CPU kernels not built")
-    monkeypatch.setattr(_dispatch, "_WARNED_DTYPES", set())
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
     x, W, b = (t.bfloat16() for t in dense_args())
     with pytest.warns(RuntimeWarning, match="bfloat16.*reference"):
         sc.spline_ode(x, W, b, 1.0, steps=N, degree=D)
