@@ -33,7 +33,9 @@ L_RANGE = (2, 15)  # inclusive
 
 
 def parse_args(description: str, argv: Optional[Sequence[str]], *, runs: int, epochs: int,
-               smoke_runs: int = 2, smoke_epochs: int = 3, extra=None) -> argparse.Namespace:
+               smoke_runs: int = 2, smoke_epochs: int = 3, threads: int = 1,
+               threads_help: str = "the problems are tiny, threads only add overhead",
+               extra=None) -> argparse.Namespace:
     """--runs, --epochs, --smoke, --out, --seed, --threads (+ ``extra(parser)``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--runs", type=int, default=None, help=f"training runs per model (default {runs}; paper: 100)")
@@ -42,8 +44,8 @@ def parse_args(description: str, argv: Optional[Sequence[str]], *, runs: int, ep
                    help=f"tiny run for CI: {smoke_runs} runs, {smoke_epochs} epochs (seconds)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default examples/results)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hyperparameter draws and initialisations")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the problems are tiny, threads only add overhead)")
+    p.add_argument("--threads", type=int, default=threads,
+                   help=f"torch CPU threads (default {threads}: {threads_help})")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     if extra is not None:
         extra(p)

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -37,3 +38,29 @@ def test_convergence_orders_smoke(tmp_path):
     for d in orders:
         assert 0.7 < orders[d]["euler"] < 1.5
         assert orders[d]["rk4"] > 3.0
+
+
+def test_digits_smoke(tmp_path):
+    # the data ship inside scikit-learn (no download); it is in requirements-dev.txt
+    pytest.importorskip("sklearn")
+    out = _load("digits").main(["--smoke", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
+    md = (tmp_path / "digits.md").read_text()
+    assert (tmp_path / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Re-discretised" in md and "fused" in md and "reference" in md
+    # both training modes, each with its table over every scheme and evaluated step count
+    assert len(out["results"]) == 2
+    for res in out["results"].values():
+        (table,) = res["rediscretised"]
+        assert {s for s, _ in table} == {"euler", "midpoint", "rk4"}
+        assert all(0.0 <= v <= 1.0 for v in table.values())
+    assert out["epoch_times"]["fused"] > 0 and out["epoch_times"]["reference"] > 0
+
+
+def test_digits_data_split():
+    pytest.importorskip("sklearn")
+    x_tr, y_tr, x_te, y_te = _load("digits").load_data()
+    assert x_tr.shape[1:] == (1, 8, 8) and len(x_tr) + len(x_te) == 1797
+    # stratified: every class in the test set in (about) its share
+    counts = torch.bincount(y_te, minlength=10)
+    assert int(counts.min()) >= 34 and int(counts.max()) <= 38
+    assert abs(float(x_tr.mean())) < 1e-5 and abs(float(x_tr.std()) - 1) < 1e-4
