@@ -1,6 +1,6 @@
 # splinet_cuda: `make test` and `make bench` set everything up from a fresh machine.
 #   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
-#   make bench       venv + deps + build + benchmark suite (table, results, plot)
+#   make bench       venv + deps + build + quick benchmark suite (table; results and plots in build/bench/)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
 #   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,

@@ -25,7 +25,7 @@ import torch
 import splinet_cuda as sc
 
 __all__ = [
-    "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "IMPL_NAMES",
+    "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "CASE_SET_DOCS", "IMPL_NAMES",
     "make_inputs", "loss_fn", "forward_backward", "oracle_outputs", "check_agreement",
     "backend_impl", "reference_impl", "compiled_impl", "default_impls", "checkpoint_interval",
     "FUSED_BACKENDS", "PEERS", "COMPILED",
@@ -220,6 +220,22 @@ TINY: List[Case] = [
 
 CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL, "sweep": SWEEP,
                                     "sweep-full": SWEEP_FULL, "gpu": GPU}
+
+# What each --sizes value is for (`python -m bench --help` and `--list` print these).
+CASE_SET_DOCS: Dict[str, str] = {
+    "quick": "the default: the paper's dense sizes (sin, peaks), widths 64 and 256, a 1-D and a 2-D "
+             "convolution; torch.compile on peaks only; about 2-3 minutes on a 2-core CPU",
+    "full": "quick with torch.compile and peak memory on every case, plus GPU-scale dense (m = 256-1024, "
+            "B up to 4096) and convolution (C = 16-256, 2-D/3-D, the paper's Indian Pines) cases; "
+            "for a GPU or a patient CPU",
+    "sweep": "one parameter at a time around B=256 m=16: width, steps, degree, batch, scheme, channels; "
+             "plotted against the parameter (-sweeps.png)",
+    "sweep-full": "sweep plus widths 2048 and 4096 (a GPU's)",
+    "gpu": "the short GPU list of make gpu-check: the CUDA and Triton performance targets, each case "
+           "in its own dtype (bf16 large-width dense, fp32 small widths, conv2d)",
+    "tiny": "three tiny cases, seconds: tests of the harness itself",
+}
+assert set(CASE_SET_DOCS) == set(CASE_SETS)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,7 +16,6 @@ import torch.nn.functional as F
 
 from bench.cases import Case, Inputs, default_impls, forward_backward, make_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 _STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "rk4_38": 4}
 # Products per forward product: the backward does one for the input gradient and one for
 # the weight gradient.
@@ -75,19 +71,34 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+_FORKSERVER = None
+
+
+def _fresh_process_context():
+    """A forkserver that has imported torch, splinet_cuda and the bench modules once, and
+    has run nothing: every measurement forks a fresh child from it (no memory cached by
+    earlier work, no OpenMP state inherited), a second instead of a new interpreter's
+    imports per implementation."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "splinet_cuda", "bench.cases", "bench.peers", "bench.metrics"])
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
 def peak_memory_cpu(case: Case, impl_name: str, timeout: float = 600.0) -> Optional[float]:
     """MB of resident memory a forward+backward adds at its peak, measured in a fresh
-    subprocess (so nothing cached by earlier runs counts): libraries are loaded by a tiny
-    warm-up, the peak-RSS counter is reset (/proc/self/clear_refs), then one call runs."""
+    process forked from a clean forkserver (so nothing cached by earlier runs counts):
+    libraries are loaded by a tiny warm-up, the peak-RSS counter is reset
+    (/proc/self/clear_refs), then one call runs."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    spec = json.dumps({"case": case.__dict__, "impl": impl_name})
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    res = subprocess.run([sys.executable, "-m", "bench.metrics", spec], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory subprocess failed: {res.stderr.strip().splitlines()[-1:]}")
-    return float(res.stdout.strip().splitlines()[-1])
+    spec = json.dumps({"case": case.__dict__, "impl": impl_name, "threads": torch.get_num_threads()})
+    with _fresh_process_context().Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply_async(_measure_in_this_process, (spec,)).get(timeout)
 
 
 def _measure_in_this_process(spec: str) -> float:
@@ -96,7 +107,7 @@ def _measure_in_this_process(spec: str) -> float:
     data = json.loads(spec)
     data["case"]["spatial"] = tuple(data["case"]["spatial"])
     case = Case(**data["case"])
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(data["threads"]))
     (impl,) = [i for i in default_impls([data["impl"]], compile=False) if i.name == data["impl"]]
     tiny = replace(case, B=1, N=1, name=case.name + "-warmup")
     forward_backward(impl.build(tiny), make_inputs(tiny, "cpu"))
@@ -108,5 +119,3 @@ def _measure_in_this_process(spec: str) -> float:
     return (_status_kb("VmHWM") - base) / 1024
 
 
-if __name__ == "__main__":
-    print(f"{_measure_in_this_process(sys.argv[1]):.3f}")

@@ -34,12 +34,14 @@ import torch
 import torch.utils.benchmark
 from tqdm import tqdm
 
-from bench.cases import (CASE_SETS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
+from bench.cases import (CASE_SETS, CASE_SET_DOCS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
                          default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
 from bench.metrics import MODE_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "bench" / "results"
+# A run's files go to the git-ignored build/ folder, so benchmarking leaves the source tree
+# clean; bench/results/ holds the committed results (written with --out bench/results).
+DEFAULT_OUT = REPO / "build" / "bench"
 
 # Row status: timed; disagreed with the reference (not timed); raised; does not apply.
 OK, WRONG, ERROR, SKIPPED = "ok", "WRONG", "ERROR", "SKIPPED"
@@ -49,22 +51,22 @@ OK, WRONG, ERROR, SKIPPED = "ok", "WRONG", "ERROR", "SKIPPED"
 # Timing
 # --------------------------------------------------------------------------------------
 
-MIN_SAMPLES = 5  # fewer make p20/p80 meaningless
+MIN_SAMPLES = 6  # per (case, implementation, mode) over all rounds; fewer make p20/p80 meaningless
 
 
-def time_cpu(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
+def time_cpu(fn: Callable[[], object], min_run_time: float, min_samples: int = MIN_SAMPLES) -> np.ndarray:
     """Per-call times (ms) of ``fn`` from torch.utils.benchmark's blocked_autorange, at
     the process's thread count (Timer's default would be one thread), topped up with
-    single calls to at least MIN_SAMPLES samples when one call outlasts ``min_run_time``."""
+    single calls to at least ``min_samples`` samples when one call outlasts ``min_run_time``."""
     timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
-    times += [timer.timeit(1).median for _ in range(MIN_SAMPLES - len(times))]
+    times += [timer.timeit(1).median for _ in range(min_samples - len(times))]
     return np.asarray(times) * 1e3
 
 
-def time_cuda(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
+def time_cuda(fn: Callable[[], object], min_run_time: float, min_samples: int = MIN_SAMPLES) -> np.ndarray:
     """Per-call times (ms) of ``fn`` from CUDA events, after a warm-up; as many calls as
-    fit in ``min_run_time`` (at least MIN_SAMPLES, at most 1000)."""
+    fit in ``min_run_time`` (at least ``min_samples``, at most 1000)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,7 +76,7 @@ def time_cuda(fn: Callable[[], object], min_run_time: float) -> np.ndarray:
     end.record()
     torch.cuda.synchronize()
     estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
-    reps = int(min(1000, max(MIN_SAMPLES, min_run_time * 1e3 / estimate_ms)))
+    reps = int(min(1000, max(min_samples, min_run_time * 1e3 / estimate_ms)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for s, e in events:
         s.record()
@@ -96,6 +98,10 @@ def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
 
 
 ROUNDS = 3  # timing rounds; each round times every implementation and mode in turn
+# Round speedups further apart than this fraction of the median mark a row noisy; a run
+# with more than NOISY_RUN of its rows noisy is flagged as a whole.
+ROUND_SPREAD = 0.15
+NOISY_RUN = 0.2
 
 
 # --------------------------------------------------------------------------------------
@@ -152,7 +158,8 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
                     continue
                 try:
                     with impl.environment():
-                        samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS))
+                        samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS,
+                                                                -(-MIN_SAMPLES // ROUNDS)))
                 except Exception as err:  # reported on its row, not fatal
                     failed[(impl.name, mode)] = f"{type(err).__name__}: {err}".splitlines()[0]
     for impl, (_, built) in ready:
@@ -161,7 +168,9 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
             if key in failed:
                 rows.append(_row(case, impl, mode, ERROR, agrees=True, note=failed[key], **built))
             else:
-                rows.append(_row(case, impl, mode, OK, agrees=True, times=np.concatenate(samples[key]), **built))
+                row = _row(case, impl, mode, OK, agrees=True, times=np.concatenate(samples[key]), **built)
+                row["round_ms"] = [float(np.median(t)) for t in samples[key]]
+                rows.append(row)
     # The floor: the same products on the device's own GEMM/convolution, back to back.
     gemm_ms = float(np.median(timer(product_fn(case, inputs), min_run_time)))
     if case.memory:
@@ -177,7 +186,22 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
             r["speedup"] = base["median_ms"] / r["median_ms"]
             if r["peak_mb"] is not None and base["peak_mb"]:
                 r["mem_vs_ref"] = r["peak_mb"] / base["peak_mb"]
+            _round_spread(r, base)
     return rows
+
+
+def _round_spread(row: dict, base: dict) -> None:
+    """The speedup of each interleaved round (the reference's round median over this
+    row's, both timed within the same round) and their range: ``speedup_lo``/``speedup_hi``.
+    A row whose round speedups differ by more than ROUND_SPREAD of the median is ``noisy``:
+    the machine's load changed between rounds, and a speedup whose range holds 1 says
+    nothing (printed as ~1x)."""
+    mine, theirs = row.get("round_ms") or [], base.get("round_ms") or []
+    if len(mine) < 2 or len(mine) != len(theirs):
+        return
+    ratios = [b / a for a, b in zip(mine, theirs)]
+    row["speedup_lo"], row["speedup_hi"] = min(ratios), max(ratios)
+    row["noisy"] = (row["speedup_hi"] - row["speedup_lo"]) > ROUND_SPREAD * row["speedup"]
 
 
 def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: torch.device,
@@ -247,7 +271,11 @@ def run_benchmarks(cases: Sequence[Case], impls: Sequence[Impl], device: torch.d
                 rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=note) for impl in impls for mode in MODES]
                 bar.update(len(impls))
                 continue
-            rows += bench_case(case, impls, device, min_run_time, bar)
+            t0 = time.perf_counter()
+            case_rows = bench_case(case, impls, device, min_run_time, bar)
+            for r in case_rows:  # where a run's time goes: checks, compiles, timing, memory
+                r["case_s"] = round(time.perf_counter() - t0, 1)
+            rows += case_rows
     return rows
 
 
@@ -297,8 +325,9 @@ def metadata(device: torch.device, dtype: str, sizes: str) -> dict:
 
 
 CSV_FIELDS = ["case", "kind", "shape", "impl", "mode", "status", "agrees", "median_ms", "p20_ms", "p80_ms",
-              "speedup", "gflops", "gemm_ms", "of_gemm", "peak_mb", "mem_vs_ref", "regression", "compile_s", "compile_cache", "device", "device_name", "dtype", "threads", "torch", "git_sha", "date",
-              "note"]
+              "speedup", "speedup_lo", "speedup_hi", "noisy", "gflops", "gemm_ms", "of_gemm", "peak_mb", "mem_vs_ref",
+              "regression", "compile_s", "compile_cache", "case_s", "device", "device_name", "dtype", "threads",
+              "torch", "git_sha", "date", "note"]
 
 
 def write_results(rows: List[dict], meta: dict, out: Path) -> Dict[str, Path]:
@@ -400,7 +429,26 @@ def plot_speedups(rows: List[dict], meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-NOISY_SPREAD = 1.5
+def noise(rows: List[dict]):
+    """The rows marked noisy ("case/impl/mode") and whether the run as a whole is:
+    more than NOISY_RUN of the rows with a speedup range."""
+    ranged = [r for r in rows if r["status"] == OK and r.get("noisy") is not None]
+    noisy = [f"{r['case']}/{r['impl']}/{r['mode']}" for r in ranged if r["noisy"]]
+    return noisy, bool(ranged) and len(noisy) > NOISY_RUN * len(ranged)
+
+
+def speedup_cell(r: dict) -> str:
+    """``2.14x``; ``1.30x ~`` when its rounds disagree; ``~1x`` when they disagree and
+    their range holds 1 (a 0.96x that is the machine's load, not the implementation)."""
+    if r["speedup"] is None:
+        return "-"
+    if not r.get("noisy"):
+        return f"{r['speedup']:.2f}x"
+    if r["speedup_lo"] <= 1.0 <= r["speedup_hi"]:
+        return "~1x"
+    return f"{r['speedup']:.2f}x ~"
+
+
 REGRESSION = 0.10  # a median this much above the earlier file's is flagged
 
 
@@ -452,7 +500,7 @@ def format_table(rows: List[dict]) -> str:
             median, spread = f"{r['median_ms']:.3f}", f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
         else:
             median, spread = r["status"], ""
-        speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        speedup = speedup_cell(r)
         if r.get("regression"):
             speedup += " !"
         gflops = f"{r['gflops']:.2f}" if r.get("gflops") is not None else ""
@@ -472,10 +520,15 @@ def format_table(rows: List[dict]) -> str:
     notes = [f"  {r['case']}/{r['impl']}: {r['status']}: {r['note']}" for r in rows
              if r["status"] != OK and r["mode"] == MODES[0] and r["note"]]
     notes = [n if len(n) <= 240 else n[:237] + "..." for n in notes]  # the JSON keeps the whole message
-    noisy = [f"{r['case']}/{r['impl']}/{r['mode']}" for r in rows
-             if r["status"] == OK and r["p80_ms"] > NOISY_SPREAD * r["p20_ms"]]
+    noisy, noisy_run = noise(rows)
     if noisy:
-        notes.append(f"  noisy (p80 > {NOISY_SPREAD} x p20; a busy machine? try --threads 1): {', '.join(noisy)}")
+        notes.append(f"  ~ noisy: the speedups of the {ROUNDS} interleaved rounds differ by more than "
+                     f"{100 * ROUND_SPREAD:.0f}% (range in the JSON's speedup_lo/hi; ~1x: the range holds 1, "
+                     f"no difference measured): {', '.join(noisy)}")
+    if noisy_run:
+        notes.insert(0, f"  NOISY RUN: {len(noisy)} of {sum(r['status'] == OK for r in rows)} timed rows changed "
+                        f"between rounds: the machine was busy. Rerun it quiet (or with --threads 1) "
+                        f"before reading small speedups.")
     slower = [f"{r['case']}/{r['impl']}/{r['mode']} ({r['regression']})" for r in rows if r.get("regression")]
     if slower:
         notes.append(f"  ! slower than the earlier results by more than {100 * REGRESSION:.0f}%: {', '.join(slower)}")
@@ -496,10 +549,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="dtype of every case (default: each case's own; float32 unless the case list says)")
     sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--sizes", choices=list(CASE_SETS), default="quick", help="which case list to run")
+    sizes.add_argument("--sizes", choices=list(CASE_SETS), default="quick", metavar="{" + ",".join(CASE_SETS) + "}",
+                       help="which case list to run: " + "; ".join(f"{k}: {v}" for k, v in CASE_SET_DOCS.items()))
     sizes.add_argument("--quick", dest="sizes", action="store_const", const="quick", help="same as --sizes quick")
     sizes.add_argument("--full", dest="sizes", action="store_const", const="full", help="same as --sizes full")
-    p.add_argument("--cases", default=None, help="comma list of case names to keep (default: all of --sizes)")
+    p.add_argument("--cases", default=None,
+                   help="comma list of case names of --sizes to keep (default: all; --list shows them)")
+    p.add_argument("--list", action="store_true",
+                   help="print every --sizes list with its cases and the implementations, then exit")
     p.add_argument("--backends", default=None,
                    help=f"comma list of implementations among {','.join(IMPL_NAMES)} "
                         "(default: every built backend and compiled; the reference always runs)")
@@ -507,7 +564,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads (torch.set_num_threads); 1 is steadier on a busy machine")
     p.add_argument("--min-run-time", type=float, default=0.25, help="seconds of timing per case, impl and mode")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, CSV and PNG")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="directory for the JSON, CSV and PNG (outside the sources; the committed results "
+                        "are in bench/results/, written with --out bench/results)")
     p.add_argument("--compare", default="auto",
                    help="earlier results JSON to flag regressions against (> 10%% slower); 'auto': the newest "
                         "file in --out for this device and dtype; 'none': no comparison")
@@ -545,6 +604,8 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
         impls = default_impls(names, compile=not args.no_compile) + list(extra_impls)
     except ValueError as err:
         raise SystemExit(f"--backends: {err}")
+    if args.list:
+        return _list(impls, device)
     cases = CASE_SETS[args.sizes]
     if args.cases is not None:
         keep = {c.strip() for c in args.cases.split(",")}
@@ -564,6 +625,8 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
+    print(f"python -m bench: {len(cases)} cases (--sizes {args.sizes}) x {len(impls)} implementations on "
+          f"{device}; results to {args.out}", file=sys.stderr)
     meta = metadata(device, dtype, args.sizes)
     if device.type == "cuda":
         meta["tf32"] = False
@@ -580,12 +643,26 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
     if earlier is not None:
         meta["compared_with"] = earlier.name
         compare(rows, earlier)
+    noisy, meta["noisy_run"] = noise(rows)
+    meta["noisy_rows"] = len(noisy)
     paths = write_results(rows, meta, args.out)
     print(f"\nsplinet_cuda benchmark: {meta['device_name']} ({meta['device']}), {dtype}, "
           f"torch {meta['torch']}, {meta['threads']} threads, git {meta['git_sha']}\n")
     print(format_table(rows))
     print(f"\n{meta['wall_s']} s; wrote {', '.join(str(p) for p in paths.values())}")
     return {"meta": meta, "rows": rows, "paths": paths}
+
+
+def _list(impls: Sequence[Impl], device: torch.device) -> dict:
+    """Prints every case list (``--sizes``) with its cases, and the implementations."""
+    for name, cases in CASE_SETS.items():
+        print(f"--sizes {name}: {CASE_SET_DOCS[name]}")
+        for c in cases:
+            extra = [t for t, on in (("torch.compile", c.compile), ("peak memory", c.memory)) if on]
+            print(f"    {c.name:<20} {c.kind:<5} {c.dtype:<8} {c.shape}" + (f"  [{', '.join(extra)}]" if extra else ""))
+    print(f"implementations on {device} (--backends): {', '.join(i.name for i in impls)}; all known: "
+          f"{', '.join(IMPL_NAMES)}")
+    return {"meta": None, "rows": [], "paths": {}, "sets": {k: [c.name for c in v] for k, v in CASE_SETS.items()}}
 
 
 def _dry_run(cases: Sequence[Case], impls: Sequence[Impl], device: torch.device, args: argparse.Namespace) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,79 @@ def test_cublas_variant_only_where_it_differs():
     assert impl.env == {"SPLINET_DENSE_GEMM": "cublas"}
     case = CASE_SETS["tiny"][0]  # float32 dense
     assert "bf16/fp16" in impl.skip(case, torch.device("cpu"))
+
+
+def _timed_row(impl, round_ms, median_ms=None):
+    return {"case": "c", "impl": impl, "mode": "fwd", "status": run.OK, "round_ms": round_ms,
+            "median_ms": median_ms if median_ms is not None else float(sorted(round_ms)[len(round_ms) // 2])}
+
+
+def test_round_speedups_flag_a_noisy_row():
+    """Each interleaved round gives a speedup; rounds that disagree mark the row, and a
+    marked speedup whose range holds 1 prints as ~1x, not as a 0.96x that is load."""
+    ref = _timed_row("reference", [10.0, 10.0, 10.0])
+    steady = _timed_row("a", [5.0, 5.1, 4.9])
+    steady["speedup"] = 2.0
+    run._round_spread(steady, ref)
+    assert not steady["noisy"] and run.speedup_cell(steady) == "2.00x"
+    assert steady["speedup_lo"] == pytest.approx(10 / 5.1) and steady["speedup_hi"] == pytest.approx(10 / 4.9)
+
+    loaded = _timed_row("b", [8.0, 10.4, 12.5])  # one round sped up, one slowed down: load, not the code
+    loaded["speedup"] = 10.0 / 10.4
+    run._round_spread(loaded, ref)
+    assert loaded["noisy"] and loaded["speedup_lo"] < 1 < loaded["speedup_hi"]
+    assert run.speedup_cell(loaded) == "~1x"
+
+    fast_noisy = _timed_row("c", [2.0, 2.5, 3.0])
+    fast_noisy["speedup"] = 4.0
+    run._round_spread(fast_noisy, ref)
+    assert fast_noisy["noisy"] and run.speedup_cell(fast_noisy) == "4.00x ~"
+
+    rows = [dict(ref, speedup=1.0, noisy=False), steady, loaded, fast_noisy]
+    noisy, noisy_run = run.noise(rows)
+    assert noisy == ["c/b/fwd", "c/c/fwd"] and noisy_run  # 2 of 4 > a fifth
+    assert run.noise(rows[:2]) == ([], False)
+
+
+def test_noisy_run_is_flagged_in_the_table(tiny_run):
+    _, result = tiny_run
+    rows = [dict(r) for r in result["rows"]]
+    timed = [r for r in rows if r["status"] == run.OK and r["impl"] != "reference"]
+    assert timed and all(len(r["round_ms"]) == run.ROUNDS and "noisy" in r for r in timed)
+    for r in timed:
+        r.update(noisy=True, speedup_lo=0.5, speedup_hi=1.5)
+    table = run.format_table(rows)
+    assert "NOISY RUN" in table and "~1x" in table
+    assert "noisy_run" in result["meta"] and "noisy_rows" in result["meta"]
+
+
+def test_every_case_list_is_documented_and_listed(capsys):
+    from bench.cases import CASE_SET_DOCS
+
+    assert set(CASE_SET_DOCS) == set(CASE_SETS) and all(CASE_SET_DOCS.values())
+    out = run.main(["--list"])
+    printed = capsys.readouterr().out
+    for name, cases in CASE_SETS.items():
+        assert f"--sizes {name}:" in printed
+        assert all(c.name in printed for c in cases)
+    assert out["sets"]["quick"] == [c.name for c in CASE_SETS["quick"]]
+
+
+def test_help_names_every_case_list():
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    for name in CASE_SETS:
+        assert f"{name}:" in proc.stdout
+    assert "--list" in proc.stdout
+
+
+def test_results_go_outside_the_sources_by_default():
+    """A plain run writes into the git-ignored build/ folder, not into bench/results/ (the
+    committed results)."""
+    assert run.DEFAULT_OUT == REPO / "build" / "bench"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(run.DEFAULT_OUT / "x.json")], cwd=REPO)
+    if ignored.returncode == 128:  # not a git checkout (an unpacked sdist): nothing to check
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0
+    assert run.parse_args([]).out == run.DEFAULT_OUT
