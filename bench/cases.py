@@ -25,8 +25,8 @@ import torch
 import splinet_cuda as sc
 
 __all__ = [
-    "Case", "Inputs", "Impl", "MODES", "DTYPES", "TOLERANCES", "CASE_SETS", "CASE_SET_DOCS", "IMPL_NAMES",
-    "make_inputs", "loss_fn", "forward_backward", "oracle_outputs", "check_agreement",
+    "Case", "Inputs", "Impl", "MODES", "TRAIN", "DTYPES", "TOLERANCES", "CASE_SETS", "CASE_SET_DOCS", "IMPL_NAMES",
+    "make_inputs", "loss_fn", "forward_backward", "train_step_fn", "oracle_outputs", "check_agreement",
     "backend_impl", "reference_impl", "compiled_impl", "default_impls", "checkpoint_interval",
     "FUSED_BACKENDS", "PEERS", "COMPILED",
 ]
@@ -35,6 +35,8 @@ __all__ = [
 # for its backward is included); "bwd": the gradients wrt x, weight, bias of one retained
 # forward; "fwd+bwd": forward, loss and gradients.
 MODES = ("fwd", "bwd", "fwd+bwd")
+# --train-step adds this mode: one whole optimizer step of a small model around the layer.
+TRAIN = "train"
 
 DTYPES: Dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -266,6 +268,47 @@ def make_inputs(case: Case, device, *, requires_grad: bool = True) -> Inputs:
         0.1 * torch.randn((case.n, width), generator=gen, dtype=torch.float64),
     )
     return Inputs(*(t.to(device=device, dtype=case.torch_dtype).requires_grad_(requires_grad) for t in tensors))
+
+
+TRAIN_CLASSES = 10
+
+
+def train_step_fn(case: Case, fn: Callable, inputs: Inputs) -> Callable[[], object]:
+    """One optimizer step of a small classifier around the layer, as a training loop runs
+    it: a lift (Linear m -> m, or a 1x1 convolution C -> C), the layer ``fn`` with its
+    coefficients as parameters, a head (global average pool for convolutions, Linear to 10
+    classes), cross-entropy on fixed labels, backward, Adam. Built the same way, with the
+    same seeds, for every implementation; the learning rate is small so that the timed
+    steps leave the problem as it was."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()) + 1)
+    dev, dtype = inputs.x.device, inputs.x.dtype
+    width = case.m if case.kind == "dense" else case.C
+    torch.manual_seed(zlib.crc32(case.name.encode()))
+    if case.kind == "dense":
+        lift = torch.nn.Linear(width, width)
+    else:
+        lift = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[len(case.spatial)](width, width, 1)
+    head = torch.nn.Linear(width, TRAIN_CLASSES)
+    lift, head = lift.to(dev, dtype), head.to(dev, dtype)
+    weight = inputs.weight.detach().clone().requires_grad_()
+    bias = inputs.bias.detach().clone().requires_grad_()
+    params = [*lift.parameters(), weight, bias, *head.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-5)
+    x = inputs.x.detach()
+    labels = torch.randint(0, TRAIN_CLASSES, (case.B,), generator=gen).to(dev)
+    spatial = tuple(range(2, 2 + len(case.spatial)))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        h = fn(lift(x), weight, bias)
+        if spatial:
+            h = h.mean(dim=spatial)
+        loss = torch.nn.functional.cross_entropy(head(h).float(), labels)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
 
 
 def loss_fn(y: torch.Tensor) -> torch.Tensor:

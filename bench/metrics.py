@@ -19,7 +19,7 @@ from bench.cases import Case, Inputs, default_impls, forward_backward, make_inpu
 _STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "rk4_38": 4}
 # Products per forward product: the backward does one for the input gradient and one for
 # the weight gradient.
-MODE_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+MODE_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3, "train": 3}  # train: the layer's products only
 
 
 def products_per_call(case: Case) -> int:

@@ -34,7 +34,8 @@ import torch
 import torch.utils.benchmark
 from tqdm import tqdm
 
-from bench.cases import (CASE_SETS, CASE_SET_DOCS, DTYPES, IMPL_NAMES, MODES, Case, Impl, Inputs, check_agreement,
+from bench.cases import (CASE_SETS, CASE_SET_DOCS, DTYPES, IMPL_NAMES, MODES, TRAIN, Case, Impl, Inputs,
+                         check_agreement, train_step_fn,
                          default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
 from bench.metrics import MODE_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
 
@@ -86,9 +87,14 @@ def time_cuda(fn: Callable[[], object], min_run_time: float, min_samples: int = 
     return np.asarray([s.elapsed_time(e) for s, e in events])
 
 
-def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
+def mode_fn(fn: Callable, inputs: Inputs, mode: str, case: Optional[Case] = None) -> Callable[[], object]:
     """The timed statement of ``mode``: the forward; the gradients of one forward, kept for
-    repeated backwards; or forward, loss and gradients."""
+    repeated backwards; forward, loss and gradients; or (``train``) one optimizer step of
+    a small model around the layer (bench/cases.py: train_step_fn)."""
+    if mode == TRAIN:
+        step = train_step_fn(case, fn, inputs)
+        step()  # builds what a first step builds (Adam's state; a compiled graph's variant)
+        return step
     if mode == "fwd":
         return lambda: fn(*inputs)
     if mode == "bwd":
@@ -125,9 +131,9 @@ def _row(case: Case, impl: Impl, mode: str, status: str, *, agrees: Optional[boo
 
 
 def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_time: float,
-               progress: Optional[tqdm] = None) -> List[dict]:
+               progress: Optional[tqdm] = None, modes: Sequence[str] = MODES) -> List[dict]:
     """Rows of one case: each implementation checked against the float64 reference, then
-    timed in every mode unless it disagrees, raises or does not apply."""
+    timed in every mode of ``modes`` unless it disagrees, raises or does not apply."""
     inputs = make_inputs(case, device)
     expected = oracle_outputs(case, inputs)
     timer = time_cuda if device.type == "cuda" else time_cpu
@@ -137,10 +143,10 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
             progress.set_postfix_str(f"{case.name} / {impl.name}")
         reason = impl.skip(case, device)
         if reason is not None:
-            rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=reason) for mode in MODES]
+            rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=reason) for mode in modes]
         else:
             with impl.environment():
-                checked = _check_impl(case, impl, inputs, expected)
+                checked = _check_impl(case, impl, inputs, expected, modes)
             if isinstance(checked, list):
                 rows += checked
             else:
@@ -149,21 +155,21 @@ def bench_case(case: Case, impls: Sequence[Impl], device: torch.device, min_run_
             progress.update()
     # Interleaved: every round times each implementation and mode in turn, so a noisy
     # stretch of the machine hits them all alike.
-    samples = {(impl.name, mode): [] for impl, _ in ready for mode in MODES}
+    samples = {(impl.name, mode): [] for impl, _ in ready for mode in modes}
     failed: Dict[tuple, str] = {}
     for _ in range(ROUNDS):
         for impl, (fn, _) in ready:
-            for mode in MODES:
+            for mode in modes:
                 if (impl.name, mode) in failed:
                     continue
                 try:
                     with impl.environment():
-                        samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode), min_run_time / ROUNDS,
+                        samples[(impl.name, mode)].append(timer(mode_fn(fn, inputs, mode, case), min_run_time / ROUNDS,
                                                                 -(-MIN_SAMPLES // ROUNDS)))
                 except Exception as err:  # reported on its row, not fatal
                     failed[(impl.name, mode)] = f"{type(err).__name__}: {err}".splitlines()[0]
     for impl, (_, built) in ready:
-        for mode in MODES:
+        for mode in modes:
             key = (impl.name, mode)
             if key in failed:
                 rows.append(_row(case, impl, mode, ERROR, agrees=True, note=failed[key], **built))
@@ -223,7 +229,7 @@ def _measure_memory(case: Case, impls: Sequence[Impl], inputs: Inputs, device: t
             row["note"] = (row["note"] + f" memory: {type(err).__name__}: {err}").strip()
 
 
-def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected):
+def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected, modes: Sequence[str] = MODES):
     """Builds ``impl`` and checks its first call (the build, for a compiled one) against
     ``expected``: its ERROR or WRONG rows, or (fn, build info) when it agrees."""
     cache_before = _inductor_cache_counts() if impl.compiled else None
@@ -236,7 +242,7 @@ def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected):
     except Exception as err:  # an implementation that raises is reported, not fatal
         traceback.print_exc()  # the row keeps one line; the log keeps where it came from
         note = f"{type(err).__name__}: {err}".splitlines()[0]
-        return [_row(case, impl, mode, ERROR, agrees=False, note=note) for mode in MODES]
+        return [_row(case, impl, mode, ERROR, agrees=False, note=note) for mode in modes]
     built = {}
     if impl.compiled:
         hits, misses = (after - before for after, before in zip(_inductor_cache_counts(), cache_before))
@@ -244,7 +250,7 @@ def _check_impl(case: Case, impl: Impl, inputs: Inputs, expected):
         built = {"compile_s": first_call_s, "compile_cache": "warm" if hits and not misses else "cold"}
     if mismatch is not None:
         note = " ".join(mismatch.split())
-        return [_row(case, impl, mode, WRONG, agrees=False, note=note, **built) for mode in MODES]
+        return [_row(case, impl, mode, WRONG, agrees=False, note=note, **built) for mode in modes]
     return fn, built
 
 
@@ -257,7 +263,8 @@ def _inductor_cache_counts():
 
 
 def run_benchmarks(cases: Sequence[Case], impls: Sequence[Impl], device: torch.device,
-                   min_run_time: float, progress: bool = True, budget: Optional[float] = None) -> List[dict]:
+                   min_run_time: float, progress: bool = True, budget: Optional[float] = None,
+                   modes: Sequence[str] = MODES) -> List[dict]:
     """Rows of every case (see :func:`bench_case`), with a tqdm bar over case x implementation.
     With a ``budget`` (seconds), the cases not yet started when it is spent (never the first)
     get SKIPPED rows, so a run under a hard time limit still writes its results."""
@@ -268,11 +275,11 @@ def run_benchmarks(cases: Sequence[Case], impls: Sequence[Impl], device: torch.d
         for i, case in enumerate(cases):
             if budget is not None and i > 0 and time.perf_counter() - start > budget:
                 note = f"time budget of {budget:g} s spent before this case"
-                rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=note) for impl in impls for mode in MODES]
+                rows += [_row(case, impl, mode, SKIPPED, agrees=None, note=note) for impl in impls for mode in modes]
                 bar.update(len(impls))
                 continue
             t0 = time.perf_counter()
-            case_rows = bench_case(case, impls, device, min_run_time, bar)
+            case_rows = bench_case(case, impls, device, min_run_time, bar, modes)
             for r in case_rows:  # where a run's time goes: checks, compiles, timing, memory
                 r["case_s"] = round(time.perf_counter() - t0, 1)
             rows += case_rows
@@ -402,10 +409,11 @@ def plot_speedups(rows: List[dict], meta: dict, path: Path) -> None:
 
     cases = list(dict.fromkeys(r["case"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, len(MODES), figsize=(max(6.0, 1.3 * len(cases)) * len(MODES), 4.5), squeeze=False)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.0, 1.3 * len(cases)) * len(modes), 4.5), squeeze=False)
     width = 0.8 / max(1, len(impls))
     legend = [Patch(color=f"C{j}", label=impl) for j, impl in enumerate(impls)]
-    for ax, mode in zip(axes[0], MODES):
+    for ax, mode in zip(axes[0], modes):
         by_key = {(r["case"], r["impl"]): r for r in rows if r["mode"] == mode}
         for j, impl in enumerate(impls):
             xs = np.arange(len(cases)) + (j - (len(impls) - 1) / 2) * width
@@ -571,6 +579,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="earlier results JSON to flag regressions against (> 10%% slower); 'auto': the newest "
                         "file in --out for this device and dtype; 'none': no comparison")
     p.add_argument("--memory", action="store_true", help="measure peak memory on every case (default: marked cases)")
+    p.add_argument("--train-step", action="store_true",
+                   help="also time mode 'train': one whole optimizer step of a small model per implementation "
+                        "(a lift, the layer, a head, cross-entropy, backward, Adam), as a training loop runs it")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which no new case starts (the rest are reported SKIPPED)")
@@ -631,8 +642,9 @@ def _run(args: argparse.Namespace, device: torch.device, extra_impls: Sequence[I
     if device.type == "cuda":
         meta["tf32"] = False
     start = time.perf_counter()
+    modes = MODES + ((TRAIN,) if args.train_step else ())
     rows = run_benchmarks(cases, impls, device, args.min_run_time, progress=not args.no_progress,
-                          budget=args.budget)
+                          budget=args.budget, modes=modes)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     stem = results_stem(meta)
     earlier = None

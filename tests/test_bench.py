@@ -261,3 +261,39 @@ def test_results_go_outside_the_sources_by_default():
         pytest.skip("not a git checkout")
     assert ignored.returncode == 0
     assert run.parse_args([]).out == run.DEFAULT_OUT
+
+
+def test_train_step_mode(tmp_path):
+    """--train-step times one optimizer step of a small model per implementation; the
+    markdown report gets its columns."""
+    from bench import report
+
+    result = run.main(TINY_ARGS + ["--train-step", "--backends", "cpu,reference", "--cases", "tiny_dense,tiny_conv2d",
+                                   "--out", str(tmp_path)])
+    train = [r for r in result["rows"] if r["mode"] == "train"]
+    assert {(r["case"], r["impl"]) for r in train} == {(c, i) for c in ("tiny_dense", "tiny_conv2d")
+                                                       for i in ("cpu", "reference")}
+    assert all(r["status"] == run.OK and r["median_ms"] > 0 and r["speedup"] is not None for r in train)
+    table = report.markdown(json.loads(next(tmp_path.glob("*.json")).read_text()))
+    assert "train step ms" in table and "train speedup" in table
+    # without the flag, no train rows (the default suite stays within its time)
+    plain = run.main(TINY_ARGS + ["--backends", "reference", "--cases", "tiny_dense", "--out", str(tmp_path / "p")])
+    assert {r["mode"] for r in plain["rows"]} == set(MODES)
+
+
+def test_train_step_is_the_same_model_for_every_implementation():
+    """The train step builds the same lift, head, labels and coefficients for every
+    implementation, so their first losses agree, and a step changes the parameters."""
+    from bench.cases import backend_impl, train_step_fn
+
+    for case in (CASE_SETS["tiny"][0], CASE_SETS["tiny"][2]):
+        inputs = make_inputs(case, "cpu")
+        losses = []
+        for impl in (reference_impl(), backend_impl("cpu")):
+            step = train_step_fn(case, impl.build(case), inputs)
+            first = float(step())
+            second = float(step())
+            assert first != second  # Adam moved the parameters
+            losses.append(first)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        assert inputs.weight.grad is None  # the case's own tensors are left alone
