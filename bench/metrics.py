@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import select
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import Case, Inputs, default_impls, forward_backward, make_inputs
+
+REPO = Path(__file__).resolve().parent.parent
 
 _STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "rk4_38": 4}
 # Products per forward product: the backward does one for the input gradient and one for
@@ -71,34 +77,88 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-_FORKSERVER = None
+class _MeasureServer:
+    """A child interpreter (``python -m bench.metrics``) that imports torch, splinet_cuda
+    and the bench modules once and then runs nothing itself: for every measurement it forks
+    a fresh process, which measures one implementation and exits. Each measurement thus
+    starts from the same clean state (no memory cached by earlier work, no OpenMP threads
+    inherited: the server never ran a parallel region), in a fraction of a second instead
+    of a new interpreter's imports. Requests and answers are JSON lines on its stdin/stdout."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.metrics"], cwd=REPO, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def measure(self, spec: str, timeout: float) -> float:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"memory server exited with {self.proc.returncode}")
+        self.proc.stdin.write(spec + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise RuntimeError(f"memory measurement took more than {timeout:g} s")
+        answer = json.loads(self.proc.stdout.readline() or '{"error": "no answer"}')
+        if "error" in answer:
+            raise RuntimeError(f"memory measurement failed: {answer['error']}")
+        return float(answer["peak_mb"])
 
 
-def _fresh_process_context():
-    """A forkserver that has imported torch, splinet_cuda and the bench modules once, and
-    has run nothing: every measurement forks a fresh child from it (no memory cached by
-    earlier work, no OpenMP state inherited), a second instead of a new interpreter's
-    imports per implementation."""
-    global _FORKSERVER
-    if _FORKSERVER is None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "splinet_cuda", "bench.cases", "bench.peers", "bench.metrics"])
-        _FORKSERVER = ctx
-    return _FORKSERVER
+_SERVER: Optional[_MeasureServer] = None
 
 
 def peak_memory_cpu(case: Case, impl_name: str, timeout: float = 600.0) -> Optional[float]:
     """MB of resident memory a forward+backward adds at its peak, measured in a fresh
-    process forked from a clean forkserver (so nothing cached by earlier runs counts):
+    process (forked from a clean server, so nothing cached by earlier runs counts):
     libraries are loaded by a tiny warm-up, the peak-RSS counter is reset
     (/proc/self/clear_refs), then one call runs."""
+    global _SERVER
     if not Path("/proc/self/clear_refs").exists():
         return None
+    if _SERVER is None or _SERVER.proc.poll() is not None:
+        _SERVER = _MeasureServer()
     spec = json.dumps({"case": case.__dict__, "impl": impl_name, "threads": torch.get_num_threads()})
-    with _fresh_process_context().Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply_async(_measure_in_this_process, (spec,)).get(timeout)
+    return _SERVER.measure(spec, timeout)
+
+
+def _serve() -> None:
+    """The server's loop: one forked child per request line, its answer relayed."""
+    for line in sys.stdin:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, answer, exit without running the parent's cleanup
+            os.close(r)
+            try:
+                answer = {"peak_mb": _measure_in_this_process(line)}
+            except BaseException as err:  # reported to the parent, which raises
+                answer = {"error": f"{type(err).__name__}: {err}"}
+            os.write(w, json.dumps(answer).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            answer = f.read()
+        os.waitpid(pid, 0)
+        sys.stdout.write((answer or '{"error": "the measuring process died"}') + "\n")
+        sys.stdout.flush()
+
+
+def _fixed_malloc():
+    """glibc only: a fixed mmap threshold, so every block of 64 KB or more is mapped when
+    allocated and unmapped when freed. glibc's default threshold moves up after the first
+    frees, after which large tensors come from the heap and reuse freed, still-resident
+    pages: the peak then depends on the allocation history (the same eager call measured
+    19 MB in one process and 44 MB in another). Returns libc, or None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        if not (libc.mallopt(m_mmap_threshold, 64 << 10) and libc.mallopt(m_trim_threshold, 128 << 10)):
+            return None
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _measure_in_this_process(spec: str) -> float:
@@ -109,13 +169,18 @@ def _measure_in_this_process(spec: str) -> float:
     case = Case(**data["case"])
     torch.set_num_threads(int(data["threads"]))
     (impl,) = [i for i in default_impls([data["impl"]], compile=False) if i.name == data["impl"]]
+    libc = _fixed_malloc()
     tiny = replace(case, B=1, N=1, name=case.name + "-warmup")
     forward_backward(impl.build(tiny), make_inputs(tiny, "cpu"))
     inputs = make_inputs(case, "cpu")
     fn = impl.build(case)
+    if libc is not None:
+        libc.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     base = _status_kb("VmRSS")
     forward_backward(fn, inputs)
     return (_status_kb("VmHWM") - base) / 1024
 
 
+if __name__ == "__main__":
+    _serve()

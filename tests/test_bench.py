@@ -297,3 +297,27 @@ def test_train_step_is_the_same_model_for_every_implementation():
             losses.append(first)
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
         assert inputs.weight.grad is None  # the case's own tensors are left alone
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_peak_memory_is_repeatable(tmp_path):
+    """Each measurement runs in a fresh process forked from a clean server, with malloc's
+    mmap threshold fixed: the same call measures the same peak whatever ran before, and a
+    script without a __main__ guard can call it (no re-import of the caller's module)."""
+    from dataclasses import replace
+
+    from bench.metrics import peak_memory_cpu
+
+    case = replace(CASE_SETS["tiny"][0], B=256, m=32, N=20, name="mem_probe")
+    first = peak_memory_cpu(case, "reference")
+    forward_backward(reference_impl().build(case), make_inputs(case, "cpu"))  # history in this process
+    assert peak_memory_cpu(case, "reference") == pytest.approx(first, abs=0.5)
+    # the reference keeps per-step tensors of B x m floats (32 KB each): several MB live
+    assert first > 1.0 and peak_memory_cpu(case, "cpu") < first
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nsys.path.insert(0, %r)\nfrom bench.cases import CASE_SETS\n"
+                      "from bench.metrics import peak_memory_cpu\n"
+                      "print(peak_memory_cpu(CASE_SETS['tiny'][0], 'reference'))\n" % str(REPO))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) >= 0
