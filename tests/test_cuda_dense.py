@@ -373,3 +373,27 @@ def test_cuda_gemm_env_rejects_unknown(monkeypatch):
     x, w, b, s = [t.cuda() for t in make(4, 100, 2, 1)]
     with pytest.raises(ValueError, match="SPLINET_DENSE_GEMM"):
         ops.spline_dense_fwd(x, w, b, s, 2, 1, "tanh", "euler", "standard", 0.0, 1)
+
+
+@needs_emu
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_emulated_split_k_weight_gradient(tile, variant):
+    """Weight gradients with fewer output tiles than multiprocessors (m = 67: 4 tiles of 64,
+    1 of 128; 16 multiprocessors) split the batch (K = 300) into K-slices of whole BK
+    slices, the last one ragged, and add the slices' partials in slice order: the same
+    gradients as the CPU kernel, bit for bit the same on every run and for every team of
+    host threads, and (a different summation order) not bit for bit those of the unsplit
+    product on 1 multiprocessor, which shows the split ran."""
+    x, w, b, s = make(300, 67, 2, 2, seed=5)
+    cfg = (3, 2, "tanh", "midpoint", variant, 0.1, 2)
+    states, grad, ref = cpu_op(x, w, b, s, cfg)
+    runs = [emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=16, states=states, threads=t)[1]
+            for t in (1, 1, 8)]
+    assert_all_close([states, *runs[0]], [states, *ref], rtol=1e-10, atol=1e-11)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+    unsplit = emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=1, states=states)[1]
+    assert_all_close([states, *unsplit], [states, *ref], rtol=1e-10, atol=1e-11)
+    assert not torch.equal(unsplit[1], runs[0][1])

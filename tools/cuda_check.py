@@ -50,7 +50,8 @@ def find_nvcc(explicit):
 def empty_block_programs(ptxas_log: str, old_arch: bool = False):
     """Entry points of the block programs (block_kernel<...>) that ptxas reports with no
     barrier: every program synchronises its phases, so none means the body was dropped.
-    Below sm_80 (``old_arch``) the bfloat16 fused GEMM is a trap by design (blend_gemm.h)."""
+    Below sm_80 (``old_arch``) the bfloat16 fused GEMM (its plain and split-K bodies) is a
+    trap by design (blend_gemm.h)."""
     empty, current = [], None
     for line in ptxas_log.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -58,7 +59,8 @@ def empty_block_programs(ptxas_log: str, old_arch: bool = False):
             current = m.group(1)
         m = re.search(r"used (\d+) barriers", line)
         if m and current and "block_kernel" in current:
-            trap = old_arch and "BlendGemmBody" in current and "BFloat16" in current
+            gemm = "BlendGemmBody" in current or "SplitKGemmBody" in current
+            trap = old_arch and gemm and "BFloat16" in current
             if int(m.group(1)) == 0 and not trap:
                 empty.append(current)
             current = None

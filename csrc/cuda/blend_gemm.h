@@ -368,6 +368,54 @@ SPLINET_HD void blend_gemm_block(const GemmArgs<scalar_t, acc_t>& g, const Epi& 
   }
 }
 
+// Split-K: the partial product of one K-slice goes to its own (M x N) slab of partials.
+template <typename acc_t>
+struct PartialEpi {
+  acc_t* out;
+  int64_t N;
+  SPLINET_HD void operator()(int64_t i, int64_t j, acc_t v) const { out[i * N + j] = v; }
+};
+
+// A GEMM whose output has fewer tiles than the device has multiprocessors (the weight
+// gradients, M = N = m, K = B: 4 tiles at m = 128) split along K: work item t multiplies
+// output tile t % tiles over K-slice t / tiles (k_chunk rows of K, a multiple of the tile's
+// BK) into that slice's slab of partials; SplitSumFn then adds the slabs in slice order and
+// applies the epilogue, so the result does not depend on the grid (deterministic, no
+// atomics). Plain operands only (kRows / kCols), whose K-slice is a pointer offset.
+template <typename scalar_t, typename acc_t, typename Tile>
+struct SplitKGemmBody {
+  using acc_type = acc_t;
+  GemmArgs<scalar_t, acc_t> g;
+  int64_t splits, k_chunk;
+  acc_t* partials;  // (splits, M, N)
+  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
+    const int64_t tiles = ((g.M + Tile::BM - 1) / Tile::BM) * ((g.N + Tile::BN - 1) / Tile::BN);
+    for (int64_t t = block; t < tiles * splits; t += grid) {
+      const int64_t split = t / tiles, k0 = split * k_chunk;
+      GemmArgs<scalar_t, acc_t> slice = g;
+      slice.K = g.K - k0 < k_chunk ? g.K - k0 : k_chunk;
+      slice.a += g.a_mode == kRows ? k0 : k0 * g.lda;
+      slice.b += g.b_mode == kCols ? k0 : k0 * g.ldb;
+      // block = the tile, grid = tiles: exactly that one tile.
+      blend_gemm_block<scalar_t, acc_t, Tile>(slice, PartialEpi<acc_t>{partials + split * g.M * g.N, g.N},
+                                              t % tiles, tiles, ctx, smem);
+    }
+  }
+};
+
+// The sum of the split-K slabs in slice order, then the epilogue, for entry e = i N + j.
+template <typename acc_t, typename Epi>
+struct SplitSumFn {
+  const acc_t* partials;
+  int64_t splits, MN, N;
+  Epi epi;
+  SPLINET_HD void operator()(int64_t e) const {
+    acc_t v = partials[e];
+    for (int64_t s = 1; s < splits; ++s) v += partials[s * MN + e];
+    epi(e / N, e % N, v);
+  }
+};
+
 template <typename scalar_t, typename acc_t, typename Tile, typename Epi>
 struct BlendGemmBody {
   using acc_type = acc_t;

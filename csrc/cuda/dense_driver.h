@@ -134,6 +134,15 @@ inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t 
   return 0;
 }
 
+// K-slices of a weight-gradient GEMM with `tiles` output tiles and K = B (DenseLarge::
+// weight_gemm): enough that the tiles x slices work items cover the `sms` multiprocessors,
+// each slice at least 4 BK deep; 1 (no split) when the tiles already cover them.
+inline int64_t weight_gemm_splits(int64_t tiles, int64_t K, int64_t bk, int64_t sms) {
+  if (tiles >= sms) return 1;
+  const int64_t want = (sms + tiles - 1) / tiles, deepest = K / (4 * bk);
+  return std::max<int64_t>(1, std::min(want, deepest));
+}
+
 // Cap on the global workspace of a persistent launch (per-block partial gradients, segment
 // states): fewer blocks, each walking more tiles, when the per-block share is large (e.g. a
 // long checkpoint interval).
@@ -272,15 +281,15 @@ class DenseLarge {
           // symmetric one); the bias gradient from the column sums of G.
           gemm(B, m, m, G_, kRows, nullptr, kBlend, i, s, StoreEpi<scalar_t, acc_t>{m, ptr_acc(K_[s]), nullptr});
           SlotScatterEpi<scalar_t, acc_t> gw{sc, m, acc_t(1), nullptr};
-          gemm(m, m, B, G_, kCols, &X_[s], kRows, i, s, gw);
+          weight_gemm(G_, X_[s], gw);
           if (antisym) {
             gw.sign = acc_t(-1);
-            gemm(m, m, B, X_[s], kCols, &G_, kRows, i, s, gw);
+            weight_gemm(X_[s], G_, gw);
           }
           if (sym) {
             gw.sign = acc_t(-1);
             gw.scale = scale_.data_ptr<scalar_t>();
-            gemm(m, m, B, Y_, kCols, &kbar_st_, kRows, i, s, gw);
+            weight_gemm(Y_, kbar_st_, gw);
           }
           sc.wsize = 0;  // the bias part only
           if (p_.has_bias) ex_.for_each(m, sc);
@@ -386,6 +395,45 @@ class DenseLarge {
     else launch_gemm<GemmTile<scalar_t, 64, 64>>(g, epi);
   }
 
+  // A weight gradient P^T Q (m x m, summed over the batch: K = B) into the epilogue. Its m x m
+  // output has few tiles (4 at m = 128 with 64 x 64 tiles): below one tile per
+  // multiprocessor the batch is split into K-slices (SplitKGemmBody), each slice at least
+  // 4 BK deep, and their partials summed in slice order (deterministic).
+  template <typename Epi>
+  void weight_gemm(const at::Tensor& P, const at::Tensor& Q, const Epi& epi) {
+    if (gemm_tile_ == 128) weight_gemm_tiled<GemmTile<scalar_t, 128, 128>>(P, Q, epi);
+    else weight_gemm_tiled<GemmTile<scalar_t, 64, 64>>(P, Q, epi);
+  }
+
+  template <typename Tile, typename Epi>
+  void weight_gemm_tiled(const at::Tensor& P, const at::Tensor& Q, const Epi& epi) {
+    const int64_t m = p_.m, B = p_.B, sms = ex_.multiprocessors();
+    const int64_t tiles = ((m + Tile::BM - 1) / Tile::BM) * ((m + Tile::BN - 1) / Tile::BN);
+    const int64_t splits = weight_gemm_splits(tiles, B, Tile::BK, sms);
+    if (splits == 1) {
+      gemm(m, m, B, P, kCols, &Q, kRows, 0, 0, epi);
+      return;
+    }
+    GemmArgs<scalar_t, acc_t> g{};
+    g.M = m;
+    g.N = m;
+    g.K = B;
+    g.a = ptr(P);
+    g.lda = m;
+    g.a_mode = kCols;
+    g.b = ptr(Q);
+    g.ldb = m;
+    g.b_mode = kRows;
+    // Equal slices rounded up to whole BK slices; the last one takes the rest.
+    const int64_t k_chunk = ((B + splits - 1) / splits + Tile::BK - 1) / Tile::BK * Tile::BK;
+    const int64_t used = (B + k_chunk - 1) / k_chunk;
+    if (!splitk_.defined() || splitk_.numel() < used * m * m) splitk_ = at::empty({used * m * m}, cur_.options());
+    using Body = SplitKGemmBody<scalar_t, acc_t, Tile>;
+    const int64_t grid = ex_.template grid<Body>(tiles * used, kGemmThreads, Tile::kSmemBytes);
+    ex_.launch(Body{g, used, k_chunk, ptr_acc(splitk_)}, grid, kGemmThreads, Tile::kSmemBytes);
+    ex_.for_each(m * m, SplitSumFn<acc_t, Epi>{ptr_acc(splitk_), used, m * m, m, epi});
+  }
+
   // W(t) of step i, stage s in the GEMM dtype (blended once for the products that share it).
   const at::Tensor& blended(int64_t i, int s) {
     if (wt_step_ == i && wt_stage_ == s) return Wt_;
@@ -413,7 +461,7 @@ class DenseLarge {
   int64_t gemm_tile_, wt_step_ = -1;
   int wt_stage_ = -1;
   std::vector<at::Tensor> X_;  // stage inputs (GEMM dtype)
-  at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_st_, G_, P_, dW_, dW2_;
+  at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_st_, G_, P_, dW_, dW2_, splitk_;
 };
 
 // The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).
