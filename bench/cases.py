@@ -213,6 +213,21 @@ GPU: List[Case] = [
     _conv("conv2d_256", 64, 256, (32, 32), 16, compile=False),
 ]
 
+# The CPU backend's targets, each against torch.compile (compile time in the table): the
+# paper's sizes (sin(fx) at B = 256 and 20, Peaks at B = 1000 and N = 100), widths 64, 256 and
+# 1024 (where the "of GEMM" column is the 3-GEMMs-a-step limit of fwd+bwd), and the small-
+# channel convolutions; peak memory at width 64.
+CPU: List[Case] = [
+    _dense("sin", 256, 4, 100),
+    _dense("sin_b20", 20, 4, 100),
+    _dense("peaks_n100", 1000, 5, 100, "relu"),
+    _dense("dense64", 512, 64, 50, memory=True),
+    _dense("dense256_b512", 512, 256, 20),
+    _dense("dense1024_b256", 256, 1024, 10),
+    _conv("conv1d", 16, 32, (64,), 10),
+    _conv("conv2d", 8, 8, (16, 16), 10),
+]
+
 # Seconds in total, for tests of the harness itself.
 TINY: List[Case] = [
     _dense("tiny_dense", 8, 4, 4, L=2, d=1, memory=True),
@@ -221,7 +236,7 @@ TINY: List[Case] = [
 ]
 
 CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL, "sweep": SWEEP,
-                                    "sweep-full": SWEEP_FULL, "gpu": GPU}
+                                    "sweep-full": SWEEP_FULL, "gpu": GPU, "cpu": CPU}
 
 # What each --sizes value is for (`python -m bench --help` and `--list` print these).
 CASE_SET_DOCS: Dict[str, str] = {
@@ -235,6 +250,9 @@ CASE_SET_DOCS: Dict[str, str] = {
     "sweep-full": "sweep plus widths 2048 and 4096 (a GPU's)",
     "gpu": "the short GPU list of make gpu-check: the CUDA and Triton performance targets, each case "
            "in its own dtype (bf16 large-width dense, fp32 small widths, conv2d)",
+    "cpu": "the CPU backend's targets, all with torch.compile: the paper's sizes, widths 64-1024 "
+           "(the 'of GEMM' column: fwd+bwd against 3 GEMMs a step), the small-channel convolutions; "
+           "about 10 minutes on a 2-core CPU",
     "tiny": "three tiny cases, seconds: tests of the harness itself",
 }
 assert set(CASE_SET_DOCS) == set(CASE_SETS)

@@ -52,6 +52,16 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The same pair keeping what the adjoint needs from each step (CPU): the forward also
+  // returns the pre-activations of every step and stage, (steps, stages, B, m), and keeps all
+  // steps + 1 states; the backward reads them instead of replaying each step's forward
+  // product (3 products a step in fwd + bwd instead of 4, for N S B m more memory).
+  m.def("spline_dense_fwd_saved(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
+        "str activation, str scheme, str variant, float gamma) -> (Tensor, Tensor)");
+  m.def("spline_dense_bwd_saved(Tensor grad_states, Tensor states, Tensor preact, Tensor weight, Tensor? bias, "
+        "Tensor scale, SymInt steps, int degree, str activation, str scheme, str variant, float gamma) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // --- Conv layer (csrc/cpu/conv_cpu.cpp) ---------------------------------------------
   // x (B, C, *spatial) with 1-3 spatial dims, weight (n, C, C, *kernel) odd kernels ("same"
   // zero padding, stride 1), bias (n, C), scale 0-dim; variants standard / symmetric

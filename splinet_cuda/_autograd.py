@@ -18,7 +18,7 @@ import torch
 from . import _cuda_archs, _ext
 from ._dispatch import register_backend
 
-__all__ = ["SplineDenseFunction", "SplineConvFunction", "SplineHamiltonianFunction", "spline_ode_fused",
+__all__ = ["SplineDenseFunction", "SplineDenseSavedFunction", "SplineConvFunction", "SplineHamiltonianFunction", "spline_ode_fused",
            "spline_ode_conv_fused", "spline_ode_hamiltonian_fused", "layer_function", "run_layer"]
 
 
@@ -56,9 +56,23 @@ def _loop_vmap_rule(fn: type) -> Callable:
             args = [a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
                     for a, d in zip(inputs, in_dims)]
             outs.append(fn.apply(*args))
-        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+        stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
+        return stacked, (0,) * len(stacked)
 
     return vmap
+
+
+def _first_order_only(grads, anchors):
+    """The backward's gradients (None where absent), passed through _FirstOrderOnly when a
+    graph is being built (create_graph=True, or torch.func's grad / vjp / jacrev, which always
+    build it): a node that depends on every input (``anchors``) and raises if the gradients
+    are differentiated again, so first-order transforms work and double backward fails with
+    the reason (never a silent zero)."""
+    if not torch.is_grad_enabled():
+        return tuple(grads)
+    present = [g for g in grads if g is not None]
+    out = iter(_FirstOrderOnly.apply(len(present), *present, *anchors))
+    return tuple(None if g is None else next(out) for g in grads)
 
 
 def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable]) -> type:
@@ -75,17 +89,9 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
     def run_backward(ctx, grad):
         x, states, weight, bias, scale = ctx.saved_tensors
         gx, gw, gb, gs = bwd()(grad, states, weight, bias, scale, *ctx.config)
-        if torch.is_grad_enabled():
-            # create_graph=True, or torch.func's grad / vjp / jacrev (which always build the
-            # graph): the gradients pass through a node that depends on every input and raises
-            # if they are differentiated again, so first-order transforms work and double
-            # backward fails with the reason (never a silent zero).
-            anchors = [t for t in (x, weight, bias, scale, grad) if t is not None]
-            if ctx.has_bias:
-                gx, gw, gb, gs = _FirstOrderOnly.apply(4, gx, gw, gb, gs, *anchors)
-            else:
-                gx, gw, gs = _FirstOrderOnly.apply(3, gx, gw, gs, *anchors)
-        return (gx, gw, gb if ctx.has_bias else None, gs) + (None,) * len(ctx.config)
+        anchors = [t for t in (x, weight, bias, scale, grad) if t is not None]
+        grads = _first_order_only((gx, gw, gb if ctx.has_bias else None, gs), anchors)
+        return grads + (None,) * len(ctx.config)
 
     def save(ctx, inputs, states):
         x, weight, bias, scale, *config = inputs
@@ -132,6 +138,57 @@ SplineHamiltonianFunction = layer_function("SplineHamiltonianFunction", _cpp_op(
                                            _cpp_op("spline_hamiltonian_bwd"))
 
 
+class SplineDenseSavedFunction(torch.autograd.Function):
+    """The dense layer on the CPU op pair that keeps each step's pre-activations
+    (``spline_dense_fwd_saved`` / ``spline_dense_bwd_saved``): ``apply(...)`` returns
+    ``(x_N, states, preact)``, neither of the last two differentiable; the backward reads the
+    pre-activations instead of replaying each step's forward product, so fwd+bwd takes 3
+    products a step instead of 4 (the gradients are those of SplineDenseFunction, bit for
+    bit)."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
+        states, preact = torch.ops.splinet_cuda.spline_dense_fwd_saved(x, weight, bias, scale, steps, degree,
+                                                                       activation, scheme, variant, gamma)
+        return states[-1].clone(), states, preact
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, *config = inputs
+        _, states, preact = output
+        ctx.config = tuple(config)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, states, preact, weight, bias, scale)
+        ctx.mark_non_differentiable(states, preact)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_last, grad_states, grad_preact):
+        x, states, preact, weight, bias, scale = ctx.saved_tensors
+        if grad_last is None:
+            grad_last = torch.zeros_like(states[-1])
+        gx, gw, gb, gs = torch.ops.splinet_cuda.spline_dense_bwd_saved(grad_last, states, preact, weight, bias, scale,
+                                                                       *ctx.config)
+        anchors = [t for t in (x, weight, bias, scale, grad_last) if t is not None]
+        grads = _first_order_only((gx, gw, gb if ctx.has_bias else None, gs), anchors)
+        return grads + (None,) * len(ctx.config)
+
+
+SplineDenseSavedFunction.vmap = staticmethod(_loop_vmap_rule(SplineDenseSavedFunction))
+
+# Widths from which the CPU dense layer keeps each step's pre-activations (N S B m values)
+# when it keeps every state anyway (checkpoint=None): there the backward's replay of each
+# step's forward product is a GEMM, a quarter of fwd+bwd's arithmetic. Below it the replay
+# is a small part of the time and the memory matters more; checkpoint= never keeps them.
+SAVE_PREACT_MIN_WIDTH = 128
+_HAS_SAVED_OPS = False  # set by _register (a plain bool: torch.compile traces _keeps_preact)
+
+
+def _keeps_preact(x: torch.Tensor, checkpoint: Optional[int], return_trajectory: bool) -> bool:
+    return (checkpoint is None and not return_trajectory and x.device.type == "cpu"
+            and x.shape[-1] >= SAVE_PREACT_MIN_WIDTH and _HAS_SAVED_OPS)
+
+
 def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
          checkpoint: Optional[int]) -> torch.Tensor:
     """Runs a layer on its fused op pair: x_N through ``fn`` (no gradient of the saved
@@ -147,7 +204,13 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
 
 def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
-    """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode)."""
+    """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); wide
+    CPU layers that keep every state keep their pre-activations too (SplineDenseSavedFunction)."""
+    if _keeps_preact(x, checkpoint, return_trajectory):
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
+        return SplineDenseSavedFunction.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant,
+                                              float(gamma))[0]
     return run_layer(SplineDenseFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                 return_trajectory, checkpoint)
 
@@ -187,6 +250,10 @@ def _register() -> None:
                                             setup_context=fn.op_setup_context)
             register_autocast_float32(f"splinet_cuda::{op}")
             built[op] = impl
+    global _HAS_SAVED_OPS
+    _HAS_SAVED_OPS = _ext.has_kernel("spline_dense_fwd_saved", "CPU")
+    if _HAS_SAVED_OPS:
+        register_autocast_float32("splinet_cuda::spline_dense_fwd_saved")
     cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
     if cpu:
         register_backend("cpu", dense=cpu.get("spline_dense_fwd"), conv=cpu.get("spline_conv_fwd"),

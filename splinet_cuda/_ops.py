@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._schemes import get_tableau
+
 
 def num_saved_states(steps: int, checkpoint: int) -> int:
     """States kept by a forward pass with checkpoint interval K: x_0, x_K, ... below N, and x_N."""
@@ -28,6 +30,20 @@ def layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, acti
             scale.new_empty(scale.shape))
 
 
+def dense_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
+    """The dense forward that keeps its pre-activations: (all steps + 1 states, (steps,
+    stages, B, m) pre-activations)."""
+    stages = get_tableau(scheme).stages
+    return x.new_empty((steps + 1, *x.shape)), x.new_empty((steps, stages, *x.shape))
+
+
+def dense_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation, scheme,
+                         variant, gamma):
+    """Its backward: the dense backward's outputs."""
+    return layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
+                          gamma, 1)
+
+
 def _basis_table_fake(t: torch.Tensor, knots: int, degree: int):
     torch._check(t.dim() == 1, lambda: f"basis_table: t must be 1-D, got {t.dim()}-D")
     return t.new_empty(t.shape, dtype=torch.int64), t.new_empty((t.shape[0], degree + 1))
@@ -39,3 +55,5 @@ def register_cpp_fakes() -> None:
     for layer in ("dense", "conv", "hamiltonian"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_fwd_saved", dense_fwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_bwd_saved", dense_bwd_saved_fake)

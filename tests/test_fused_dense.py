@@ -236,3 +236,73 @@ def test_cpu_float32_tanh_within_3_ulp():
         ref = torch.tanh(row)
         ulp = (torch.nextafter(ref, torch.tensor(float("inf"))) - ref).abs().clamp_min(1e-45)
         assert ((y - ref).abs() / ulp).max() <= 3.0
+
+
+# --- wide CPU layers: one threaded chunk, pre-activations kept for the backward ----------
+
+needs_cpu = pytest.mark.skipif("cpu" not in sc.available_backends(), reason="no cpu backend")
+WIDE = sc._autograd.SAVE_PREACT_MIN_WIDTH
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant,scheme,activation,degree", [
+    ("standard", "euler", "tanh", 2), ("antisymmetric", "midpoint", "relu", 1),
+    ("symmetric", "rk4", "softplus", 3), ("standard", "rk4_38", "sigmoid", 0)])
+@pytest.mark.parametrize("B,bias", [(5, True), (1, False)])
+def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias):
+    """From SAVE_PREACT_MIN_WIDTH on, checkpoint=None keeps each step's pre-activations and the
+    backward reads them instead of replaying the forward product: the same output and gradients
+    as the replaying backward (checkpoint=1) bit for bit, and the reference's within tolerance."""
+    args = make(B, WIDE + 3, 2, degree, bias=bias)
+    kw = dict(steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant, gamma=0.2)
+    assert sc._autograd._keeps_preact(args[0], None, False)
+    assert not sc._autograd._keeps_preact(args[0], 1, False)
+    kept, replayed = run("cpu", *args, **kw), run("cpu", *args, checkpoint=1, **kw)
+    for a, c in zip(kept, replayed):
+        assert torch.equal(a, c)
+    assert_match("cpu", args, **kw)
+
+
+@needs_cpu
+def test_cpu_kept_preactivations_gradcheck_and_grad_of_states():
+    x, w, b, s = make(2, WIDE, 1, 1)
+    fn = lambda x, w, b, s: sc.spline_ode(x, w, b, s, steps=2, degree=1, activation="tanh", scheme="midpoint",
+                                          backend="cpu")
+    assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7, fast_mode=True)
+    # Only the saved states and pre-activations are outputs, with no gradient of their own.
+    out, states, preact = sc._autograd.SplineDenseSavedFunction.apply(
+        x, w, b, s, 2, 1, "tanh", "midpoint", "standard", 0.0)
+    assert not states.requires_grad and not preact.requires_grad and preact.shape == (2, 2, 2, WIDE)
+
+
+@needs_cpu
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m", [3, 48])
+def test_saved_ops_opcheck_and_errors(bias, m):
+    x, w, b, s = [t.detach() if t is not None else None for t in make(3, m, 2, 2, bias=bias)]
+    cfg = (4, 2, "tanh", "rk4", "symmetric", 0.0)
+    fwd, bwd = torch.ops.splinet_cuda.spline_dense_fwd_saved, torch.ops.splinet_cuda.spline_dense_bwd_saved
+    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
+    states, preact = fwd(x, w, b, s, *cfg)
+    assert preact.shape == (4, 4, 3, m)
+    torch.testing.assert_close(states, torch.ops.splinet_cuda.spline_dense_fwd(x, w, b, s, *cfg, 1), rtol=0, atol=0)
+    torch.library.opcheck(bwd.default, (torch.randn_like(states[-1]), states, preact, w, b, s) + cfg)
+    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, preact, w, b, s) + cfg)
+    with pytest.raises(ValueError, match="preact"):
+        bwd(states[-1], states, preact[:-1], w, b, s, *cfg)
+    with pytest.raises(TypeError, match="preact"):
+        bwd(states[-1], states, preact.float(), w, b, s, *cfg)
+    with pytest.raises(ValueError, match="states"):
+        bwd(states[-1], states[:-1], preact, w, b, s, *cfg)
+
+
+@needs_cpu
+def test_cpu_wide_deterministic_and_compiles():
+    """The one-chunk path (threaded GEMMs and element-wise loops) gives the same bits on every
+    call, and the kept pre-activations trace under torch.compile(fullgraph=True)."""
+    args = make(40, WIDE, 2, 2, dtype=torch.float32)
+    kw = dict(steps=5, degree=2, activation="tanh", scheme="rk4", variant="antisymmetric", gamma=0.1)
+    first, second = run("cpu", *args, **kw), run("cpu", *args, **kw)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+    check_compile_fullgraph("cpu", "cpu", width=WIDE)

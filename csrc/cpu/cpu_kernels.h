@@ -38,6 +38,37 @@ constexpr int64_t kGemmMinWidth = 16;
 constexpr int64_t kChunkElements = 16384;
 // Cap on the elements of all per-chunk partial weight gradients (n m^2 each).
 constexpr int64_t kPartialElements = int64_t(1) << 27;
+// Widths from which the dense layer's batch is one chunk whose GEMMs ATen threads over every
+// core (and whose element-wise loops go through parallel_elements): one blend, one eq. 23
+// scatter and no partial gradients (n m^2 each) per step, instead of one per thread.
+// Below it, one chunk per thread with a single-threaded GEMM each wins (small products).
+constexpr int64_t kThreadedGemmWidth = 128;
+// Element-wise loops shorter than this stay on the calling thread.
+constexpr int64_t kParallelElements = 32768;
+
+// fn(begin, end) over [0, n): split across ATen's threads when the array is long and the
+// caller is not already inside a parallel region (the one-chunk GEMM path), else one call.
+// Every index is computed by one thread with the same arithmetic, so the result does not
+// depend on the split.
+template <typename F>
+void parallel_elements(int64_t n, const F& fn) {
+  if (n >= kParallelElements && !at::in_parallel_region() && at::get_num_threads() > 1) {
+    at::parallel_for(0, n, kParallelElements / 2, [&](int64_t b, int64_t e) { fn(b, e); });
+  } else if (n > 0) {
+    fn(0, n);
+  }
+}
+
+// fn(r0, r1) over rows [0, rows) of row_len elements each, split like parallel_elements.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t row_len, const F& fn) {
+  if (rows * row_len >= kParallelElements && !at::in_parallel_region() && at::get_num_threads() > 1) {
+    const int64_t grain = std::max<int64_t>(1, kParallelElements / 2 / std::max<int64_t>(1, row_len));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+  } else if (rows > 0) {
+    fn(0, rows);
+  }
+}
 
 template <typename T>
 at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {
@@ -180,7 +211,11 @@ void act_forward(Act act, const T* a, T* y, int64_t n) {
   const at::Tensor in = wrap1d(a, n);
   switch (act) {
     case Act::Identity: std::copy(a, a + n, y); break;
-    case Act::Relu: for (int64_t e = 0; e < n; ++e) y[e] = Activation<Act::Relu>::f(a[e]); break;
+    case Act::Relu:
+      parallel_elements(n, [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) y[q] = Activation<Act::Relu>::f(a[q]);
+      });
+      break;
     case Act::Tanh: at::tanh_out(out, in); break;
     case Act::Sigmoid: at::sigmoid_out(out, in); break;
     case Act::Softplus: at::softplus_out(out, in, 1, 20); break;
@@ -199,17 +234,24 @@ void act_backward_loop(const T* __restrict__ a, const T* __restrict__ y, const T
   }
 }
 
+template <Act A, typename T>
+void act_backward_split(const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
+  parallel_elements(n, [&](int64_t b, int64_t e) { act_backward_loop<A>(a + b, y + b, v + b, scale, g + b, e - b); });
+}
+
 template <typename T>
 void act_backward(Act act, const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
   switch (act) {
-    case Act::Identity: act_backward_loop<Act::Identity>(a, y, v, scale, g, n); break;
-    case Act::Relu: act_backward_loop<Act::Relu>(a, y, v, scale, g, n); break;
-    case Act::Tanh: act_backward_loop<Act::Tanh>(a, y, v, scale, g, n); break;
-    case Act::Sigmoid: act_backward_loop<Act::Sigmoid>(a, y, v, scale, g, n); break;
+    case Act::Identity: act_backward_split<Act::Identity>(a, y, v, scale, g, n); break;
+    case Act::Relu: act_backward_split<Act::Relu>(a, y, v, scale, g, n); break;
+    case Act::Tanh: act_backward_split<Act::Tanh>(a, y, v, scale, g, n); break;
+    case Act::Sigmoid: act_backward_split<Act::Sigmoid>(a, y, v, scale, g, n); break;
     case Act::Softplus: {
       at::Tensor ez = wrap1d(g, n);
       at::exp_out(ez, wrap1d(a, n));
-      for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
+      parallel_elements(n, [&](int64_t b, int64_t end) {
+        for (int64_t e = b; e < end; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
+      });
       break;
     }
   }
@@ -230,8 +272,11 @@ double dot_double(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
 // for the partial gradients' memory. `row_elements` is the working width of one row (m for
 // the dense layer), `partial_elements` the size of one chunk's partial weight gradient.
 // The count depends only on the sizes and the thread count, so the reduction order (and
-// the gradients) are reproducible.
-inline std::vector<int64_t> chunk_bounds(int64_t B, int64_t row_elements, int64_t partial_elements, bool use_gemm) {
+// the gradients) are reproducible. `one_threaded_chunk` (the dense layer from
+// kThreadedGemmWidth on): the whole batch as one chunk whose GEMMs use every thread.
+inline std::vector<int64_t> chunk_bounds(int64_t B, int64_t row_elements, int64_t partial_elements, bool use_gemm,
+                                         bool one_threaded_chunk = false) {
+  if (one_threaded_chunk) return {0, B};
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t chunks = threads;
   if (!use_gemm) chunks = std::max<int64_t>(threads, (B * row_elements + kChunkElements - 1) / kChunkElements);

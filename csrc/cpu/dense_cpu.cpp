@@ -7,8 +7,9 @@
 // The batch is split into a fixed number of row chunks, each walked through all N steps
 // by one thread with its state in a small working set. At every stage the d + 1 nonzero
 // coefficient matrices are blended into one m x m buffer (eq. 14; no per-step weight
-// tensor is ever built) and applied with raw loops (small m) or ATen's GEMM (large m,
-// one chunk, the GEMM threads itself). The adjoint walks back from step N - 1 to 0,
+// tensor is ever built) and applied with raw loops (small m) or ATen's GEMM (m >= 16; one
+// chunk per thread, each GEMM on its thread; from m = 128 the whole batch is one chunk whose
+// GEMMs and element-wise loops use every thread). The adjoint walks back from step N - 1 to 0,
 // recomputing each step's stages from the saved state, and accumulates eq. 23 into the
 // d + 1 coefficient slots; per-chunk partial gradients are summed in chunk order, so the
 // gradients are bitwise reproducible for a given thread count.
@@ -67,6 +68,17 @@ class DenseChunk {
     w_.resize(S * (a.d + 1));
   }
 
+  // The pre-activations of every step and stage, (N, S, B, m), of which this chunk owns rows
+  // r0 .. r0 + R: step() records them there (replay = false, the forward) or reads them
+  // instead of running its forward product (replay = true, the backward), so that fwd+bwd
+  // takes 3 products a step instead of 4. The replayed values are those the forward
+  // computed, so the gradients equal the recomputing backward's bit for bit.
+  void set_preact(T* preact, bool replay, int64_t r0) {
+    preact_ = preact;
+    replay_ = replay;
+    row0_ = r0;
+  }
+
   // x_out = one step of the scheme from x_in (step i). Keeps the stage inputs X_s,
   // pre-activations a_s and activations act(a_s) of this step in Xs_/As_/Ys_ for the adjoint.
   void step(int64_t i, const T* x_in, T* x_out) {
@@ -75,38 +87,54 @@ class DenseChunk {
     for (int64_t s = 0; s < S; ++s) {
       blend(i, s);
       T* X = &Xs_[s * Rm];
-      std::copy(x_in, x_in + Rm, X);
-      for (int64_t j = 0; j < s; ++j) {
-        const T c = h * T(a_.tab.a[s][j]);
-        if (c == T(0)) continue;
-        const T* Kj = &Ks_[j * Rm];
-        for (int64_t e = 0; e < Rm; ++e) X[e] += c * Kj[e];
-      }
+      parallel_elements(Rm, [&](int64_t b, int64_t end) {
+        std::copy(x_in + b, x_in + end, X + b);
+        for (int64_t j = 0; j < s; ++j) {
+          const T c = h * T(a_.tab.a[s][j]);
+          if (c == T(0)) continue;
+          const T* Kj = &Ks_[j * Rm];
+          for (int64_t e = b; e < end; ++e) X[e] += c * Kj[e];
+        }
+      });
       T* Ap = &As_[s * Rm];
       const T* W = &W_[s * a_.m * a_.m];
-      ops_.nt(X, W, WT(s), Ap);  // a = X W^T + b
-      if (a_.has_bias) {
-        const T* bs = &b_[s * a_.m];
-        for (int64_t r = 0; r < R_; ++r)
-          for (int64_t j = 0; j < a_.m; ++j) Ap[r * a_.m + j] += bs[j];
+      T* saved = preact_ ? preact_ + ((i * S + s) * a_.B + row0_) * a_.m : nullptr;
+      if (saved && replay_) {
+        parallel_elements(Rm, [&](int64_t b, int64_t end) { std::copy(saved + b, saved + end, Ap + b); });
+      } else {
+        ops_.nt(X, W, WT(s), Ap);  // a = X W^T + b
+        if (a_.has_bias) {
+          const T* bs = &b_[s * a_.m];
+          parallel_rows(R_, a_.m, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r)
+              for (int64_t j = 0; j < a_.m; ++j) Ap[r * a_.m + j] += bs[j];
+          });
+        }
+        if (saved) parallel_elements(Rm, [&](int64_t b, int64_t end) { std::copy(Ap + b, Ap + end, saved + b); });
       }
       T* Y = &Ys_[s * Rm];
       act_forward(a_.act, Ap, Y, Rm);
       T* Ks = &Ks_[s * Rm];
       if (a_.variant == Variant::Symmetric) {  // f = -act(a) W
         ops_.nn(Y, W, tmp_.data());
-        for (int64_t e = 0; e < Rm; ++e) Ks[e] = -lam * tmp_[e];
+        parallel_elements(Rm, [&](int64_t b, int64_t end) {
+          for (int64_t e = b; e < end; ++e) Ks[e] = -lam * tmp_[e];
+        });
       } else {
-        for (int64_t e = 0; e < Rm; ++e) Ks[e] = lam * Y[e];
+        parallel_elements(Rm, [&](int64_t b, int64_t end) {
+          for (int64_t e = b; e < end; ++e) Ks[e] = lam * Y[e];
+        });
       }
     }
-    std::copy(x_in, x_in + Rm, x_out);
-    for (int64_t s = 0; s < S; ++s) {
-      const T c = h * T(a_.tab.b[s]);
-      if (c == T(0)) continue;
-      const T* Ks = &Ks_[s * Rm];
-      for (int64_t e = 0; e < Rm; ++e) x_out[e] += c * Ks[e];
-    }
+    parallel_elements(Rm, [&](int64_t b, int64_t end) {
+      std::copy(x_in + b, x_in + end, x_out + b);
+      for (int64_t s = 0; s < S; ++s) {
+        const T c = h * T(a_.tab.b[s]);
+        if (c == T(0)) continue;
+        const T* Ks = &Ks_[s * Rm];
+        for (int64_t e = b; e < end; ++e) x_out[e] += c * Ks[e];
+      }
+    });
   }
 
   // Adjoint of the step just recomputed by step(i, ...): z holds dL/dx_{i+1} on entry and
@@ -117,20 +145,24 @@ class DenseChunk {
     for (int64_t s = S - 1; s >= 0; --s) {
       // kbar_s = dL/dK_s = h b_s z + h sum_{q > s} a_qs Xbar_q
       const T cb = h * T(a_.tab.b[s]);
-      for (int64_t e = 0; e < Rm; ++e) kbar_[e] = cb * z[e];
-      for (int64_t q = s + 1; q < S; ++q) {
-        const T c = h * T(a_.tab.a[q][s]);
-        if (c == T(0)) continue;
-        const T* Xq = &Xbar_[q * Rm];
-        for (int64_t e = 0; e < Rm; ++e) kbar_[e] += c * Xq[e];
-      }
+      parallel_elements(Rm, [&](int64_t b, int64_t end) {
+        for (int64_t e = b; e < end; ++e) kbar_[e] = cb * z[e];
+        for (int64_t q = s + 1; q < S; ++q) {
+          const T c = h * T(a_.tab.a[q][s]);
+          if (c == T(0)) continue;
+          const T* Xq = &Xbar_[q * Rm];
+          for (int64_t e = b; e < end; ++e) kbar_[e] += c * Xq[e];
+        }
+      });
       const T* W = &W_[s * mm];
       const T* Ap = &As_[s * Rm];
       // V = dL/d(lam act(a)): kbar, or -kbar W^T for f = -act(a) W.
       const T* V = kbar_.data();
       if (a_.variant == Variant::Symmetric) {
         ops_.nt(kbar_.data(), W, WT(s), tmp_.data());
-        for (int64_t e = 0; e < Rm; ++e) tmp_[e] = -tmp_[e];
+        parallel_elements(Rm, [&](int64_t b, int64_t end) {
+          for (int64_t e = b; e < end; ++e) tmp_[e] = -tmp_[e];
+        });
         V = tmp_.data();
       }
       const T* Y = &Ys_[s * Rm];
@@ -143,10 +175,12 @@ class DenseChunk {
       if (a_.variant == Variant::Symmetric) ops_.tn(Y, kbar_.data(), mscratch_.data());
       scatter(s, gW, gb);
     }
-    for (int64_t s = 0; s < S; ++s) {
-      const T* Xq = &Xbar_[s * Rm];
-      for (int64_t e = 0; e < Rm; ++e) z[e] += Xq[e];
-    }
+    parallel_elements(Rm, [&](int64_t b, int64_t end) {
+      for (int64_t s = 0; s < S; ++s) {
+        const T* Xq = &Xbar_[s * Rm];
+        for (int64_t e = b; e < end; ++e) z[e] += Xq[e];
+      }
+    });
   }
 
  private:
@@ -161,16 +195,20 @@ class DenseChunk {
     T* W = &W_[s * mm];
     for (int64_t r = 0; r <= d; ++r) w_[s * (d + 1) + r] = T(wd[r]);
     const T* w = &w_[s * (d + 1)];
-    const T* src = weight_ + k * mm;
-    for (int64_t e = 0; e < mm; ++e) W[e] = w[0] * src[e];
-    for (int64_t r = 1; r <= d; ++r) {
-      src = weight_ + (k + r) * mm;
-      for (int64_t e = 0; e < mm; ++e) W[e] += w[r] * src[e];
-    }
+    parallel_elements(mm, [&](int64_t b, int64_t end) {
+      const T* src = weight_ + k * mm;
+      for (int64_t e = b; e < end; ++e) W[e] = w[0] * src[e];
+      for (int64_t r = 1; r <= d; ++r) {
+        src = weight_ + (k + r) * mm;
+        for (int64_t e = b; e < end; ++e) W[e] += w[r] * src[e];
+      }
+    });
     if (a_.variant == Variant::Antisymmetric) {  // A = W - W^T - gamma I
       std::copy(W, W + mm, mscratch_.begin());
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t q = 0; q < m; ++q) W[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
+      parallel_rows(m, m, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t q = 0; q < m; ++q) W[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
+      });
       for (int64_t j = 0; j < m; ++j) W[j * m + j] -= T(a_.gamma);
     }
     if (!a_.use_gemm) {
@@ -191,17 +229,23 @@ class DenseChunk {
     const int64_t m = a_.m, mm = m * m, d = a_.d, k = k_[s];
     if (a_.variant == Variant::Symmetric) {  // mscratch_ = act(a)^T kbar
       const T lam = T(a_.lam);
-      for (int64_t e = 0; e < mm; ++e) dW_[e] -= lam * mscratch_[e];
+      parallel_elements(mm, [&](int64_t b, int64_t end) {
+        for (int64_t e = b; e < end; ++e) dW_[e] -= lam * mscratch_[e];
+      });
     } else if (a_.variant == Variant::Antisymmetric) {  // dW = dA - dA^T
       std::copy(dW_.begin(), dW_.end(), mscratch_.begin());
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t q = 0; q < m; ++q) dW_[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
+      parallel_rows(m, m, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t q = 0; q < m; ++q) dW_[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
+      });
     }
     const T* w = &w_[s * (d + 1)];
-    for (int64_t r = 0; r <= d; ++r) {
-      T* dst = gW + (k + r) * mm;
-      for (int64_t e = 0; e < mm; ++e) dst[e] += w[r] * dW_[e];
-    }
+    parallel_elements(mm, [&](int64_t b, int64_t end) {
+      for (int64_t r = 0; r <= d; ++r) {
+        T* dst = gW + (k + r) * mm;
+        for (int64_t e = b; e < end; ++e) dst[e] += w[r] * dW_[e];
+      }
+    });
     if (a_.has_bias) {
       ops_.colsum(G_.data(), mscratch_.data());
       for (int64_t r = 0; r <= d; ++r) {
@@ -218,6 +262,9 @@ class DenseChunk {
   MatOps<T, M> ops_;
   std::vector<T> W_, WT_, b_, Ks_, Xs_, As_, Ys_, tmp_, mscratch_, w_, Xbar_, kbar_, G_, dW_;
   std::vector<int64_t> k_;
+  T* preact_ = nullptr;
+  bool replay_ = false;
+  int64_t row0_ = 0;
 };
 
 DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& scale,
@@ -242,29 +289,24 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
   return a;
 }
 
-at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
-                                int64_t degree, c10::string_view activation, c10::string_view scheme,
-                                c10::string_view variant, double gamma, int64_t checkpoint) {
-  check_dense_args("spline_dense_fwd (cpu)", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
-                                std::string(scheme), std::string(variant), gamma, checkpoint);
-  const int64_t Ns = num_saved_states(a.N, a.K);
-  at::Tensor states = at::empty({Ns, a.B, a.m}, x.options());
-  if (a.B == 0) return states;
-  const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm);
+// The forward sweep into `states` (num_saved, B, m) and, when defined, the pre-activations
+// `preact` (N, S, B, m) for a backward without the forward product (checkpoint = 1 only).
+void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                   at::Tensor& states, at::Tensor& preact) {
+  if (a.B == 0) return;
+  const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_dense_fwd_cpu", [&] {
     dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
       constexpr int M = decltype(width)::value;
       const scalar_t* W = weight.const_data_ptr<scalar_t>();
       const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* out = states.data_ptr<scalar_t>();
+      scalar_t* pre = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
       const scalar_t* x0 = x.const_data_ptr<scalar_t>();
       run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
         const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
         DenseChunk<scalar_t, M> chunk(a, W, b, R);
+        chunk.set_preact(pre, false, r0);
         std::vector<scalar_t> cur(x0 + r0 * a.m, x0 + r0 * a.m + Rm), nxt(Rm);
         std::copy(cur.begin(), cur.end(), out + r0 * a.m);
         for (int64_t i = 0; i < a.N; ++i) {
@@ -276,6 +318,81 @@ at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
       });
     });
   });
+}
+
+// The adjoint sweep (paper eqs. 17-23) from the saved states and, when defined, the
+// forward's pre-activations (then no step replays its forward product).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    const DenseArgs& a, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
+    const at::Tensor& preact, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale) {
+  at::Tensor grad_x = at::empty({a.B, a.m}, states.options());
+  at::Tensor grad_w = at::zeros_like(weight);
+  at::Tensor grad_b = bias.defined() ? at::zeros_like(bias) : at::empty({0}, states.options());
+  double glam = 0.0;
+  if (a.B > 0) {
+    const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
+    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+    const int64_t nW = a.n * a.m * a.m, nb = a.n * a.m;
+    AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_cpu", [&] {
+      dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
+        constexpr int M = decltype(width)::value;
+        const scalar_t* W = weight.const_data_ptr<scalar_t>();
+        const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* X = states.const_data_ptr<scalar_t>();
+        const scalar_t* GS = grad_states.const_data_ptr<scalar_t>();
+        // Only read (replay mode), never written.
+        scalar_t* pre = preact.defined() ? const_cast<scalar_t*>(preact.const_data_ptr<scalar_t>()) : nullptr;
+        scalar_t* gx = grad_x.data_ptr<scalar_t>();
+        // Per-chunk partial coefficient gradients, reduced below in chunk order.
+        std::vector<std::vector<scalar_t>> pW(chunks), pb(chunks);
+        std::vector<double> plam(chunks, 0.0);
+        // One chunk accumulates straight into the (zeroed) gradients: no partials to reduce.
+        const bool direct = chunks == 1;
+        run_chunks(chunks, [&](int64_t c) {
+          const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
+          if (!direct) {
+            pW[c].assign(nW, scalar_t(0));
+            pb[c].assign(a.has_bias ? nb : 0, scalar_t(0));
+          }
+          scalar_t* gW = direct ? grad_w.data_ptr<scalar_t>() : pW[c].data();
+          scalar_t* gB = direct ? (a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr) : pb[c].data();
+          DenseChunk<scalar_t, M> chunk(a, W, b, R);
+          chunk.set_preact(pre, true, r0);
+          const int64_t Ns = num_saved_states(a.N, a.K);
+          const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
+          std::vector<scalar_t> z(g_last, g_last + Rm);
+          chunk_adjoint_sweep(
+              chunk, a.N, a.K, Rm, last_only, z.data(), gW, gB, plam[c],
+              [&](int64_t slot, scalar_t* dst) {
+                const scalar_t* src = X + (slot * a.B + r0) * a.m;
+                std::copy(src, src + Rm, dst);
+              },
+              [&](int64_t slot, scalar_t* zp) {
+                const scalar_t* g = GS + (slot * a.B + r0) * a.m;
+                for (int64_t e = 0; e < Rm; ++e) zp[e] += g[e];
+              });
+          std::copy(z.begin(), z.end(), gx + r0 * a.m);
+        });
+        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
+                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
+      });
+    });
+  }
+  at::Tensor grad_scale = at::full(scale.sizes(), glam, scale.options());
+  return {grad_x, grad_w, grad_b, grad_scale};
+}
+
+at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
+                                int64_t degree, c10::string_view activation, c10::string_view scheme,
+                                c10::string_view variant, double gamma, int64_t checkpoint) {
+  check_dense_args("spline_dense_fwd (cpu)", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
+                                std::string(scheme), std::string(variant), gamma, checkpoint);
+  at::Tensor states = at::empty({num_saved_states(a.N, a.K), a.B, a.m}, x.options()), none;
+  dense_forward(a, x, weight, bias, states, none);
   return states;
 }
 
@@ -296,52 +413,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(states[0], weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, checkpoint);
-  at::Tensor grad_x = at::empty({a.B, a.m}, states.options());
-  at::Tensor grad_w = at::zeros_like(weight);
-  at::Tensor grad_b = bias.defined() ? at::zeros_like(bias) : at::empty({0}, states.options());
-  double glam = 0.0;
-  if (a.B > 0) {
-    const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm);
-    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-    const int64_t nW = a.n * a.m * a.m, nb = a.n * a.m;
-    AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_cpu", [&] {
-      dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
-        constexpr int M = decltype(width)::value;
-        const scalar_t* W = weight.const_data_ptr<scalar_t>();
-        const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-        const scalar_t* X = states.const_data_ptr<scalar_t>();
-        const scalar_t* GS = grad_states.const_data_ptr<scalar_t>();
-        scalar_t* gx = grad_x.data_ptr<scalar_t>();
-        // Per-chunk partial coefficient gradients, reduced below in chunk order.
-        std::vector<std::vector<scalar_t>> pW(chunks), pb(chunks);
-        std::vector<double> plam(chunks, 0.0);
-        run_chunks(chunks, [&](int64_t c) {
-          const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
-          pW[c].assign(nW, scalar_t(0));
-          pb[c].assign(a.has_bias ? nb : 0, scalar_t(0));
-          DenseChunk<scalar_t, M> chunk(a, W, b, R);
-          const int64_t Ns = num_saved_states(a.N, a.K);
-          const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
-          std::vector<scalar_t> z(g_last, g_last + Rm);
-          chunk_adjoint_sweep(
-              chunk, a.N, a.K, Rm, last_only, z.data(), pW[c].data(), pb[c].data(), plam[c],
-              [&](int64_t slot, scalar_t* dst) {
-                const scalar_t* src = X + (slot * a.B + r0) * a.m;
-                std::copy(src, src + Rm, dst);
-              },
-              [&](int64_t slot, scalar_t* zp) {
-                const scalar_t* g = GS + (slot * a.B + r0) * a.m;
-                for (int64_t e = 0; e < Rm; ++e) zp[e] += g[e];
-              });
-          std::copy(z.begin(), z.end(), gx + r0 * a.m);
-        });
-        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
-                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
-      });
-    });
-  }
-  at::Tensor grad_scale = at::full(scale.sizes(), glam, scale.options());
-  return {grad_x, grad_w, grad_b, grad_scale};
+  return dense_backward(a, grad_states, last_only, states, at::Tensor(), weight, bias, scale);
+}
+
+// Forward that also returns the pre-activations of every step and stage, (N, S, B, m):
+// all N + 1 states are kept (checkpoint = 1).
+std::tuple<at::Tensor, at::Tensor> spline_dense_fwd_saved_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation, c10::string_view scheme,
+    c10::string_view variant, double gamma) {
+  check_dense_args("spline_dense_fwd_saved (cpu)", x_in, weight_in, bias_in, scale, steps, degree, 1, false);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
+                                std::string(scheme), std::string(variant), gamma, 1);
+  at::Tensor states = at::empty({a.N + 1, a.B, a.m}, x.options());
+  at::Tensor preact = at::empty({a.N, a.tab.stages, a.B, a.m}, x.options());
+  dense_forward(a, x, weight, bias, states, preact);
+  return {states, preact};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_saved_cpu(
+    const at::Tensor& grad_states_in, const at::Tensor& states_in, const at::Tensor& preact_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
+    int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant, double gamma) {
+  TORCH_CHECK_VALUE(states_in.dim() == 3, "spline_dense_bwd_saved: states must have shape (steps + 1, B, m), got ",
+                    states_in.sizes());
+  check_dense_args("spline_dense_bwd_saved (cpu)", states_in[0], weight_in, bias_in, scale, steps, degree, 1, false);
+  TORCH_CHECK_VALUE(states_in.size(0) == steps + 1, "spline_dense_bwd_saved: states holds ", states_in.size(0),
+                    " states, expected steps + 1 = ", steps + 1);
+  const bool last_only = check_state_grad("spline_dense_bwd_saved", grad_states_in, states_in);
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const DenseArgs a = make_args(states[0], weight, bias.defined(), scale, steps, degree, std::string(activation),
+                                std::string(scheme), std::string(variant), gamma, 1);
+  const std::vector<int64_t> want{a.N, a.tab.stages, a.B, a.m};
+  TORCH_CHECK_VALUE(preact_in.sizes() == c10::IntArrayRef(want), "spline_dense_bwd_saved: preact must have shape ",
+                    c10::IntArrayRef(want), " (steps, stages, B, m), got ", preact_in.sizes());
+  TORCH_CHECK_TYPE(preact_in.scalar_type() == states.scalar_type(), "spline_dense_bwd_saved: preact has dtype ",
+                   preact_in.scalar_type(), " but states has dtype ", states.scalar_type());
+  TORCH_CHECK_VALUE(preact_in.device() == states.device(), "spline_dense_bwd_saved: preact is on ",
+                    preact_in.device(), " but states is on ", states.device());
+  return dense_backward(a, grad_states, last_only, states, preact_in.contiguous(), weight, bias, scale);
 }
 
 }  // namespace
@@ -349,6 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
 TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
   m.impl("spline_dense_fwd", &spline_dense_fwd_cpu);
   m.impl("spline_dense_bwd", &spline_dense_bwd_cpu);
+  m.impl("spline_dense_fwd_saved", &spline_dense_fwd_saved_cpu);
+  m.impl("spline_dense_bwd_saved", &spline_dense_bwd_saved_cpu);
 }
 
 }  // namespace splinet
