@@ -45,6 +45,9 @@ constexpr int64_t kPartialElements = int64_t(1) << 27;
 constexpr int64_t kThreadedGemmWidth = 128;
 // Element-wise loops shorter than this stay on the calling thread.
 constexpr int64_t kParallelElements = 32768;
+// Elements of one cache-resident tile of a loop that sweeps the same array several times
+// (the d + 1 terms of the blend and of the eq. 23 scatter): 16 KB of float32.
+constexpr int64_t kCacheTile = 4096;
 
 // fn(begin, end) over [0, n): split across ATen's threads when the array is long and the
 // caller is not already inside a parallel region (the one-chunk GEMM path), else one call.
@@ -199,6 +202,32 @@ inline float tanh_poly(float x) {
 // the calling thread.
 constexpr int64_t kAtenActMinElements = 8192;
 
+// y = act(a) over part of an array of `total` elements, on the calling thread, with the
+// implementation act_forward picks for the whole array (so the values do not depend on how
+// the array is split across threads).
+template <typename T>
+void act_forward_part(Act act, const T* a, T* y, int64_t n, int64_t total) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (act == Act::Tanh && total < kAtenActMinElements) {
+      for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
+      return;
+    }
+  }
+  if (act == Act::Relu) {
+    for (int64_t e = 0; e < n; ++e) y[e] = Activation<Act::Relu>::f(a[e]);
+    return;
+  }
+  at::Tensor out = wrap1d(y, n);
+  const at::Tensor in = wrap1d(a, n);
+  switch (act) {
+    case Act::Identity: std::copy(a, a + n, y); break;
+    case Act::Tanh: at::tanh_out(out, in); break;
+    case Act::Sigmoid: at::sigmoid_out(out, in); break;
+    case Act::Softplus: at::softplus_out(out, in, 1, 20); break;
+    case Act::Relu: break;
+  }
+}
+
 template <typename T>
 void act_forward(Act act, const T* a, T* y, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -234,27 +263,26 @@ void act_backward_loop(const T* __restrict__ a, const T* __restrict__ y, const T
   }
 }
 
-template <Act A, typename T>
-void act_backward_split(const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
-  parallel_elements(n, [&](int64_t b, int64_t e) { act_backward_loop<A>(a + b, y + b, v + b, scale, g + b, e - b); });
+// act_backward on the calling thread.
+template <typename T>
+void act_backward_part(Act act, const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
+  switch (act) {
+    case Act::Identity: act_backward_loop<Act::Identity>(a, y, v, scale, g, n); break;
+    case Act::Relu: act_backward_loop<Act::Relu>(a, y, v, scale, g, n); break;
+    case Act::Tanh: act_backward_loop<Act::Tanh>(a, y, v, scale, g, n); break;
+    case Act::Sigmoid: act_backward_loop<Act::Sigmoid>(a, y, v, scale, g, n); break;
+    case Act::Softplus: {
+      at::Tensor ez = wrap1d(g, n);
+      at::exp_out(ez, wrap1d(a, n));
+      for (int64_t e = 0; e < n; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
+      break;
+    }
+  }
 }
 
 template <typename T>
 void act_backward(Act act, const T* a, const T* y, const T* v, T scale, T* g, int64_t n) {
-  switch (act) {
-    case Act::Identity: act_backward_split<Act::Identity>(a, y, v, scale, g, n); break;
-    case Act::Relu: act_backward_split<Act::Relu>(a, y, v, scale, g, n); break;
-    case Act::Tanh: act_backward_split<Act::Tanh>(a, y, v, scale, g, n); break;
-    case Act::Sigmoid: act_backward_split<Act::Sigmoid>(a, y, v, scale, g, n); break;
-    case Act::Softplus: {
-      at::Tensor ez = wrap1d(g, n);
-      at::exp_out(ez, wrap1d(a, n));
-      parallel_elements(n, [&](int64_t b, int64_t end) {
-        for (int64_t e = b; e < end; ++e) g[e] = scale * v[e] * (a[e] > T(20) ? T(1) : g[e] / (g[e] + T(1)));
-      });
-      break;
-    }
-  }
+  parallel_elements(n, [&](int64_t b, int64_t e) { act_backward_part(act, a + b, y + b, v + b, scale, g + b, e - b); });
 }
 
 // sum_e x[e] y[e] accumulated in double, in four independent chains (a fixed order).

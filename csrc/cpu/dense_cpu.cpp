@@ -65,6 +65,7 @@ class DenseChunk {
     G_.resize(Rm);
     dW_.resize(mm);
     k_.resize(S);
+    X_.resize(S);
     w_.resize(S * (a.d + 1));
   }
 
@@ -82,59 +83,80 @@ class DenseChunk {
   // x_out = one step of the scheme from x_in (step i). Keeps the stage inputs X_s,
   // pre-activations a_s and activations act(a_s) of this step in Xs_/As_/Ys_ for the adjoint.
   void step(int64_t i, const T* x_in, T* x_out) {
-    const int64_t S = a_.tab.stages, Rm = R_ * a_.m;
+    const int64_t S = a_.tab.stages, Rm = R_ * a_.m, m = a_.m;
     const T h = T(a_.h), lam = T(a_.lam);
     for (int64_t s = 0; s < S; ++s) {
       blend(i, s);
-      T* X = &Xs_[s * Rm];
-      parallel_elements(Rm, [&](int64_t b, int64_t end) {
-        std::copy(x_in + b, x_in + end, X + b);
-        for (int64_t j = 0; j < s; ++j) {
-          const T c = h * T(a_.tab.a[s][j]);
-          if (c == T(0)) continue;
-          const T* Kj = &Ks_[j * Rm];
-          for (int64_t e = b; e < end; ++e) X[e] += c * Kj[e];
+      // Stage input X_s = x_i + h sum_j a_sj K_j; the first stage's is x_i itself.
+      const T* X = x_in;
+      if (s > 0) {
+        T* Xw = &Xs_[s * Rm];
+        parallel_elements(Rm, [&](int64_t b, int64_t end) {
+          std::copy(x_in + b, x_in + end, Xw + b);
+          for (int64_t j = 0; j < s; ++j) {
+            const T c = h * T(a_.tab.a[s][j]);
+            if (c == T(0)) continue;
+            const T* Kj = &Ks_[j * Rm];
+            for (int64_t e = b; e < end; ++e) Xw[e] += c * Kj[e];
+          }
+        });
+        X = Xw;
+      }
+      X_[s] = X;
+      T* Ap = &As_[s * Rm];
+      const T* W = &W_[s * m * m];
+      T* saved = preact_ ? preact_ + ((i * S + s) * a_.B + row0_) * m : nullptr;
+      const bool replay = saved && replay_;
+      if (!replay) ops_.nt(X, W, WT(s), Ap);  // a = X W^T (+ b below)
+      // The rest of the stage in one pass over row ranges: the bias, the kept
+      // pre-activations (recorded, or read back instead of the product), act(a), K = lam act(a).
+      T* Y = &Ys_[s * Rm];
+      T* Ks = &Ks_[s * Rm];
+      const T* bs = &b_[s * m];
+      const bool sym = a_.variant == Variant::Symmetric;
+      parallel_rows(R_, m, [&](int64_t r0, int64_t r1) {
+        const int64_t e0 = r0 * m, e1 = r1 * m;
+        if (replay) {
+          std::copy(saved + e0, saved + e1, Ap + e0);
+        } else {
+          if (a_.has_bias)
+            for (int64_t r = r0; r < r1; ++r)
+              for (int64_t j = 0; j < m; ++j) Ap[r * m + j] += bs[j];
+          if (saved) std::copy(Ap + e0, Ap + e1, saved + e0);
+        }
+        act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
+        if (sym) return;
+        if (s + 1 < S) {
+          for (int64_t e = e0; e < e1; ++e) Ks[e] = lam * Y[e];
+        } else {  // the last stage: x_out in this pass too, its own K straight from act(a)
+          update(x_in, x_out, e0, e1, S - 1);
+          const T c = h * T(a_.tab.b[s]);
+          if (c != T(0))
+            for (int64_t e = e0; e < e1; ++e) x_out[e] += c * (lam * Y[e]);
         }
       });
-      T* Ap = &As_[s * Rm];
-      const T* W = &W_[s * a_.m * a_.m];
-      T* saved = preact_ ? preact_ + ((i * S + s) * a_.B + row0_) * a_.m : nullptr;
-      if (saved && replay_) {
-        parallel_elements(Rm, [&](int64_t b, int64_t end) { std::copy(saved + b, saved + end, Ap + b); });
-      } else {
-        ops_.nt(X, W, WT(s), Ap);  // a = X W^T + b
-        if (a_.has_bias) {
-          const T* bs = &b_[s * a_.m];
-          parallel_rows(R_, a_.m, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r)
-              for (int64_t j = 0; j < a_.m; ++j) Ap[r * a_.m + j] += bs[j];
-          });
-        }
-        if (saved) parallel_elements(Rm, [&](int64_t b, int64_t end) { std::copy(Ap + b, Ap + end, saved + b); });
-      }
-      T* Y = &Ys_[s * Rm];
-      act_forward(a_.act, Ap, Y, Rm);
-      T* Ks = &Ks_[s * Rm];
-      if (a_.variant == Variant::Symmetric) {  // f = -act(a) W
+      if (sym) {  // f = -act(a) W
         ops_.nn(Y, W, tmp_.data());
         parallel_elements(Rm, [&](int64_t b, int64_t end) {
           for (int64_t e = b; e < end; ++e) Ks[e] = -lam * tmp_[e];
         });
-      } else {
-        parallel_elements(Rm, [&](int64_t b, int64_t end) {
-          for (int64_t e = b; e < end; ++e) Ks[e] = lam * Y[e];
-        });
       }
     }
-    parallel_elements(Rm, [&](int64_t b, int64_t end) {
-      std::copy(x_in + b, x_in + end, x_out + b);
-      for (int64_t s = 0; s < S; ++s) {
-        const T c = h * T(a_.tab.b[s]);
-        if (c == T(0)) continue;
-        const T* Ks = &Ks_[s * Rm];
-        for (int64_t e = b; e < end; ++e) x_out[e] += c * Ks[e];
-      }
-    });
+    if (a_.variant == Variant::Symmetric)
+      parallel_elements(Rm, [&](int64_t b, int64_t end) { update(x_in, x_out, b, end, S); });
+  }
+
+  // x_out[e] = x_in[e] + sum_{s < stages} h b_s K_s[e] over [e0, e1), in stage order.
+  void update(const T* x_in, T* x_out, int64_t e0, int64_t e1, int64_t stages) const {
+    const int64_t Rm = R_ * a_.m;
+    const T h = T(a_.h);
+    std::copy(x_in + e0, x_in + e1, x_out + e0);
+    for (int64_t s = 0; s < stages; ++s) {
+      const T c = h * T(a_.tab.b[s]);
+      if (c == T(0)) continue;
+      const T* Ks = &Ks_[s * Rm];
+      for (int64_t e = e0; e < e1; ++e) x_out[e] += c * Ks[e];
+    }
   }
 
   // Adjoint of the step just recomputed by step(i, ...): z holds dL/dx_{i+1} on entry and
@@ -143,8 +165,13 @@ class DenseChunk {
     const int64_t S = a_.tab.stages, Rm = R_ * a_.m, m = a_.m, mm = m * m;
     const T h = T(a_.h), lam = T(a_.lam);
     for (int64_t s = S - 1; s >= 0; --s) {
-      // kbar_s = dL/dK_s = h b_s z + h sum_{q > s} a_qs Xbar_q
+      // kbar_s = dL/dK_s = h b_s z + h sum_{q > s} a_qs Xbar_q; then G = lam act'(a) V with
+      // V = dL/d(lam act(a)): kbar itself (in the same pass), or -kbar W^T for f = -act(a) W.
       const T cb = h * T(a_.tab.b[s]);
+      const T* W = &W_[s * mm];
+      const T* Ap = &As_[s * Rm];
+      const T* Y = &Ys_[s * Rm];
+      const bool sym = a_.variant == Variant::Symmetric;
       parallel_elements(Rm, [&](int64_t b, int64_t end) {
         for (int64_t e = b; e < end; ++e) kbar_[e] = cb * z[e];
         for (int64_t q = s + 1; q < S; ++q) {
@@ -153,25 +180,22 @@ class DenseChunk {
           const T* Xq = &Xbar_[q * Rm];
           for (int64_t e = b; e < end; ++e) kbar_[e] += c * Xq[e];
         }
+        if (!sym) act_backward_part(a_.act, Ap + b, Y + b, kbar_.data() + b, lam, G_.data() + b, end - b);
       });
-      const T* W = &W_[s * mm];
-      const T* Ap = &As_[s * Rm];
-      // V = dL/d(lam act(a)): kbar, or -kbar W^T for f = -act(a) W.
       const T* V = kbar_.data();
-      if (a_.variant == Variant::Symmetric) {
+      if (sym) {
         ops_.nt(kbar_.data(), W, WT(s), tmp_.data());
         parallel_elements(Rm, [&](int64_t b, int64_t end) {
           for (int64_t e = b; e < end; ++e) tmp_[e] = -tmp_[e];
         });
         V = tmp_.data();
+        act_backward(a_.act, Ap, Y, V, lam, G_.data(), Rm);
       }
-      const T* Y = &Ys_[s * Rm];
       glam += dot_double(Y, V, Rm);  // dL/dlam += act(a_s) . V
-      act_backward(a_.act, Ap, Y, V, lam, G_.data(), Rm);
       // dL/dX_s = G W (G already carries lam).
       ops_.nn(G_.data(), W, &Xbar_[s * Rm]);
       // dL/dW_s = G^T X_s (- lam act(a)^T kbar for the symmetric variant).
-      ops_.tn(G_.data(), &Xs_[s * Rm], dW_.data());
+      ops_.tn(G_.data(), X_[s], dW_.data());
       if (a_.variant == Variant::Symmetric) ops_.tn(Y, kbar_.data(), mscratch_.data());
       scatter(s, gW, gb);
     }
@@ -196,11 +220,14 @@ class DenseChunk {
     for (int64_t r = 0; r <= d; ++r) w_[s * (d + 1) + r] = T(wd[r]);
     const T* w = &w_[s * (d + 1)];
     parallel_elements(mm, [&](int64_t b, int64_t end) {
-      const T* src = weight_ + k * mm;
-      for (int64_t e = b; e < end; ++e) W[e] = w[0] * src[e];
-      for (int64_t r = 1; r <= d; ++r) {
-        src = weight_ + (k + r) * mm;
-        for (int64_t e = b; e < end; ++e) W[e] += w[r] * src[e];
+      for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // W's tile stays in L1 across the d + 1 terms
+        const int64_t t1 = std::min(end, t0 + kCacheTile);
+        const T* src = weight_ + k * mm;
+        for (int64_t e = t0; e < t1; ++e) W[e] = w[0] * src[e];
+        for (int64_t r = 1; r <= d; ++r) {
+          src = weight_ + (k + r) * mm;
+          for (int64_t e = t0; e < t1; ++e) W[e] += w[r] * src[e];
+        }
       }
     });
     if (a_.variant == Variant::Antisymmetric) {  // A = W - W^T - gamma I
@@ -241,9 +268,12 @@ class DenseChunk {
     }
     const T* w = &w_[s * (d + 1)];
     parallel_elements(mm, [&](int64_t b, int64_t end) {
-      for (int64_t r = 0; r <= d; ++r) {
-        T* dst = gW + (k + r) * mm;
-        for (int64_t e = b; e < end; ++e) dst[e] += w[r] * dW_[e];
+      for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // dW's tile stays in L1 across the slots
+        const int64_t t1 = std::min(end, t0 + kCacheTile);
+        for (int64_t r = 0; r <= d; ++r) {
+          T* dst = gW + (k + r) * mm;
+          for (int64_t e = t0; e < t1; ++e) dst[e] += w[r] * dW_[e];
+        }
       }
     });
     if (a_.has_bias) {
@@ -262,6 +292,9 @@ class DenseChunk {
   MatOps<T, M> ops_;
   std::vector<T> W_, WT_, b_, Ks_, Xs_, As_, Ys_, tmp_, mscratch_, w_, Xbar_, kbar_, G_, dW_;
   std::vector<int64_t> k_;
+  // Stage inputs of the last step() (x_in for the first stage, else Xs_), read by its
+  // adjoint: x_in must outlive step_adjoint (the sweep's segment buffer does).
+  std::vector<const T*> X_;
   T* preact_ = nullptr;
   bool replay_ = false;
   int64_t row0_ = 0;
@@ -309,6 +342,9 @@ void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& we
         chunk.set_preact(pre, false, r0);
         std::vector<scalar_t> cur(x0 + r0 * a.m, x0 + r0 * a.m + Rm), nxt(Rm);
         std::copy(cur.begin(), cur.end(), out + r0 * a.m);
+        // The state is stepped in these buffers and copied out, never stepped in place in
+        // `states`: MKL's GEMM may round differently for differently aligned operands, and
+        // the backward replays steps from buffers like these.
         for (int64_t i = 0; i < a.N; ++i) {
           chunk.step(i, cur.data(), nxt.data());
           std::swap(cur, nxt);
