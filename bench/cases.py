@@ -252,7 +252,7 @@ CASE_SET_DOCS: Dict[str, str] = {
            "in its own dtype (bf16 large-width dense, fp32 small widths, conv2d)",
     "cpu": "the CPU backend's targets, all with torch.compile: the paper's sizes, widths 64-1024 "
            "(the 'of GEMM' column: fwd+bwd against 3 GEMMs a step), the small-channel convolutions; "
-           "about 10 minutes on a 2-core CPU",
+           "about 6 minutes on a 2-core CPU",
     "tiny": "three tiny cases, seconds: tests of the harness itself",
 }
 assert set(CASE_SET_DOCS) == set(CASE_SETS)

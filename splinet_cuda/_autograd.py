@@ -184,8 +184,9 @@ SAVE_PREACT_MIN_WIDTH = 128
 _HAS_SAVED_OPS = False  # set by _register (a plain bool: torch.compile traces _keeps_preact)
 
 
-def _keeps_preact(x: torch.Tensor, checkpoint: Optional[int], return_trajectory: bool) -> bool:
-    return (checkpoint is None and not return_trajectory and x.device.type == "cpu"
+def _keeps_preact(x: torch.Tensor, checkpoint: Optional[int], return_trajectory: bool,
+                  grad_needed: bool = True) -> bool:
+    return (grad_needed and checkpoint is None and not return_trajectory and x.device.type == "cpu"
             and x.shape[-1] >= SAVE_PREACT_MIN_WIDTH and _HAS_SAVED_OPS)
 
 
@@ -206,7 +207,10 @@ def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh"
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); wide
     CPU layers that keep every state keep their pre-activations too (SplineDenseSavedFunction)."""
-    if _keeps_preact(x, checkpoint, return_trajectory):
+    # Without a backward (inference, torch.no_grad) nothing is kept.
+    grad_needed = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, scale))
+    if _keeps_preact(x, checkpoint, return_trajectory, grad_needed):
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
         return SplineDenseSavedFunction.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant,

@@ -306,3 +306,21 @@ def test_cpu_wide_deterministic_and_compiles():
     for a, c in zip(first, second):
         assert torch.equal(a, c)
     check_compile_fullgraph("cpu", "cpu", width=WIDE)
+
+
+@needs_cpu
+def test_cpu_keeps_preactivations_only_for_a_backward(monkeypatch):
+    """Inference (no_grad, or no input that needs a gradient) runs the plain forward op."""
+    calls = []
+    real = torch.ops.splinet_cuda.spline_dense_fwd_saved
+    monkeypatch.setattr(sc._autograd.SplineDenseSavedFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or (lambda st, pre: (st[-1].clone(), st, pre))(*real(*a))))
+    x, w, b, s = make(3, WIDE, 1, 1)
+    kw = dict(steps=2, degree=1, backend="cpu")
+    with torch.no_grad():
+        y0 = sc.spline_ode(x, w, b, s, **kw)
+    y1 = sc.spline_ode(x.detach(), w.detach(), b.detach(), s.detach(), **kw)
+    assert calls == []
+    y2 = sc.spline_ode(x, w, b, s, **kw)
+    assert calls == [1]
+    assert torch.equal(y0, y1) and torch.equal(y0, y2.detach())

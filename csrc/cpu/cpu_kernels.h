@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -72,6 +73,32 @@ void parallel_rows(int64_t rows, int64_t row_len, const F& fn) {
     fn(0, rows);
   }
 }
+
+// A working array left uninitialised by resize(n): std::vector's resize zero-fills, a pass
+// over tens of MB per call at large widths for arrays that are always written before read.
+template <typename T>
+class Scratch {
+ public:
+  void resize(int64_t n) {
+    data_.reset(new T[n]);  // default-initialised: no fill for arithmetic T
+    n_ = n;
+  }
+  void resize(int64_t n, T value) {
+    resize(n);
+    std::fill(begin(), end(), value);
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+  T* begin() { return data_.get(); }
+  T* end() { return data_.get() + n_; }
+  int64_t size() const { return n_; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t n_ = 0;
+};
 
 template <typename T>
 at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {

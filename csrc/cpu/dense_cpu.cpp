@@ -210,6 +210,16 @@ class DenseChunk {
  private:
   const T* WT(int64_t s) const { return a_.use_gemm ? nullptr : &WT_[s * a_.m * a_.m]; }
 
+  // dst = c src (or dst += c src) over n elements: restrict pointers and c in a register,
+  // so the loop vectorises (the weights live in a member array the stores could alias).
+  static void blend_tile(T* __restrict__ dst, const T* __restrict__ src, const T c, int64_t n, bool add) {
+    if (add) {
+      for (int64_t e = 0; e < n; ++e) dst[e] += c * src[e];
+    } else {
+      for (int64_t e = 0; e < n; ++e) dst[e] = c * src[e];
+    }
+  }
+
   // W_s, b_s = sum_r b_r(u) * coefficient[k + r] at stage time t_i + c_s h (eq. 14).
   void blend(int64_t i, int64_t s) {
     const int64_t m = a_.m, mm = m * m, d = a_.d;
@@ -221,13 +231,9 @@ class DenseChunk {
     const T* w = &w_[s * (d + 1)];
     parallel_elements(mm, [&](int64_t b, int64_t end) {
       for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // W's tile stays in L1 across the d + 1 terms
-        const int64_t t1 = std::min(end, t0 + kCacheTile);
-        const T* src = weight_ + k * mm;
-        for (int64_t e = t0; e < t1; ++e) W[e] = w[0] * src[e];
-        for (int64_t r = 1; r <= d; ++r) {
-          src = weight_ + (k + r) * mm;
-          for (int64_t e = t0; e < t1; ++e) W[e] += w[r] * src[e];
-        }
+        blend_tile(W + t0, weight_ + k * mm + t0, w[0], std::min(end, t0 + kCacheTile) - t0, false);
+        for (int64_t r = 1; r <= d; ++r)
+          blend_tile(W + t0, weight_ + (k + r) * mm + t0, w[r], std::min(end, t0 + kCacheTile) - t0, true);
       }
     });
     if (a_.variant == Variant::Antisymmetric) {  // A = W - W^T - gamma I
@@ -270,10 +276,7 @@ class DenseChunk {
     parallel_elements(mm, [&](int64_t b, int64_t end) {
       for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // dW's tile stays in L1 across the slots
         const int64_t t1 = std::min(end, t0 + kCacheTile);
-        for (int64_t r = 0; r <= d; ++r) {
-          T* dst = gW + (k + r) * mm;
-          for (int64_t e = t0; e < t1; ++e) dst[e] += w[r] * dW_[e];
-        }
+        for (int64_t r = 0; r <= d; ++r) blend_tile(gW + (k + r) * mm + t0, dW_.data() + t0, w[r], t1 - t0, true);
       }
     });
     if (a_.has_bias) {
@@ -290,7 +293,7 @@ class DenseChunk {
   const T* bias_;
   int64_t R_;
   MatOps<T, M> ops_;
-  std::vector<T> W_, WT_, b_, Ks_, Xs_, As_, Ys_, tmp_, mscratch_, w_, Xbar_, kbar_, G_, dW_;
+  Scratch<T> W_, WT_, b_, Ks_, Xs_, As_, Ys_, tmp_, mscratch_, w_, Xbar_, kbar_, G_, dW_;
   std::vector<int64_t> k_;
   // Stage inputs of the last step() (x_in for the first stage, else Xs_), read by its
   // adjoint: x_in must outlive step_adjoint (the sweep's segment buffer does).
