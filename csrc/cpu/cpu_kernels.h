@@ -257,25 +257,11 @@ void act_forward_part(Act act, const T* a, T* y, int64_t n, int64_t total) {
 
 template <typename T>
 void act_forward(Act act, const T* a, T* y, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (act == Act::Tanh && n < kAtenActMinElements) {
-      for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
-      return;
-    }
+  if (act == Act::Relu) {
+    parallel_elements(n, [&](int64_t b, int64_t e) { act_forward_part(act, a + b, y + b, e - b, n); });
+    return;
   }
-  at::Tensor out = wrap1d(y, n);
-  const at::Tensor in = wrap1d(a, n);
-  switch (act) {
-    case Act::Identity: std::copy(a, a + n, y); break;
-    case Act::Relu:
-      parallel_elements(n, [&](int64_t b, int64_t e) {
-        for (int64_t q = b; q < e; ++q) y[q] = Activation<Act::Relu>::f(a[q]);
-      });
-      break;
-    case Act::Tanh: at::tanh_out(out, in); break;
-    case Act::Sigmoid: at::sigmoid_out(out, in); break;
-    case Act::Softplus: at::softplus_out(out, in, 1, 20); break;
-  }
+  act_forward_part(act, a, y, n, n);  // ATen's kernels thread themselves
 }
 
 // g = scale * act'(a) * v over an array, act' by PyTorch's backward formulas (from the
