@@ -25,18 +25,21 @@ import splinet_cuda as sc  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 
-# Paper section 4.2: the hyperparameter ranges of the random search.
+# Paper section 4.2: the hyperparameter ranges of the random search. The authors' driver of
+# that study (src/hyperopt.jl of their public code, splinenetwork/splinet) samples each range
+# on a grid of log-spaced points, 10 .^ LinRange(lo, hi, runs), with Hyperopt.jl's Latin
+# hypercube sampler (CLHSampler): every grid value is used exactly once over the runs.
 LR_RANGE = (1e-3, 1e-1)
 GAMMA_RANGE = (1e-10, 1e-4)
 AMPLITUDE_RANGE = (1e-3, 1.0)
-L_RANGE = (2, 15)  # inclusive
+L_VALUES = tuple(range(2, 16))  # paper section 4.2: L in {2, ..., 15} for sin(fx) and Peaks
 
 
 def parse_args(description: str, argv: Optional[Sequence[str]], *, runs: int, epochs: int,
                smoke_runs: int = 2, smoke_epochs: int = 3, threads: int = 1,
                threads_help: str = "the problems are tiny, threads only add overhead",
-               extra=None) -> argparse.Namespace:
-    """--runs, --epochs, --smoke, --out, --seed, --threads (+ ``extra(parser)``)."""
+               extra=None, jobs: bool = False) -> argparse.Namespace:
+    """--runs, --epochs, --smoke, --out, --seed, --threads (+ --jobs, + ``extra(parser)``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--runs", type=int, default=None, help=f"training runs per model (default {runs}; paper: 100)")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {epochs})")
@@ -46,6 +49,10 @@ def parse_args(description: str, argv: Optional[Sequence[str]], *, runs: int, ep
     p.add_argument("--seed", type=int, default=0, help="seed of the hyperparameter draws and initialisations")
     p.add_argument("--threads", type=int, default=threads,
                    help=f"torch CPU threads (default {threads}: {threads_help})")
+    if jobs:
+        p.add_argument("--jobs", type=int, default=1,
+                       help="training runs in parallel worker processes of one thread each (default 1; "
+                            "the authors ran their study on 4 workers)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     if extra is not None:
         extra(p)
@@ -56,6 +63,8 @@ def parse_args(description: str, argv: Optional[Sequence[str]], *, runs: int, ep
         a.epochs = smoke_epochs if a.smoke else epochs
     if a.runs < 1 or a.epochs < 1:
         p.error("--runs and --epochs must be >= 1")
+    if jobs and a.jobs < 1:
+        p.error("--jobs must be >= 1")
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     return a
@@ -66,27 +75,117 @@ def progress(total: int, desc: str, args):
     return tqdm(total=total, desc=desc, disable=args.no_progress, dynamic_ncols=True, leave=True)
 
 
-def sample_hparams(rng: np.random.Generator) -> Dict[str, float]:
-    """One draw of the paper's section 4.2 search: learning rate, Tikhonov gamma and init
-    amplitude log-uniform in their ranges, L uniform in {2, ..., 15}."""
-    def logu(lo, hi):
-        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    return {"lr": logu(*LR_RANGE), "gamma": logu(*GAMMA_RANGE), "amplitude": logu(*AMPLITUDE_RANGE),
-            "L": int(rng.integers(L_RANGE[0], L_RANGE[1] + 1))}
+def _log_grid(lo: float, hi: float, n: int) -> np.ndarray:
+    if n == 1:
+        return np.array([math.sqrt(lo * hi)])
+    return np.logspace(math.log10(lo), math.log10(hi), n)
+
+
+def latin_hypercube_hparams(runs: int, rng: np.random.Generator,
+                            L_values: Sequence[int] = L_VALUES) -> List[Dict[str, float]]:
+    """The authors' sampling of the study (hyperopt.jl): ``runs`` draws in which every value of
+    the log-spaced grids of learning rate (1e-3..1e-1), Tikhonov weight (1e-10..1e-4) and init
+    amplitude (1e-3..1) appears exactly once, in independent random orders (a Latin
+    hypercube), and the categorical L cycles through ``L_values`` in random order."""
+    lr = rng.permutation(_log_grid(*LR_RANGE, runs))
+    gamma = rng.permutation(_log_grid(*GAMMA_RANGE, runs))
+    amp = rng.permutation(_log_grid(*AMPLITUDE_RANGE, runs))
+    Ls = rng.permutation(np.resize(np.asarray(L_values), runs))
+    return [{"lr": float(lr[i]), "gamma": float(gamma[i]), "amplitude": float(amp[i]), "L": int(Ls[i])}
+            for i in range(runs)]
 
 
 def architectures(L: int, steps: int, T: float) -> Dict[str, dict]:
-    """The five networks of Tables 1-2 as SplineODE settings (paper section 4.2, Remark 1):
-    ResNet: one weight per layer (d = 1, knots = steps = L) and step h*scale = 1 (scale = L);
-    ODEnet: the same with time horizon T (h = T/L); SpliNet d = 1, 2, 3: L knot intervals,
-    ``steps`` time steps, horizon T."""
+    """The five networks of Tables 1-2 as SplineODE settings (paper section 4.2, Remark 1,
+    and the authors' hyperopt.jl):
+
+    - ResNet: one weight per layer (d = 1, knots = steps = L) and step h = 1, i.e. horizon
+      ``scale = L``, not learned (hyperopt.jl: "Don't learn init_lambda for this one");
+    - ODEnet: the same layers with horizon T (h = T/L) and a learned time scale;
+    - SpliNet d = 1, 2, 3: L knot intervals, ``steps`` time steps over horizon T, learned time
+      scale (the authors' lambda, initialised to 1, is trainable in their code)."""
     return {
-        "ResNet": dict(knots=L, degree=1, steps=L, scale=float(L)),
-        "ODEnet": dict(knots=L, degree=1, steps=L, scale=float(T)),
-        "SpliNet, d = 1": dict(knots=L, degree=1, steps=steps, scale=float(T)),
-        "SpliNet, d = 2": dict(knots=L, degree=2, steps=steps, scale=float(T)),
-        "SpliNet, d = 3": dict(knots=L, degree=3, steps=steps, scale=float(T)),
+        "ResNet": dict(knots=L, degree=1, steps=L, scale=float(L), learn_scale=False),
+        "ODEnet": dict(knots=L, degree=1, steps=L, scale=float(T), learn_scale=True),
+        "SpliNet, d = 1": dict(knots=L, degree=1, steps=steps, scale=float(T), learn_scale=True),
+        "SpliNet, d = 2": dict(knots=L, degree=2, steps=steps, scale=float(T), learn_scale=True),
+        "SpliNet, d = 3": dict(knots=L, degree=3, steps=steps, scale=float(T), learn_scale=True),
     }
+
+
+def authors_init(ode: torch.nn.Module, amplitude: float) -> None:
+    """The authors' initialisation (unified_spline_network.jl, ``glorot_uniform_tensor`` times
+    the amplitude): weight coefficients uniform in +-amplitude * sqrt(3 / m), bias
+    coefficients in +-amplitude * sqrt(6 / m), m the width."""
+    m = ode.weight.shape[-1]
+    with torch.no_grad():
+        ode.weight.uniform_(-amplitude * math.sqrt(3.0 / m), amplitude * math.sqrt(3.0 / m))
+        if ode.bias is not None:
+            ode.bias.uniform_(-amplitude * math.sqrt(6.0 / m), amplitude * math.sqrt(6.0 / m))
+
+
+def authors_regulariser(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The authors' Tikhonov term (train.jl: ``mean(norm, Flux.params(model))``): the mean over
+    the trainable arrays of each one's 2-norm (not squared, unlike the paper's text)."""
+    return torch.stack([p.norm() for p in params]).mean()
+
+
+def train_authors(model: torch.nn.Module, loss_fn, metric_fn, train, test, *, epochs: int, batch: int,
+                  lr: float, gamma: float, gnorm_tol: float, shuffle: bool, seed: int, maximise: bool):
+    """The authors' training loop (train.jl): Adam on mini-batches of ``loss_fn + gamma *
+    authors_regulariser``; after every epoch the test metric is evaluated and the best value
+    over the epochs is what the run reports; training stops early once the epoch's mean over
+    batches of the summed gradient 2-norms falls below ``gnorm_tol``. Returns (best metric or
+    nan when no epoch ended finite, epochs run)."""
+    xtr, ytr = train
+    xte, yte = test
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # builds without the fused CPU Adam
+        opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = xtr.shape[0]
+    best = math.nan
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        gnorm, batches = 0.0, 0
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            loss = loss_fn(model(xtr[idx]), ytr[idx]) + gamma * authors_regulariser(params)
+            if not torch.isfinite(loss):
+                return best, epoch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm += float(torch.stack([p.grad.norm() for p in params]).sum())
+            opt.step()
+            batches += 1
+        with torch.no_grad():
+            metric = float(metric_fn(model(xte), yte))
+        if math.isfinite(metric) and (math.isnan(best) or (metric > best if maximise else metric < best)):
+            best = metric
+        if gnorm / batches < gnorm_tol:
+            return best, epoch + 1
+    return best, epochs
+
+
+def run_tasks(fn, tasks: Sequence[tuple], jobs: int, bar) -> List:
+    """``[fn(*t) for t in tasks]``, in ``jobs`` worker processes of one thread each when
+    jobs > 1 (spawned: a forked OpenMP runtime can hang); updates the progress bar."""
+    if jobs <= 1:
+        out = []
+        for t in tasks:
+            out.append(fn(*t))
+            bar.update(1)
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = [pool.submit(fn, *t) for t in tasks]
+        for _ in cf.as_completed(futures):
+            bar.update(1)
+        return [f.result() for f in futures]
 
 
 def stats(values: Sequence[float]) -> Dict[str, float]:

@@ -1,19 +1,47 @@
 """Paper section 4.1.2 / Table 2: classify points of [-3, 3]^2 into five level-set bands
 of the peaks function with a ResNet, an ODEnet and SpliNets of degree 1, 2, 3 (width 5,
-ReLU, softmax cross-entropy) over random hyperparameters; validation accuracy statistics.
+ReLU, softmax cross-entropy) over the paper's hyperparameter study, with the settings of the
+authors' own code; validation accuracy statistics.
 
-    python examples/peaks.py                  # default reduced run (~3-4 min on 2 CPU cores)
-    python examples/peaks.py --runs 100       # the paper's run count
-    python examples/peaks.py --smoke          # seconds (CI)
+    python examples/peaks.py                       # default (20 runs, ~4 min on 2 cores)
+    python examples/peaks.py --runs 100 --jobs 2   # the paper's run count (~10 min)
+    python examples/peaks.py --smoke               # seconds (CI)
 
 Writes <out>/peaks.md, <out>/peaks.png (accuracy statistics) and <out>/peaks_data.png
 (the classes and the best SpliNet's prediction).
+
+Where each setting comes from ("paper": the SpliNet paper; file names: the authors' public
+Julia code, splinenetwork/splinet):
+
+- data: five classes = five equal-width value bands of MATLAB's peaks function between its
+  minimum and maximum on a 256 x 256 grid of [-3, 3]^2; 1000 grid points per class (the
+  authors' data set, examples/data/peaks, holds such 5000 points, balanced); shuffled, the
+  first 1000 train and the next 1000 test (peaks.jl; paper: 1000 random training points);
+- network: opening Dense(2, 5) and closing Dense(5, 5) layers with weights and biases
+  amplitude * uniform[0, 1) (peaks.jl; the paper speaks of replication and a softmax), width
+  5, ReLU, softmax cross-entropy (paper 4.1.2; peaks.jl);
+- T = 1, h = 0.01, N = 100 for the SpliNets (paper 4.1.2: x(T = 1); hyperopt.jl's
+  ``spline_hyperparam_tune(T=1.0, stepsize=0.01)``), learned time scale from 1 for ODEnet and
+  SpliNets; ODEnet N = L, h = T/L; ResNet N = L, h = 1, scale not learned (hyperopt.jl);
+- SpliNet and ODEnet: 100 epochs of batch 40, shuffled (peaks.jl's ``train_network``
+  defaults; hyperopt.jl's ``main_hyperopt`` passes 1000 epochs of batch 5, 200 000 steps a run,
+  which this 2-core machine cannot afford 400 times); ResNet: 100 epochs of batch 20
+  (hyperopt.jl's ``resnet_hyperparam_tune``);
+- accuracy: the best test accuracy over the epochs of a run; early stop when the epoch's mean
+  gradient norm drops below 1e-4 (train.jl, peaks.jl);
+- Adam; Tikhonov weight times the mean 2-norm of the parameter arrays (train.jl);
+- hyperparameters: learning rate in [1e-3, 1e-1], Tikhonov weight in [1e-10, 1e-4], init
+  amplitude in [1e-3, 1] (paper 4.2), Latin hypercube over log-spaced grids (hyperopt.jl), L
+  in {2, ..., 15} (paper 4.2); SpliNet initialisation as in unified_spline_network.jl.
+
+Neither gives the random seeds; we train in float32 (the authors' spline layers are Float64).
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,11 +54,14 @@ from common import sc  # noqa: E402
 
 WIDTH = 5
 CLASSES = 5
-STEPS = 100        # as in section 4.1.1 (h = 0.01); the paper does not restate N for Peaks
-T = 5.0            # horizon of ODEnet / SpliNet (not given in the paper)
-BATCH = 100
-N_TRAIN = 1000     # paper: 1000 random points
-N_VAL = 1000       # validation points (not given in the paper)
+T = 1.0             # paper 4.1.2: x(T = 1)
+STEPS = 100         # h = 0.01 (paper 4.1.1; hyperopt.jl)
+GRID = 256          # the authors' data: points of a 256 x 256 grid of [-3, 3]^2
+PER_CLASS = 1000
+N_TRAIN = N_TEST = 1000
+EPOCHS, BATCH = 100, 40            # peaks.jl train_network
+RESNET_EPOCHS, RESNET_BATCH = 100, 20   # hyperopt.jl (ResNet)
+GNORM_TOL = 1e-4                   # peaks.jl
 
 # Table 2 of the paper: validation accuracy over 100 runs (mean, std, min, max).
 PAPER = {"Peaks": {
@@ -47,8 +78,8 @@ def peaks(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def band_edges() -> torch.Tensor:
-    """Five equal-width value bands between min and max of peaks on [-3, 3]^2 (fine grid)."""
-    g = torch.linspace(-3, 3, 1201, dtype=torch.float64)
+    """Five equal-width value bands between min and max of peaks on the 256 x 256 grid."""
+    g = torch.linspace(-3, 3, GRID, dtype=torch.float64)
     z = peaks(g[:, None], g[None, :])
     return torch.linspace(float(z.min()), float(z.max()), CLASSES + 1, dtype=torch.float64)
 
@@ -58,58 +89,59 @@ def labels(p: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(z, edges[1:-1]).long()
 
 
-def make_data(n: int, seed: int, edges: torch.Tensor):
-    g = torch.Generator().manual_seed(seed)
-    p = torch.rand(n, 2, generator=g) * 6 - 3
-    return p, labels(p, edges)
+def make_data(seed: int = 0):
+    """The authors' construction: 1000 grid points per class (with replacement), shuffled;
+    returns (train points, train labels), (test points, test labels), edges."""
+    edges = band_edges()
+    g1 = torch.linspace(-3, 3, GRID, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g1, g1, indexing="ij"), -1).reshape(-1, 2)
+    lab = labels(grid, edges)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(lab == c).flatten()[
+        torch.randint(int((lab == c).sum()), (PER_CLASS,), generator=gen)] for c in range(CLASSES)])
+    idx = idx[torch.randperm(idx.numel(), generator=gen)]
+    p, y = grid[idx].float(), lab[idx]
+    return (p[:N_TRAIN], y[:N_TRAIN]), (p[N_TRAIN:N_TRAIN + N_TEST], y[N_TRAIN:N_TRAIN + N_TEST]), edges
 
 
 class PeaksNet(nn.Module):
-    """(x, y) -> replicate to width 5 as [x, y, x, y, x] -> SpliNet ODE (ReLU) -> Linear(5, 5)
-    -> logits (softmax cross-entropy in the loss)."""
+    """(x, y) -> Dense(2, 5) -> SpliNet ODE (ReLU) -> Dense(5, 5) -> logits."""
 
-    def __init__(self, knots: int, degree: int, steps: int, scale: float, amplitude: float):
+    def __init__(self, knots: int, degree: int, steps: int, scale: float, learn_scale: bool, amplitude: float):
         super().__init__()
+        self.lift = nn.Linear(2, WIDTH)
         self.ode = sc.SplineODE(WIDTH, knots, degree, steps, activation="relu", scale=scale,
-                                init_amplitude=amplitude, backend="auto")
+                                learn_scale=learn_scale, backend="auto")
         self.head = nn.Linear(WIDTH, CLASSES)
-        nn.init.uniform_(self.head.weight, -amplitude, amplitude)
-        nn.init.zeros_(self.head.bias)
+        common.authors_init(self.ode, amplitude)
+        with torch.no_grad():  # peaks.jl: amplitude .* rand(...)
+            for p in (*self.lift.parameters(), *self.head.parameters()):
+                p.uniform_(0.0, amplitude)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        x0 = p[:, [0, 1, 0, 1, 0]].contiguous()
-        return self.head(self.ode(x0))
+        return self.head(self.ode(self.lift(p)))
 
 
-def regulariser(model: PeaksNet) -> torch.Tensor:
-    return sc.tikhonov(model) + model.head.weight.square().sum() + model.head.bias.square().sum()
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == y).float().mean()
 
 
-def train_one(arch: dict, hp: dict, data, epochs: int, seed: int, return_model: bool = False):
-    ptr, ytr, pva, yva = data
+def train_one(name: str, hp: dict, epochs: int, batch: int, seed: int):
+    """One training run; returns (best validation accuracy or nan, epochs run, seconds,
+    the model's state for SpliNets)."""
+    t0 = time.perf_counter()
+    arch = common.architectures(hp["L"], STEPS, T)[name]
+    resnet = name == "ResNet"
     torch.manual_seed(seed)
-    model = PeaksNet(arch["knots"], arch["degree"], arch["steps"], arch["scale"], hp["amplitude"])
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    g = torch.Generator().manual_seed(seed)
-    n = ptr.shape[0]
-    diverged = False
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, BATCH):
-            idx = perm[i:i + BATCH]
-            loss = nn.functional.cross_entropy(model(ptr[idx]), ytr[idx]) + hp["gamma"] * regulariser(model)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if diverged:
-            break
-    with torch.no_grad():
-        logits = model(pva)
-        acc = math.nan if diverged or not torch.isfinite(logits).all() else float((logits.argmax(1) == yva).float().mean())
-    return (acc, model) if return_model else acc
+    model = PeaksNet(arch["knots"], arch["degree"], arch["steps"], arch["scale"], arch["learn_scale"],
+                     hp["amplitude"])
+    train, test, _ = make_data()
+    acc, ran = common.train_authors(
+        model, nn.functional.cross_entropy, accuracy, train, test,
+        epochs=min(epochs, RESNET_EPOCHS) if resnet else epochs, batch=RESNET_BATCH if resnet else batch,
+        lr=hp["lr"], gamma=hp["gamma"], gnorm_tol=GNORM_TOL, shuffle=True, seed=seed, maximise=True)
+    state = model.state_dict() if name.startswith("SpliNet") else None
+    return acc, ran, time.perf_counter() - t0, state
 
 
 def plot_data(path: str, edges, model: Optional[nn.Module], title: str) -> None:
@@ -135,68 +167,77 @@ def plot_data(path: str, edges, model: Optional[nn.Module], title: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = common.parse_args(__doc__.splitlines()[0], argv, runs=10, epochs=500, smoke_runs=1, smoke_epochs=1)
-    rng = np.random.default_rng(args.seed)
-    hps = [common.sample_hparams(rng) for _ in range(args.runs)]
-    edges = band_edges()
-    ptr, ytr = make_data(N_TRAIN, 1, edges)
-    pva, yva = make_data(N_VAL, 2, edges)
-    data = (ptr, ytr, pva, yva)
-    accs = {name: [] for name in common.architectures(2, STEPS, T)}
-    best = (-1.0, None, "")
+    all_names = list(common.architectures(2, STEPS, T))
+
+    def extra(p):
+        p.add_argument("--batch", type=int, default=BATCH,
+                       help=f"SpliNet/ODEnet mini-batch (default {BATCH}, peaks.jl; the authors' study driver: 5)")
+        p.add_argument("--nets", nargs="+", default=all_names, choices=all_names, metavar="NAME",
+                       help="networks to train (default all five: " + ", ".join(repr(n) for n in all_names) + ")")
+
+    args = common.parse_args(__doc__.splitlines()[0], argv, runs=20, epochs=EPOCHS, smoke_runs=1, smoke_epochs=1,
+                             jobs=True, extra=extra)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    hps = common.latin_hypercube_hparams(args.runs, np.random.default_rng(args.seed))
+    names = [n for n in all_names if n in args.nets]
+    tasks = [(name, hp, args.epochs, args.batch, args.seed * 7919 + r) for r, hp in enumerate(hps) for name in names]
     with common.Timer() as timer:
-        bar = common.progress(args.runs * 5, "peaks", args)
-        for r, hp in enumerate(hps):
-            for name, arch in common.architectures(hp["L"], STEPS, T).items():
-                bar.set_postfix_str(f"run {r + 1} {name}")
-                acc, model = train_one(arch, hp, data, args.epochs, args.seed * 7919 + r, return_model=True)
-                accs[name].append(acc)
-                if name.startswith("SpliNet") and math.isfinite(acc) and acc > best[0]:
-                    best = (acc, model, f"{name}, L = {hp['L']}: val. acc. {100 * acc:.1f}%")
-                bar.update(1)
+        bar = common.progress(len(tasks), "peaks", args)
+        out = common.run_tasks(train_one, tasks, args.jobs, bar)
         bar.close()
+    accs = {name: [o[0] for t, o in zip(tasks, out) if t[0] == name] for name in names}
     ours = {name: common.stats(v) for name, v in accs.items()}
+    best_i = max((i for i, (t, o) in enumerate(zip(tasks, out)) if o[3] is not None and math.isfinite(o[0])),
+                 key=lambda i: out[i][0], default=None)
+    best_model, best_title = None, ""
+    if best_i is not None:
+        name, hp = tasks[best_i][0], tasks[best_i][1]
+        arch = common.architectures(hp["L"], STEPS, T)[name]
+        best_model = PeaksNet(arch["knots"], arch["degree"], arch["steps"], arch["scale"], arch["learn_scale"], 1.0)
+        best_model.load_state_dict(out[best_i][3])
+        best_title = f"best SpliNet run ({name}, L = {hp['L']}: val. acc. {100 * out[best_i][0]:.1f}%)"
+    early = sum(1 for t, o in zip(tasks, out) if o[1] < min(t[2], RESNET_EPOCHS if t[0] == "ResNet" else t[2]))
+    paper = {n: v for n, v in PAPER["Peaks"].items() if n in names}
+    cpu_s = sum(o[2] for o in out)
+    spline_s = [o[2] for t, o in zip(tasks, out) if t[0].startswith("SpliNet")]
+    (_, ytr), _, edges = make_data()
     counts = torch.bincount(ytr, minlength=CLASSES).tolist()
-    table = common.stats_table("Peaks validation accuracy", ours, PAPER["Peaks"], fmt=common.fmt_pct)
+    table = common.stats_table("Peaks validation accuracy", ours, paper, fmt=common.fmt_pct)
     failed = sum(s["failed"] for s in ours.values())
     notes = [
-        f"**Run count**: {args.runs} training runs per network (paper: 100), {args.epochs} epochs each (the paper "
-        f"does not state its epoch count); reduced to run in a few minutes on a 2-core CPU, so std/min/max are "
-        f"noisy estimates.",
-        "**Hyperparameters**: per run, learning rate in [1e-3, 1e-1], Tikhonov gamma in [1e-10, 1e-4], init "
-        "amplitude in [1e-3, 1] (log-uniform; the paper gives only ranges) and L in {2..15}, shared by the five "
-        "networks of a run (paired comparison).",
-        f"**Data**: peaks(x, y) (MATLAB's) on [-3, 3]^2; five classes = five equal-width bands between the "
-        f"function's min and max (edges {', '.join(f'{e:.2f}' for e in edges.tolist())}); the paper only says "
-        f"'five regions bounded by level sets'. Equal value bands are unbalanced: training class counts "
-        f"{counts} of {N_TRAIN}, so always predicting the largest class already scores "
-        f"{100 * max(counts) / N_TRAIN:.0f}%. {N_TRAIN} random training points (paper: 1000) and {N_VAL} "
-        f"further random validation points (not described in the paper).",
-        f"**Network**: the input (x, y) is replicated to width 5 as [x, y, x, y, x] (the paper: 'maps x_data to "
-        f"the network width of m = 5 through replication'; how 2 becomes 5 is not stated); dense SpliNet layer "
-        f"with ReLU; ResNet = d = 1, knots = steps = L, scale L (h = 1); ODEnet = the same with scale T = {T:g}; "
-        f"SpliNet: L knot intervals, N = {STEPS} forward-Euler steps, scale T = {T:g} (T is not given in the "
-        f"paper; with ReLU it only rescales the weights). A learnable Linear(5, 5) head gives the logits of the "
-        f"softmax (the paper applies the softmax to x(T); the head is our choice so that the five classes need "
-        f"not be five state coordinates); the Tikhonov term covers the head too.",
-        f"**Training**: Adam (PyTorch defaults) on mini-batches of {BATCH}, softmax cross-entropy + gamma * "
-        f"sum of squared coefficients (`splinet_cuda.tikhonov`), float32.",
-        f"**Why our accuracies are lower**: {args.epochs} epochs of {N_TRAIN // BATCH} steps; runs that drew a "
-        f"small learning rate and init amplitude are still improving when training stops (in our trials accuracy "
-        f"kept rising from 50 to 150 epochs and beyond), and they set our min and std. The paper does not give its "
-        f"epoch count. With {args.runs} runs, differences of a few points between the networks are within the "
-        f"noise (standard error ~ std / sqrt({args.runs})); the paper's ranking is not established by this run.",
-        f"**Diverged** runs (non-finite loss) are left out and counted ({failed}).",
+        f"**Runs**: {args.runs} per network (paper: 100), the five networks of a run trained with the same "
+        f"Latin-hypercube draw of learning rate, Tikhonov weight, init amplitude and L (a paired comparison) and "
+        f"the same seed." + (f" Min, max and std over {args.runs} runs are noisier than over 100."
+                             if args.runs < 100 else ""),
+        f"**Settings**: the authors' (module docstring of `examples/peaks.py`, each with its source): Dense(2, 5) "
+        f"lift, width 5, ReLU, Dense(5, 5) head, T = 1, N = {STEPS} SpliNet steps, learned time scale from 1, "
+        f"SpliNet/ODEnet {args.epochs} epochs of batch {args.batch}, ResNet {min(args.epochs, RESNET_EPOCHS)} epochs "
+        f"of batch {RESNET_BATCH}, Adam, Tikhonov weight times the mean 2-norm of the parameter arrays, early "
+        f"stop at mean gradient norm < {GNORM_TOL:g} ({early} of {len(tasks)} runs stopped early)."
+        + ("" if (args.epochs, args.batch) == (1000, 5) else
+           f" The authors' hyperparameter driver trains 1000 epochs of batch 5 (200 000 Adam steps a run); "
+           f"this run takes {args.epochs * math.ceil(N_TRAIN / args.batch)} steps a run."),
+        f"**Data**: five equal-width value bands of peaks on a {GRID} x {GRID} grid (edges "
+        f"{', '.join(f'{e:.2f}' for e in edges.tolist())}), {PER_CLASS} grid points per class drawn with "
+        f"replacement, shuffled; {N_TRAIN} train (class counts {counts}) and {N_TEST} test points.",
+        "**Accuracy** is, as in the authors' code, the best test accuracy over the epochs of a run.",
+        "**Not given by the paper or its code**: the random seeds (and so the exact points drawn).",
+        f"**Diverged** runs (non-finite loss before the first epoch ended) are left out and counted ({failed}).",
+        f"**Time**: {timer.elapsed:.0f} s wall with {args.jobs} worker process(es) of one thread, "
+        f"{cpu_s:.0f} s of training in all; a SpliNet run ({args.epochs} epochs at N = {STEPS}) took "
+        f"{sum(spline_s) / max(len(spline_s), 1):.1f} s on average.",
         common.machine_line(timer.elapsed),
     ]
     cmd = common.command_line("peaks.py", argv)
     text = common.write_markdown(os.path.join(args.out, "peaks.md"), "Table 2 reproduction: Peaks, validation accuracy",
                                  [table, "![accuracy](peaks.png)  ![data](peaks_data.png)"], notes, cmd)
     common.stats_plot(os.path.join(args.out, "peaks.png"), {"Peaks": ours}, ylabel="validation accuracy",
-                      log=False, paper=PAPER)
-    plot_data(os.path.join(args.out, "peaks_data.png"), edges, best[1], f"best SpliNet run ({best[2]})")
+                      log=False, paper={"Peaks": paper})
+    plot_data(os.path.join(args.out, "peaks_data.png"), edges, best_model, best_title)
     print(text)
-    return {"results": ours, "markdown": os.path.join(args.out, "peaks.md"), "plot": os.path.join(args.out, "peaks.png")}
+    return {"results": ours, "wall": timer.elapsed, "markdown": os.path.join(args.out, "peaks.md"),
+            "plot": os.path.join(args.out, "peaks.png")}
 
 
 if __name__ == "__main__":
