@@ -3,8 +3,8 @@ of the peaks function with a ResNet, an ODEnet and SpliNets of degree 1, 2, 3 (w
 ReLU, softmax cross-entropy) over the paper's hyperparameter study, with the settings of the
 authors' own code; validation accuracy statistics.
 
-    python examples/peaks.py                       # default (20 runs, ~4 min on 2 cores)
-    python examples/peaks.py --runs 100 --jobs 2   # the paper's run count (~10 min)
+    python examples/peaks.py                       # default: 20 runs, ~4.5 min on one core
+    python examples/peaks.py --runs 100 --jobs 2   # the paper's run count: 11 min on 2 cores
     python examples/peaks.py --smoke               # seconds (CI)
 
 Writes <out>/peaks.md, <out>/peaks.png (accuracy statistics) and <out>/peaks_data.png
