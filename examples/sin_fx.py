@@ -32,8 +32,8 @@ Julia code, splinenetwork/splinet):
   L in {2, ..., 15} (paper 4.2; hyperopt.jl's list {2, 5, ..., 25} is Indian Pines');
 - initialisation: glorot-like uniform times the amplitude (unified_spline_network.jl).
 
-Neither gives the precision of Table 1's runs on our side: we train in float32 (the authors'
-networks are Float64); nor the random seeds.
+Neither gives the random seeds or the test points themselves. We train in float32; the
+authors' spline layers are Float64.
 """
 from __future__ import annotations
 
