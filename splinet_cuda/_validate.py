@@ -83,7 +83,7 @@ def _check_scale(scale, x: torch.Tensor) -> None:
         # tensor; not on a GPU, where it would stall every forward and break CUDA-graph
         # capture, nor on meta tensors) and skipped while torch.compile traces (no graph break).
         if (scale.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(scale.detach()))):
+                and not math.isfinite(scale.detach().item())):
             raise ValueError(f"scale must be finite, got {scale.item()}")
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not math.isfinite(scale):
