@@ -74,6 +74,13 @@ TORCH_LIBRARY(splinet_cuda, m) {
   m.def("spline_conv_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
         "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The pair keeping each step's pre-activations, as spline_dense_fwd_saved / _bwd_saved:
+  // preact (steps, stages, B, C, *spatial); the backward replays no forward convolution.
+  m.def("spline_conv_fwd_saved(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
+        "str activation, str scheme, str variant, float gamma) -> (Tensor, Tensor)");
+  m.def("spline_conv_bwd_saved(Tensor grad_states, Tensor states, Tensor preact, Tensor weight, Tensor? bias, "
+        "Tensor scale, SymInt steps, int degree, str activation, str scheme, str variant, float gamma) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // --- Hamiltonian layer (csrc/cpu/hamiltonian_cpu.cpp; Ruthotto-Haber's Verlet scheme) ---
   // x = [y | z] (B, 2m), the two states side by side; weight (n, 2, m, m) ([:, 0] = K1,

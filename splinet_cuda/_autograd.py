@@ -155,21 +155,17 @@ SplineHamiltonianFunction = layer_function("SplineHamiltonianFunction", _cpp_op(
                                            _cpp_op("spline_hamiltonian_bwd"))
 
 
-class SplineDenseSavedFunction(torch.autograd.Function):
-    """The dense layer on the CPU op pair that keeps each step's pre-activations
-    (``spline_dense_fwd_saved`` / ``spline_dense_bwd_saved``): ``apply(...)`` returns
+def saved_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable], doc: str) -> type:
+    """An autograd Function over a CPU op pair that keeps each step's pre-activations
+    (``spline_{dense,conv}_fwd_saved`` / ``_bwd_saved``): ``apply(...)`` returns
     ``(x_N, states, preact)``, neither of the last two differentiable; the backward reads the
-    pre-activations instead of replaying each step's forward product, so fwd+bwd takes 3
-    products a step instead of 4 (the gradients are those of SplineDenseFunction, bit for
-    bit)."""
+    pre-activations instead of replaying each step's forward product (the gradients are
+    those of the plain op pair, bit for bit)."""
 
-    @staticmethod
     def forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
-        states, preact = torch.ops.splinet_cuda.spline_dense_fwd_saved(x, weight, bias, scale, steps, degree,
-                                                                       activation, scheme, variant, gamma)
+        states, preact = fwd()(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma)
         return states[-1].clone(), states, preact
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, scale, *config = inputs
         _, states, preact = output
@@ -179,32 +175,56 @@ class SplineDenseSavedFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(states, preact)
         ctx.set_materialize_grads(False)
 
-    @staticmethod
     def backward(ctx, grad_last, grad_states, grad_preact):
         x, states, preact, weight, bias, scale = ctx.saved_tensors
         if grad_last is None:
             grad_last = torch.zeros_like(states[-1])
-        gx, gw, gb, gs = torch.ops.splinet_cuda.spline_dense_bwd_saved(grad_last, states, preact, weight, bias, scale,
-                                                                       *ctx.config)
+        gx, gw, gb, gs = bwd()(grad_last, states, preact, weight, bias, scale, *ctx.config)
         anchors = [t for t in (x, weight, bias, scale, grad_last) if t is not None]
         grads = _first_order_only((gx, gw, gb if ctx.has_bias else None, gs), anchors)
         return grads + (None,) * len(ctx.config)
 
+    forward.__signature__ = inspect.signature(forward)  # as in layer_function
+    cls = type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+    cls.vmap = staticmethod(_loop_vmap_rule(cls))
+    return cls
 
-SplineDenseSavedFunction.vmap = staticmethod(_loop_vmap_rule(SplineDenseSavedFunction))
+
+SplineDenseSavedFunction = saved_function(
+    "SplineDenseSavedFunction", _cpp_op("spline_dense_fwd_saved"), _cpp_op("spline_dense_bwd_saved"),
+    "The dense layer keeping its pre-activations (see saved_function): fwd+bwd takes 3 products a step "
+    "instead of 4.")
+SplineConvSavedFunction = saved_function(
+    "SplineConvSavedFunction", _cpp_op("spline_conv_fwd_saved"), _cpp_op("spline_conv_bwd_saved"),
+    "The conv layer keeping its pre-activations (see saved_function): fwd+bwd takes 3 convolutions a stage "
+    "instead of 4 (standard variant).")
 
 # Widths from which the CPU dense layer keeps each step's pre-activations (N S B m values)
 # when it keeps every state anyway (checkpoint=None): there the backward's replay of each
 # step's forward product is a GEMM, a quarter of fwd+bwd's arithmetic. Below it the replay
 # is a small part of the time and the memory matters more; checkpoint= never keeps them.
+# A CPU conv layer keeps them whenever it keeps every state: there the replay is a whole
+# convolution a stage whatever the channel count.
 SAVE_PREACT_MIN_WIDTH = 128
-_HAS_SAVED_OPS = False  # set by _register (a plain bool: torch.compile traces _keeps_preact)
+# Set by _register (plain bools: torch.compile traces _keeps_preact).
+_HAS_SAVED_OPS = False
+_HAS_CONV_SAVED_OPS = False
 
 
 def _keeps_preact(x: torch.Tensor, checkpoint: Optional[int], return_trajectory: bool,
-                  grad_needed: bool = True) -> bool:
-    return (grad_needed and checkpoint is None and not return_trajectory and x.device.type == "cpu"
-            and x.shape[-1] >= SAVE_PREACT_MIN_WIDTH and _HAS_SAVED_OPS)
+                  grad_needed: bool = True, conv: bool = False) -> bool:
+    if not (grad_needed and checkpoint is None and not return_trajectory and x.device.type == "cpu"):
+        return False
+    if conv:
+        return _HAS_CONV_SAVED_OPS
+    return x.shape[-1] >= SAVE_PREACT_MIN_WIDTH and _HAS_SAVED_OPS
+
+
+def _grad_needed(*tensors) -> bool:
+    # Without a backward (inference, torch.no_grad) nothing is kept.
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, return_trajectory,
@@ -224,10 +244,7 @@ def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh"
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); wide
     CPU layers that keep every state keep their pre-activations too (SplineDenseSavedFunction)."""
-    # Without a backward (inference, torch.no_grad) nothing is kept.
-    grad_needed = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, scale))
-    if _keeps_preact(x, checkpoint, return_trajectory, grad_needed):
+    if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale)):
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
         return SplineDenseSavedFunction.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant,
@@ -238,7 +255,13 @@ def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh"
 
 def spline_ode_conv_fused(x, weight, bias, scale, *, steps, degree, activation="relu", scheme="euler",
                           variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
-    """The conv layer on the fused ops (arguments validated by splinet_cuda.spline_ode_conv)."""
+    """The conv layer on the fused ops (arguments validated by splinet_cuda.spline_ode_conv); CPU
+    layers that keep every state keep their pre-activations too (SplineConvSavedFunction)."""
+    if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale), conv=True):
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
+        return SplineConvSavedFunction.apply(x, weight, bias, scale, steps, degree, activation, scheme, variant,
+                                             float(gamma))[0]
     return run_layer(SplineConvFunction, x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma,
                 return_trajectory, checkpoint)
 
@@ -271,10 +294,12 @@ def _register() -> None:
                                             setup_context=fn.op_setup_context)
             register_autocast_float32(f"splinet_cuda::{op}")
             built[op] = impl
-    global _HAS_SAVED_OPS
+    global _HAS_SAVED_OPS, _HAS_CONV_SAVED_OPS
     _HAS_SAVED_OPS = _ext.has_kernel("spline_dense_fwd_saved", "CPU")
-    if _HAS_SAVED_OPS:
-        register_autocast_float32("splinet_cuda::spline_dense_fwd_saved")
+    _HAS_CONV_SAVED_OPS = _ext.has_kernel("spline_conv_fwd_saved", "CPU")
+    for layer, built_here in (("dense", _HAS_SAVED_OPS), ("conv", _HAS_CONV_SAVED_OPS)):
+        if built_here:
+            register_autocast_float32(f"splinet_cuda::spline_{layer}_fwd_saved")
     cpu = {op: impl for op, impl in built.items() if _ext.has_kernel(op, "CPU")}
     if cpu:
         register_backend("cpu", dense=cpu.get("spline_dense_fwd"), conv=cpu.get("spline_conv_fwd"),

@@ -30,16 +30,16 @@ def layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, acti
             scale.new_empty(scale.shape))
 
 
-def dense_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
-    """The dense forward that keeps its pre-activations: (all steps + 1 states, (steps,
-    stages, B, m) pre-activations)."""
+def layer_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
+    """A forward that keeps its pre-activations (dense, conv): (all steps + 1 states,
+    (steps, stages, *x.shape) pre-activations)."""
     stages = get_tableau(scheme).stages
     return x.new_empty((steps + 1, *x.shape)), x.new_empty((steps, stages, *x.shape))
 
 
-def dense_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation, scheme,
+def layer_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation, scheme,
                          variant, gamma):
-    """Its backward: the dense backward's outputs."""
+    """Its backward: the layer backward's outputs."""
     return layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
                           gamma, 1)
 
@@ -55,5 +55,6 @@ def register_cpp_fakes() -> None:
     for layer in ("dense", "conv", "hamiltonian"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
-    torch.library.register_fake("splinet_cuda::spline_dense_fwd_saved", dense_fwd_saved_fake)
-    torch.library.register_fake("splinet_cuda::spline_dense_bwd_saved", dense_bwd_saved_fake)
+    for layer in ("dense", "conv"):
+        torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd_saved", layer_fwd_saved_fake)
+        torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd_saved", layer_bwd_saved_fake)

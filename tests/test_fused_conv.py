@@ -177,6 +177,97 @@ def test_checkpointed_saved_states():
     torch.testing.assert_close(states, traj[[0, 3, 6, 7]], **TOL[torch.float64])
 
 
+# --- CPU: the direct convolution, ATen's, and the kept pre-activations -------------------
+
+@pytest.mark.parametrize("sd,C,k,B", [(2, 40, 3, 2), (3, 10, 3, 2), (2, 16, 5, 1), (1, 12, 3, 1), (2, 5, 3, 9)])
+def test_cpu_direct_and_aten_paths(sd, C, k, B):
+    """Both CPU convolution paths against the reference: ATen's (C = 40; C * taps = 270 at
+    C = 10 3x3x3 and 400 at C = 16 5x5, above the direct kernels' limit) and the direct
+    kernels (B = 1 splits the output channels across threads; B = 9 leaves a partial group of
+    samples in the filter gradient)."""
+    spatial = {1: (9,), 2: (6, 5), 3: (3, 4, 3)}[sd]
+    args = make(sd, B=B, C=C, spatial=spatial, L=2, d=2, k=k)
+    for variant, scheme in (("standard", "rk4"), ("symmetric", "midpoint")):
+        assert_match(args, steps=3, degree=2, activation="tanh", scheme=scheme, variant=variant)
+
+
+@pytest.mark.parametrize("sd,C,B", [(2, 12, 1), (1, 8, 9), (3, 3, 5)])
+def test_cpu_same_bits_for_any_thread_count(sd, C, B):
+    """Every CPU reduction (the direct filter gradient's sample groups, the bias and scale
+    partials) has a fixed order, and the direct kernels split channels without changing any
+    sum: 1 and 3 threads give the same bits."""
+    args = make(sd, B=B, C=C, dtype=torch.float32)
+    kw = dict(steps=3, degree=2, activation="softplus", scheme="rk4", variant="symmetric")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpu", *args, **kw)
+        torch.set_num_threads(3)
+        three = run("cpu", *args, **kw)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant,scheme,activation,sd,C", [
+    ("standard", "euler", "relu", 2, 3), ("symmetric", "rk4", "softplus", 1, 4),
+    ("standard", "rk4_38", "sigmoid", 3, 2), ("symmetric", "midpoint", "identity", 2, 40)])
+def test_cpu_kept_preactivations(variant, scheme, activation, sd, C):
+    """checkpoint=None keeps each step's pre-activations (direct and ATen paths alike) and the
+    backward reads them instead of replaying the forward convolution: the same output and
+    gradients as the replaying backward (checkpoint=1) bit for bit, and the reference's."""
+    args = make(sd, B=2, C=C)
+    kw = dict(steps=3, degree=2, activation=activation, scheme=scheme, variant=variant)
+    assert sc._autograd._keeps_preact(args[0], None, False, conv=True)
+    assert not sc._autograd._keeps_preact(args[0], 1, False, conv=True)
+    assert not sc._autograd._keeps_preact(args[0], None, True, conv=True)
+    kept, replayed = run("cpu", *args, **kw), run("cpu", *args, checkpoint=1, **kw)
+    for a, c in zip(kept, replayed):
+        assert torch.equal(a, c)
+    assert_match(args, **kw)
+    fn = lambda x, w, b, s: sc.spline_ode_conv(x, w, b, s, backend="cpu", **kw)
+    small = make(sd, B=1, C=2, spatial={1: (4,), 2: (3, 3), 3: (2, 3, 2)}[sd])
+    assert torch.autograd.gradcheck(fn, small, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sd,C", [(2, 3), (1, 40)])
+def test_saved_ops_opcheck_and_errors(bias, sd, C):
+    x, w, b, s = (None if t is None else t.detach() for t in make(sd, B=2, C=C, bias=bias))
+    cfg = (4, 2, "tanh", "rk4", "symmetric", 0.0)
+    fwd, bwd = torch.ops.splinet_cuda.spline_conv_fwd_saved, torch.ops.splinet_cuda.spline_conv_bwd_saved
+    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
+    states, preact = fwd(x, w, b, s, *cfg)
+    assert preact.shape == (4, 4, *x.shape)
+    assert torch.equal(states, torch.ops.splinet_cuda.spline_conv_fwd(x, w, b, s, *cfg, 1))
+    torch.library.opcheck(bwd.default, (torch.randn_like(states[-1]), states, preact, w, b, s) + cfg)
+    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, preact, w, b, s) + cfg)
+    with pytest.raises(ValueError, match="preact"):
+        bwd(states[-1], states, preact[:-1], w, b, s, *cfg)
+    with pytest.raises(TypeError, match="preact"):
+        bwd(states[-1], states, preact.float(), w, b, s, *cfg)
+    with pytest.raises(ValueError, match="states"):
+        bwd(states[-1], states[:-1], preact, w, b, s, *cfg)
+
+
+def test_cpu_keeps_preactivations_only_for_a_backward(monkeypatch):
+    """Inference (no_grad, or no input that needs a gradient) runs the plain forward op."""
+    calls = []
+    real = torch.ops.splinet_cuda.spline_conv_fwd_saved
+    monkeypatch.setattr(sc._autograd.SplineConvSavedFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or (lambda st, pre: (st[-1].clone(), st, pre))(*real(*a))))
+    x, w, b, s = make(2, B=2, C=3)
+    kw = dict(steps=2, degree=2, backend="cpu")
+    with torch.no_grad():
+        y0 = sc.spline_ode_conv(x, w, b, s, **kw)
+    y1 = sc.spline_ode_conv(x.detach(), w.detach(), b.detach(), s.detach(), **kw)
+    assert calls == []
+    y2 = sc.spline_ode_conv(x, w, b, s, **kw)
+    assert calls == [1]
+    assert torch.equal(y0, y1) and torch.equal(y0, y2.detach())
+
+
 def test_noncontiguous_inputs():
     x_big = torch.randn(2, 3, 6, 10, dtype=torch.float64)
     x = x_big[:, :, :, ::2].detach().requires_grad_()  # (2, 3, 6, 5), stride 2

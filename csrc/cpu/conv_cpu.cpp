@@ -7,16 +7,18 @@
 // interval.
 //
 // At every stage the d + 1 nonzero coefficient filters (and biases) are blended into one
-// (C, C, *k) buffer (eq. 14; no per-step filter tensor is ever built) and the convolution
-// itself is ATen's (oneDNN for float32, which also adds the bias). Activation, scale and
+// (C, C, *k) buffer (eq. 14; no per-step filter tensor is ever built). The convolutions
+// themselves are the direct kernels of conv_direct.h up to kDirectMaxChannels channels,
+// and ATen's above (oneDNN for float32, which also adds the bias). Activation, scale and
 // the Runge-Kutta combinations run in one elementwise pass over fixed blocks of a plane;
 // tanh, sigmoid and softplus come from ATen's vectorised ops. The adjoint walks back from
 // step N - 1 to 0, recomputing each step's stages from the saved state (segments of K
-// steps from the saved checkpoint), takes dL/dX and dL/dK of every stage from
-// at::convolution_backward and scatters dL/dK into the d + 1 coefficient slots with the
-// basis weights (eq. 23). Reductions (bias, scale) go through per-block partial sums added
-// in block order, so the results do not depend on the thread count; ATen's CPU
-// convolutions are deterministic, hence so is the whole op.
+// steps from the saved checkpoint), takes dL/dX and dL/dK of every stage (the transposed
+// convolution and the filter gradient, or at::convolution_backward) and scatters dL/dK into
+// the d + 1 coefficient slots with the basis weights (eq. 23). Reductions (bias, scale,
+// the direct filter gradient) go through partial sums added in a fixed order, so the
+// results do not depend on the thread count; ATen's CPU convolutions are deterministic,
+// hence so is the whole op.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -35,6 +37,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -43,12 +46,17 @@
 #include "../common/bspline.h"
 #include "../common/checks.h"
 #include "../common/layer_config.h"
+#include "conv_direct.h"
 
 namespace splinet {
 namespace {
 
 // Elements per block of the elementwise passes (a plane holds ceil(P / kConvBlock) blocks).
 constexpr int64_t kConvBlock = 4096;
+// Elements per task of a parallel elementwise pass: a state of 32K values (B = 16, C = 32,
+// L = 64) still splits across threads, where with the convolutions threaded the passes left
+// on one thread took a third of fwd+bwd.
+constexpr int64_t kConvParallelElements = 8192;
 
 struct ConvArgs {
   int64_t B, C, P, n, d, L, N, K;
@@ -82,6 +90,14 @@ class ConvStepper {
   ConvStepper(const ConvArgs& a, const at::Tensor& weight, const T* bias, const at::TensorOptions& opt)
       : a_(a), opt_(opt), weight_(weight.const_data_ptr<T>()), bias_(bias) {
     const int64_t S = a.tab.stages;
+    const std::vector<int64_t> spatial(a.state_shape.begin() + 2, a.state_shape.end());
+    const std::vector<int64_t> kernel(a.filter_shape.begin() + 2, a.filter_shape.end());
+    int64_t taps = 1;
+    for (const int64_t k : kernel) taps *= k;
+    if (cpu::direct_conv_pays(a.C, taps)) {
+      direct_ = std::make_unique<cpu::DirectConv<T>>(a.B, a.C, spatial, kernel);
+      packed_.resize(S);
+    }
     fw_ = 1;
     for (const int64_t v : a.filter_shape) fw_ *= v;
     for (int64_t s = 0; s < S; ++s) {
@@ -101,15 +117,20 @@ class ConvStepper {
 
   // One step of the scheme from x (contiguous, step i). Keeps the stage inputs X_s, the
   // pre-activations a_s and act(a_s) for the adjoint (with `record`, also act'(a_s) where
-  // it is not a function of act(a_s)); writes x_{i+1} to x_out unless it is null.
-  void step(int64_t i, const at::Tensor& x, T* x_out, bool record) {
+  // it is not a function of act(a_s)); writes x_{i+1} to x_out unless it is null. With
+  // `pre` (this step's (S, B, C, *spatial) pre-activations) the a_s are written there, or,
+  // with `pre_given`, read from there instead of computed: the adjoint's replay of a step
+  // then runs no forward convolution.
+  void step(int64_t i, const at::Tensor& x, T* x_out, bool record, const at::Tensor& pre = at::Tensor(),
+            bool pre_given = false) {
     const int64_t S = a_.tab.stages;
     const T lam = T(a_.lam);
     Xs_[0] = x;
     for (int64_t s = 0; s < S; ++s) {
       blend(i, s);
-      const c10::optional<at::Tensor> b = a_.has_bias ? c10::optional<at::Tensor>(bvec_[s]) : c10::nullopt;
-      As_[s] = at::convolution(Xs_[s], filt_[s], b, a_.ones, a_.padding, a_.ones, false, a_.zeros, 1).contiguous();
+      if (pre.defined() && (pre_given || direct_)) As_[s] = pre[s];
+      if (!pre_given) conv(s, Xs_[s], As_[s], true);
+      if (pre.defined() && !pre_given && !direct_) pre[s].copy_(As_[s]);
       const T* ap = As_[s].const_data_ptr<T>();
       if (A == Act::Identity) Ys_[s] = As_[s];
       if (A == Act::Tanh) at::tanh_out(Ys_[s], As_[s]);
@@ -134,10 +155,8 @@ class ConvStepper {
         }
         if (!slope_needed) continue;
         // f = -conv_transpose(act(a), K)
-        const at::Tensor t =
-            at::convolution(Ys_[s], filt_[s], c10::nullopt, a_.ones, a_.padding, a_.ones, true, a_.zeros, 1)
-                .contiguous();
-        const T* __restrict__ tp = t.const_data_ptr<T>();
+        conv_t(s, Ys_[s], tmp_);
+        const T* __restrict__ tp = tmp_.const_data_ptr<T>();
         for_blocks([&](int64_t, int64_t e0, int64_t e1, int64_t) {
           for (int64_t e = e0; e < e1; ++e) kp[e] = -lam * tp[e];
           combine(s, x, x_out, e0, e1);
@@ -192,10 +211,8 @@ class ConvStepper {
       });
       // V = dL/d(lam act(a)): kbar (standard), or -conv(kbar, K) for f = -conv_transpose(act(a), K)
       // (the adjoint of conv_transpose is conv). G = lam act'(a) V; dL/dlam += sum act(a) V.
-      at::Tensor Vt;
-      if (sym) Vt = at::convolution(kbar_, filt_[s], c10::nullopt, a_.ones, a_.padding, a_.ones, false, a_.zeros, 1)
-                        .contiguous();
-      const T* __restrict__ vp = sym ? Vt.const_data_ptr<T>() : kb;
+      if (sym) conv(s, kbar_, tmp_, false);
+      const T* __restrict__ vp = sym ? tmp_.const_data_ptr<T>() : kb;
       const T vsign = sym ? T(-1) : T(1);
       const T* __restrict__ ap = As_[s].const_data_ptr<T>();
       // act(a): stored, except identity (a itself) and the standard relu (recomputed here).
@@ -232,23 +249,13 @@ class ConvStepper {
         part_b[u] = sb;
       });
       for (int64_t u = 0; u < nb; ++u) glam += part_lam[u];
-      // dL/dX_s = conv_transpose(G, K), dL/dK_s = G (x) X_s (G already carries lam). Two
-      // single-output calls: on CPU, asking convolution_backward for both at once takes a
-      // several times slower path (measured, torch 2.13, float32 and float64).
-      Xbar_[s] = std::get<0>(at::convolution_backward(G_, Xs_[s], filt_[s], c10::nullopt, a_.ones, a_.padding,
-                                                      a_.ones, false, a_.zeros, 1, {true, false, false}))
-                     .contiguous();
-      const at::Tensor dK = std::get<1>(at::convolution_backward(G_, Xs_[s], filt_[s], c10::nullopt, a_.ones,
-                                                                 a_.padding, a_.ones, false, a_.zeros, 1,
-                                                                 {false, true, false}))
-                                .contiguous();
-      T* dk = dK.data_ptr<T>();
+      // dL/dX_s = conv_transpose(G, K), dL/dK_s = G (x) X_s (G already carries lam).
+      input_grad(s, G_, Xbar_[s]);
+      filter_grad(s, G_, Xs_[s], dK_);
+      T* dk = dK_.data_ptr<T>();
       if (sym) {  // the explicit K of conv_transpose: -lam * dL/dK of <conv(kbar, K), act(a)>
-        const at::Tensor dKs =
-            std::get<1>(at::convolution_backward(Ys_[s], kbar_, filt_[s], c10::nullopt, a_.ones, a_.padding,
-                                                 a_.ones, false, a_.zeros, 1, {false, true, false}))
-                .contiguous();
-        const T* dks = dKs.const_data_ptr<T>();
+        filter_grad(s, Ys_[s], kbar_, dKs_);
+        const T* dks = dKs_.const_data_ptr<T>();
         for (int64_t e = 0; e < fw_; ++e) dk[e] -= lam * dks[e];
       }
       // Eq. 23: the stage's dL/dK and dL/db go to the d + 1 coefficient slots k .. k + d.
@@ -278,11 +285,57 @@ class ConvStepper {
   }
 
  private:
+  // The three products of a stage, by the direct kernels (C <= kDirectMaxChannels) or ATen's
+  // convolution. out = conv(in, K_s) (+ b_s when with_bias).
+  void conv(int64_t s, const at::Tensor& in, at::Tensor& out, bool with_bias) {
+    if (direct_) {
+      if (!out.defined()) out = at::empty(a_.state_shape, opt_);
+      direct_->conv(packed_[s], in.const_data_ptr<T>(), out.data_ptr<T>(), with_bias);
+      return;
+    }
+    const c10::optional<at::Tensor> b =
+        with_bias && a_.has_bias ? c10::optional<at::Tensor>(bvec_[s]) : c10::nullopt;
+    out = at::convolution(in, filt_[s], b, a_.ones, a_.padding, a_.ones, false, a_.zeros, 1).contiguous();
+  }
+
+  // out = conv_transpose(in, K_s): the symmetric variant's second product.
+  void conv_t(int64_t s, const at::Tensor& in, at::Tensor& out) {
+    if (direct_) {
+      if (!out.defined()) out = at::empty(a_.state_shape, opt_);
+      direct_->conv_t(packed_[s], in.const_data_ptr<T>(), out.data_ptr<T>());
+      return;
+    }
+    out = at::convolution(in, filt_[s], c10::nullopt, a_.ones, a_.padding, a_.ones, true, a_.zeros, 1).contiguous();
+  }
+
+  // out = dL/dX of conv(X, K_s) for output gradient g (the same product as conv_t).
+  void input_grad(int64_t s, const at::Tensor& g, at::Tensor& out) {
+    if (direct_) return conv_t(s, g, out);
+    out = std::get<0>(at::convolution_backward(g, Xs_[s], filt_[s], c10::nullopt, a_.ones, a_.padding, a_.ones,
+                                               false, a_.zeros, 1, {true, false, false}))
+              .contiguous();
+  }
+
+  // out = dL/dK of conv(x, K_s) for output gradient g: sum over the batch of g (x) x.
+  // ATen: one single-output call; on CPU, asking convolution_backward for dX and dK at once
+  // takes a several times slower path (measured, torch 2.13, float32 and float64).
+  void filter_grad(int64_t s, const at::Tensor& g, const at::Tensor& x, at::Tensor& out) {
+    if (direct_) {
+      if (!out.defined()) out = at::empty(a_.filter_shape, opt_);
+      direct_->filter_grad(g.const_data_ptr<T>(), x.const_data_ptr<T>(), out.data_ptr<T>());
+      return;
+    }
+    out = std::get<1>(at::convolution_backward(g, x, filt_[s], c10::nullopt, a_.ones, a_.padding, a_.ones, false,
+                                               a_.zeros, 1, {false, true, false}))
+              .contiguous();
+  }
+
   // fn(channel, first element, end element, block index) over every block, in parallel.
   template <typename F>
   void for_blocks(const F& fn) const {
     const int64_t bpp = a_.blocks_per_plane, P = a_.P, C = a_.C;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::min<int64_t>(kConvBlock, std::max<int64_t>(P, 1)));
+    const int64_t grain =
+        std::max<int64_t>(1, kConvParallelElements / std::min<int64_t>(kConvBlock, std::max<int64_t>(P, 1)));
     at::parallel_for(0, a_.blocks, grain, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t plane = u / bpp, sub = u % bpp;
@@ -342,6 +395,7 @@ class ConvStepper {
       for (int64_t r = 1; r <= d; ++r)
         for (int64_t c = 0; c < C; ++c) b[c] += w[r] * bias_[(k + r) * C + c];
     }
+    if (direct_) direct_->pack_filter(K, bias_ != nullptr ? bvec_[s].const_data_ptr<T>() : nullptr, packed_[s]);
   }
 
   const ConvArgs& a_;
@@ -353,6 +407,9 @@ class ConvStepper {
   // act(a_s), softplus' (a_s), slope K_s = lam f, and dL/dX_s.
   std::vector<at::Tensor> filt_, bvec_, Xs_, As_, Ys_, Ds_, Ks_, Xbar_;
   at::Tensor G_, kbar_, ones_;
+  at::Tensor tmp_, dK_, dKs_;  // the symmetric variant's second product; the stage's filter gradients
+  std::unique_ptr<cpu::DirectConv<T>> direct_;  // null: ATen's convolution
+  std::vector<cpu::PackedFilter<T>> packed_;    // per stage, for direct_
   std::vector<T> w_;
   std::vector<int64_t> k_;
 };
@@ -391,24 +448,15 @@ ConvArgs make_conv_args(const at::Tensor& x, const at::Tensor& weight, bool has_
   return a;
 }
 
-at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                               const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
-                               int64_t degree, c10::string_view activation, c10::string_view scheme,
-                               c10::string_view variant, double /*gamma*/, int64_t checkpoint) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  check_conv_args("spline_conv_fwd", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const ConvArgs a = make_conv_args(x, weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
-  const Act act = parse_activation(std::string(activation));
+// The forward sweep into `states` (num_saved, B, C, *spatial) and, when defined, the
+// pre-activations `preact` (N, S, B, C, *spatial) (checkpoint = 1 only).
+void conv_forward(const ConvArgs& a, Act act, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  at::Tensor& states, const at::Tensor& preact) {
   const int64_t Ns = num_saved_states(a.N, a.K);
-  std::vector<int64_t> shape{Ns};
-  shape.insert(shape.end(), a.state_shape.begin(), a.state_shape.end());
-  at::Tensor states = at::empty(shape, x.options());
   states[0].copy_(x);
   if (x.numel() == 0) {
     for (int64_t j = 1; j < Ns; ++j) states[j].copy_(x);
-    return states;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_conv_fwd_cpu", [&] {
     SPLINET_DISPATCH_ACT(act, [&] {
@@ -419,33 +467,19 @@ at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_
       for (int64_t i = 0; i < a.N; ++i) {
         const int64_t slot = saved_slot(i + 1, a.N, a.K);
         at::Tensor nxt = slot >= 0 ? states[slot] : scratch[i % 2];
-        stepper.step(i, cur, nxt.data_ptr<scalar_t>(), false);
+        stepper.step(i, cur, nxt.data_ptr<scalar_t>(), false, preact.defined() ? preact[i] : at::Tensor());
         cur = nxt;
       }
     });
   });
-  return states;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
-    const at::Tensor& grad_states_in, const at::Tensor& states_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps, int64_t degree,
-    c10::string_view activation, c10::string_view scheme, c10::string_view variant, double /*gamma*/,
-    int64_t checkpoint) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  TORCH_CHECK_VALUE(states_in.dim() >= 4 && states_in.dim() <= 6,
-                    "spline_conv_bwd: states must have shape (saved, B, C, *spatial), got ", states_in.sizes());
-  check_conv_args("spline_conv_bwd", states_in[0], weight_in, bias_in, scale, steps, degree, checkpoint, false);
-  const int64_t Ns = num_saved_states(steps, checkpoint);
-  TORCH_CHECK_VALUE(states_in.size(0) == Ns, "spline_conv_bwd: states holds ", states_in.size(0),
-                    " states, expected ", Ns, " for steps = ", steps, ", checkpoint = ", checkpoint);
-  const bool last_only = check_state_grad("spline_conv_bwd", grad_states_in, states_in);
-  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const ConvArgs a =
-      make_conv_args(states[0], weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
-  const Act act = parse_activation(std::string(activation));
+// The adjoint sweep; with `preact` (checkpoint = 1) each step's pre-activations are read,
+// not recomputed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    const ConvArgs& a, Act act, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
+    const at::Tensor& preact, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale) {
+  const int64_t Ns = num_saved_states(a.N, a.K);
   at::Tensor grad_x = (last_only ? grad_states : grad_states[Ns - 1]).clone();
   at::Tensor grad_w = at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_b = bias.defined() ? at::zeros(bias.sizes(), bias.options()) : at::empty({0}, states.options());
@@ -470,7 +504,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
           for (int64_t i = i0; i + 1 < i1; ++i)
             stepper.step(i, state_at(i), seg[i + 1 - i0].data_ptr<scalar_t>(), false);
           for (int64_t i = i1 - 1; i >= i0; --i) {
-            stepper.step(i, state_at(i), nullptr, true);
+            if (preact.defined())
+              stepper.step(i, state_at(i), nullptr, true, preact[i], true);
+            else
+              stepper.step(i, state_at(i), nullptr, true);
             const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
             const scalar_t* extra = slot >= 0 ? grad_states[slot].const_data_ptr<scalar_t>() : nullptr;
             stepper.step_adjoint(z, extra, grad_w, gb, glam);
@@ -487,11 +524,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
   return {grad_x, grad_w, grad_b, grad_scale};
 }
 
+std::vector<int64_t> with_leading(std::vector<int64_t> lead, const std::vector<int64_t>& shape) {
+  lead.insert(lead.end(), shape.begin(), shape.end());
+  return lead;
+}
+
+at::Tensor spline_conv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                               const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
+                               int64_t degree, c10::string_view activation, c10::string_view scheme,
+                               c10::string_view variant, double /*gamma*/, int64_t checkpoint) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_conv_args("spline_conv_fwd", x_in, weight_in, bias_in, scale, steps, degree, checkpoint, false);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvArgs a = make_conv_args(x, weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
+  const Act act = parse_activation(std::string(activation));
+  at::Tensor states = at::empty(with_leading({num_saved_states(a.N, a.K)}, a.state_shape), x.options());
+  conv_forward(a, act, x, weight, bias, states, at::Tensor());
+  return states;
+}
+
+// Checks of the backward ops' states and state gradient; returns whether grad_states is
+// dL/dx_N alone.
+bool check_conv_bwd_states(const char* op, const at::Tensor& grad_states, const at::Tensor& states,
+                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& scale,
+                           int64_t steps, int64_t degree, int64_t checkpoint) {
+  TORCH_CHECK_VALUE(states.dim() >= 4 && states.dim() <= 6, op,
+                    ": states must have shape (saved, B, C, *spatial), got ", states.sizes());
+  check_conv_args(op, states[0], weight, bias, scale, steps, degree, checkpoint, false);
+  const int64_t Ns = num_saved_states(steps, checkpoint);
+  TORCH_CHECK_VALUE(states.size(0) == Ns, op, ": states holds ", states.size(0), " states, expected ", Ns,
+                    " for steps = ", steps, ", checkpoint = ", checkpoint);
+  return check_state_grad(op, grad_states, states);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_cpu(
+    const at::Tensor& grad_states_in, const at::Tensor& states_in, const at::Tensor& weight_in,
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps, int64_t degree,
+    c10::string_view activation, c10::string_view scheme, c10::string_view variant, double /*gamma*/,
+    int64_t checkpoint) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const bool last_only = check_conv_bwd_states("spline_conv_bwd", grad_states_in, states_in, weight_in, bias_in,
+                                               scale, steps, degree, checkpoint);
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvArgs a =
+      make_conv_args(states[0], weight, bias.defined(), scale, steps, degree, scheme, variant, checkpoint);
+  return conv_backward(a, parse_activation(std::string(activation)), grad_states, last_only, states, at::Tensor(),
+                       weight, bias, scale);
+}
+
+// Forward that also returns the pre-activations of every step and stage,
+// (N, S, B, C, *spatial): all N + 1 states are kept (checkpoint = 1).
+std::tuple<at::Tensor, at::Tensor> spline_conv_fwd_saved_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation, c10::string_view scheme,
+    c10::string_view variant, double /*gamma*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_conv_args("spline_conv_fwd_saved", x_in, weight_in, bias_in, scale, steps, degree, 1, false);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvArgs a = make_conv_args(x, weight, bias.defined(), scale, steps, degree, scheme, variant, 1);
+  at::Tensor states = at::empty(with_leading({a.N + 1}, a.state_shape), x.options());
+  at::Tensor preact = at::empty(with_leading({a.N, a.tab.stages}, a.state_shape), x.options());
+  conv_forward(a, parse_activation(std::string(activation)), x, weight, bias, states, preact);
+  return {states, preact};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_saved_cpu(
+    const at::Tensor& grad_states_in, const at::Tensor& states_in, const at::Tensor& preact_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
+    int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant,
+    double /*gamma*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const bool last_only = check_conv_bwd_states("spline_conv_bwd_saved", grad_states_in, states_in, weight_in,
+                                               bias_in, scale, steps, degree, 1);
+  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const ConvArgs a = make_conv_args(states[0], weight, bias.defined(), scale, steps, degree, scheme, variant, 1);
+  const std::vector<int64_t> want = with_leading({a.N, a.tab.stages}, a.state_shape);
+  TORCH_CHECK_VALUE(preact_in.sizes() == c10::IntArrayRef(want), "spline_conv_bwd_saved: preact must have shape ",
+                    c10::IntArrayRef(want), " (steps, stages, B, C, *spatial), got ", preact_in.sizes());
+  TORCH_CHECK_TYPE(preact_in.scalar_type() == states.scalar_type(), "spline_conv_bwd_saved: preact has dtype ",
+                   preact_in.scalar_type(), " but states has dtype ", states.scalar_type());
+  TORCH_CHECK_VALUE(preact_in.device() == states.device(), "spline_conv_bwd_saved: preact is on ",
+                    preact_in.device(), " but states is on ", states.device());
+  return conv_backward(a, parse_activation(std::string(activation)), grad_states, last_only, states,
+                       preact_in.contiguous(), weight, bias, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
   m.impl("spline_conv_fwd", &spline_conv_fwd_cpu);
   m.impl("spline_conv_bwd", &spline_conv_bwd_cpu);
+  m.impl("spline_conv_fwd_saved", &spline_conv_fwd_saved_cpu);
+  m.impl("spline_conv_bwd_saved", &spline_conv_bwd_saved_cpu);
 }
 
 }  // namespace splinet
