@@ -11,7 +11,7 @@ trained at one step count can lean on that discretisation's error; training with
 count drawn at random per batch (``--train-steps LO,HI``) asks for dynamics that every
 such discretisation resolves.
 
-By default it trains both ways (``--modes fixed,random``), one run each, about two minutes on
+By default it trains both ways (``--modes fixed,random``), one run each, about 30 seconds on
 a 2-core CPU. Writes ``digits.md`` (accuracy, re-discretisation tables, fused vs reference
 time per epoch) and ``digits.png`` (training curves, accuracy vs step count per scheme).
 """
