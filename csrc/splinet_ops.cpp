@@ -53,12 +53,18 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // The same pair keeping what the adjoint needs from each step (CPU): the forward also
-  // returns the pre-activations of every step and stage, (steps, stages, B, m), and keeps all
+  // returns a value of every step, stage and unit, (steps, stages, B, m): the activation
+  // act(a), or for softplus, whose derivative needs a, the pre-activation a. It keeps all
   // steps + 1 states; the backward reads them instead of replaying each step's forward
-  // product (3 products a step in fwd + bwd instead of 4, for N S B m more memory).
+  // product (3 products a step in fwd + bwd instead of 4, for N S B m more memory), and
+  // the blended weight of every step and stage, (steps, stages, m * m padded to 64 bytes),
+  // that the backward reads instead of blending again (N S m^2 more: what eager autograd
+  // keeps for its matmuls too). Both are opaque to callers: what the forward returns, the
+  // backward takes.
   m.def("spline_dense_fwd_saved(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
-        "str activation, str scheme, str variant, float gamma) -> (Tensor, Tensor)");
-  m.def("spline_dense_bwd_saved(Tensor grad_states, Tensor states, Tensor preact, Tensor weight, Tensor? bias, "
+        "str activation, str scheme, str variant, float gamma) -> (Tensor, Tensor, Tensor)");
+  m.def("spline_dense_bwd_saved(Tensor grad_states, Tensor states, Tensor preact, Tensor blended, Tensor weight, "
+        "Tensor? bias, "
         "Tensor scale, SymInt steps, int degree, str activation, str scheme, str variant, float gamma) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
@@ -74,8 +80,9 @@ TORCH_LIBRARY(splinet_cuda, m) {
   m.def("spline_conv_bwd(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
         "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  // The pair keeping each step's pre-activations, as spline_dense_fwd_saved / _bwd_saved:
-  // preact (steps, stages, B, C, *spatial); the backward replays no forward convolution.
+  // The pair keeping each step's pre-activations, as spline_dense_fwd_saved / _bwd_saved
+  // but without the blended filters (C^2 k values: blended again in no time): preact
+  // (steps, stages, B, C, *spatial); the backward replays no forward convolution.
   m.def("spline_conv_fwd_saved(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
         "str activation, str scheme, str variant, float gamma) -> (Tensor, Tensor)");
   m.def("spline_conv_bwd_saved(Tensor grad_states, Tensor states, Tensor preact, Tensor weight, Tensor? bias, "

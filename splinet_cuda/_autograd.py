@@ -156,30 +156,33 @@ SplineHamiltonianFunction = layer_function("SplineHamiltonianFunction", _cpp_op(
 
 
 def saved_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Callable], doc: str) -> type:
-    """An autograd Function over a CPU op pair that keeps each step's pre-activations
-    (``spline_{dense,conv}_fwd_saved`` / ``_bwd_saved``): ``apply(...)`` returns
-    ``(x_N, states, preact)``, neither of the last two differentiable; the backward reads the
-    pre-activations instead of replaying each step's forward product (the gradients are
-    those of the plain op pair, bit for bit)."""
+    """An autograd Function over a CPU op pair that keeps what its backward would recompute
+    (``spline_{dense,conv}_fwd_saved`` / ``_bwd_saved``: the states and a value of each
+    step's stages, for dense the activations, or for softplus the pre-activations, and its
+    blended weights; for conv the pre-activations): ``apply(...)`` returns
+    ``(x_N, states, *kept)``, none but x_N differentiable; the backward reads them instead
+    of replaying each step's forward product (the gradients are those of the plain op pair,
+    bit for bit)."""
 
     def forward(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
-        states, preact = fwd()(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma)
-        return states[-1].clone(), states, preact
+        states, *kept = fwd()(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma)
+        return (states[-1].clone(), states, *kept)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, scale, *config = inputs
-        _, states, preact = output
+        _, states, *kept = output
         ctx.config = tuple(config)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, states, preact, weight, bias, scale)
-        ctx.mark_non_differentiable(states, preact)
+        ctx.num_kept = len(kept)
+        ctx.save_for_backward(x, states, *kept, weight, bias, scale)
+        ctx.mark_non_differentiable(states, *kept)
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_last, grad_states, grad_preact):
-        x, states, preact, weight, bias, scale = ctx.saved_tensors
+    def backward(ctx, grad_last, grad_states, *grad_kept):
+        x, states, *kept, weight, bias, scale = ctx.saved_tensors
         if grad_last is None:
             grad_last = torch.zeros_like(states[-1])
-        gx, gw, gb, gs = bwd()(grad_last, states, preact, weight, bias, scale, *ctx.config)
+        gx, gw, gb, gs = bwd()(grad_last, states, *kept, weight, bias, scale, *ctx.config)
         anchors = [t for t in (x, weight, bias, scale, grad_last) if t is not None]
         grads = _first_order_only((gx, gw, gb if ctx.has_bias else None, gs), anchors)
         return grads + (None,) * len(ctx.config)
@@ -194,14 +197,15 @@ def saved_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
 
 SplineDenseSavedFunction = saved_function(
     "SplineDenseSavedFunction", _cpp_op("spline_dense_fwd_saved"), _cpp_op("spline_dense_bwd_saved"),
-    "The dense layer keeping its pre-activations (see saved_function): fwd+bwd takes 3 products a step "
-    "instead of 4.")
+    "The dense layer keeping its stages' activations and blended weights (see saved_function): fwd+bwd takes "
+    "3 products a step instead of 4, and the backward blends no weight and recomputes no activation (but "
+    "softplus).")
 SplineConvSavedFunction = saved_function(
     "SplineConvSavedFunction", _cpp_op("spline_conv_fwd_saved"), _cpp_op("spline_conv_bwd_saved"),
     "The conv layer keeping its pre-activations (see saved_function): fwd+bwd takes 3 convolutions a stage "
     "instead of 4 (standard variant).")
 
-# Widths from which the CPU dense layer keeps each step's pre-activations (N S B m values)
+# Widths from which the CPU dense layer keeps each step's activations (N S B m values)
 # when it keeps every state anyway (checkpoint=None): there the backward's replay of each
 # step's forward product is a GEMM, a quarter of fwd+bwd's arithmetic. Below it the replay
 # is a small part of the time and the memory matters more; checkpoint= never keeps them.
@@ -243,7 +247,7 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
 def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
     """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); wide
-    CPU layers that keep every state keep their pre-activations too (SplineDenseSavedFunction)."""
+    CPU layers that keep every state keep their activations too (SplineDenseSavedFunction)."""
     if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale)):
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)

@@ -30,18 +30,33 @@ def layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, acti
             scale.new_empty(scale.shape))
 
 
-def layer_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
-    """A forward that keeps its pre-activations (dense, conv): (all steps + 1 states,
-    (steps, stages, *x.shape) pre-activations)."""
+def conv_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
+    """A forward that keeps a value of every stage: (all steps + 1 states,
+    (steps, stages, *x.shape) kept (pre-)activations)."""
     stages = get_tableau(scheme).stages
     return x.new_empty((steps + 1, *x.shape)), x.new_empty((steps, stages, *x.shape))
 
 
-def layer_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation, scheme,
-                         variant, gamma):
+def dense_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma):
+    """The dense one also keeps every stage's blended weight, (steps, stages, m * m padded to
+    a multiple of 64 bytes)."""
+    states, kept = conv_fwd_saved_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma)
+    per = 64 // x.element_size()
+    padded = (x.shape[1] * x.shape[1] + per - 1) // per * per
+    return states, kept, x.new_empty((steps, kept.shape[1], padded))
+
+
+def conv_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation, scheme,
+                        variant, gamma):
     """Its backward: the layer backward's outputs."""
     return layer_bwd_fake(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
                           gamma, 1)
+
+
+def dense_bwd_saved_fake(grad_states, states, preact, blended, weight, bias, scale, steps, degree, activation,
+                         scheme, variant, gamma):
+    return conv_bwd_saved_fake(grad_states, states, preact, weight, bias, scale, steps, degree, activation,
+                               scheme, variant, gamma)
 
 
 def _basis_table_fake(t: torch.Tensor, knots: int, degree: int):
@@ -55,6 +70,7 @@ def register_cpp_fakes() -> None:
     for layer in ("dense", "conv", "hamiltonian"):
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd", layer_fwd_fake)
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
-    for layer in ("dense", "conv"):
-        torch.library.register_fake(f"splinet_cuda::spline_{layer}_fwd_saved", layer_fwd_saved_fake)
-        torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd_saved", layer_bwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_fwd_saved", dense_fwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_bwd_saved", dense_bwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_conv_fwd_saved", conv_fwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_conv_bwd_saved", conv_bwd_saved_fake)

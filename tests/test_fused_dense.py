@@ -247,12 +247,14 @@ WIDE = sc._autograd.SAVE_PREACT_MIN_WIDTH
 @needs_cpu
 @pytest.mark.parametrize("variant,scheme,activation,degree", [
     ("standard", "euler", "tanh", 2), ("antisymmetric", "midpoint", "relu", 1),
-    ("symmetric", "rk4", "softplus", 3), ("standard", "rk4_38", "sigmoid", 0)])
+    ("symmetric", "rk4", "softplus", 3), ("standard", "rk4_38", "sigmoid", 0),
+    ("symmetric", "midpoint", "relu", 2), ("standard", "euler", "identity", 1)])
 @pytest.mark.parametrize("B,bias", [(5, True), (1, False)])
 def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias):
-    """From SAVE_PREACT_MIN_WIDTH on, checkpoint=None keeps each step's pre-activations and the
-    backward reads them instead of replaying the forward product: the same output and gradients
-    as the replaying backward (checkpoint=1) bit for bit, and the reference's within tolerance."""
+    """From SAVE_PREACT_MIN_WIDTH on, checkpoint=None keeps each step's activations (softplus:
+    pre-activations) and the backward reads them instead of replaying the forward product: the
+    same output and gradients as the replaying backward (checkpoint=1) bit for bit, and the
+    reference's within tolerance."""
     args = make(B, WIDE + 3, 2, degree, bias=bias)
     kw = dict(steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant, gamma=0.2)
     assert sc._autograd._keeps_preact(args[0], None, False)
@@ -269,10 +271,14 @@ def test_cpu_kept_preactivations_gradcheck_and_grad_of_states():
     fn = lambda x, w, b, s: sc.spline_ode(x, w, b, s, steps=2, degree=1, activation="tanh", scheme="midpoint",
                                           backend="cpu")
     assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7, fast_mode=True)
-    # Only the saved states and pre-activations are outputs, with no gradient of their own.
-    out, states, preact = sc._autograd.SplineDenseSavedFunction.apply(
+    # The saved states, kept activations and blended weights are outputs with no gradient of
+    # their own; every blended weight starts 64-byte aligned like the kernel's own buffers.
+    out, states, preact, blended = sc._autograd.SplineDenseSavedFunction.apply(
         x, w, b, s, 2, 1, "tanh", "midpoint", "standard", 0.0)
-    assert not states.requires_grad and not preact.requires_grad and preact.shape == (2, 2, 2, WIDE)
+    assert not any(t.requires_grad for t in (states, preact, blended))
+    assert preact.shape == (2, 2, 2, WIDE) and blended.shape == (2, 2, WIDE * WIDE)
+    assert torch.equal(blended[0, 0].view(WIDE, WIDE), w[0].detach())  # t = 0: degree 1's basis is (1, 0)
+    assert all(t.data_ptr() % 64 == 0 for t in blended.flatten(0, 1))
 
 
 @needs_cpu
@@ -283,17 +289,21 @@ def test_saved_ops_opcheck_and_errors(bias, m):
     cfg = (4, 2, "tanh", "rk4", "symmetric", 0.0)
     fwd, bwd = torch.ops.splinet_cuda.spline_dense_fwd_saved, torch.ops.splinet_cuda.spline_dense_bwd_saved
     torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
-    states, preact = fwd(x, w, b, s, *cfg)
-    assert preact.shape == (4, 4, 3, m)
+    states, preact, blended = fwd(x, w, b, s, *cfg)
+    assert preact.shape == (4, 4, 3, m) and blended.shape == (4, 4, -(-m * m // 8) * 8)  # float64: 8 a line
     torch.testing.assert_close(states, torch.ops.splinet_cuda.spline_dense_fwd(x, w, b, s, *cfg, 1), rtol=0, atol=0)
-    torch.library.opcheck(bwd.default, (torch.randn_like(states[-1]), states, preact, w, b, s) + cfg)
-    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, preact, w, b, s) + cfg)
+    torch.library.opcheck(bwd.default, (torch.randn_like(states[-1]), states, preact, blended, w, b, s) + cfg)
+    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, preact, blended, w, b, s) + cfg)
     with pytest.raises(ValueError, match="preact"):
-        bwd(states[-1], states, preact[:-1], w, b, s, *cfg)
+        bwd(states[-1], states, preact[:-1], blended, w, b, s, *cfg)
     with pytest.raises(TypeError, match="preact"):
-        bwd(states[-1], states, preact.float(), w, b, s, *cfg)
+        bwd(states[-1], states, preact.float(), blended, w, b, s, *cfg)
+    with pytest.raises(ValueError, match="blended"):
+        bwd(states[-1], states, preact, blended[:, :, 1:], w, b, s, *cfg)
+    with pytest.raises(TypeError, match="blended"):
+        bwd(states[-1], states, preact, blended.float(), w, b, s, *cfg)
     with pytest.raises(ValueError, match="states"):
-        bwd(states[-1], states[:-1], preact, w, b, s, *cfg)
+        bwd(states[-1], states[:-1], preact, blended, w, b, s, *cfg)
 
 
 @needs_cpu
@@ -314,7 +324,7 @@ def test_cpu_keeps_preactivations_only_for_a_backward(monkeypatch):
     calls = []
     real = torch.ops.splinet_cuda.spline_dense_fwd_saved
     monkeypatch.setattr(sc._autograd.SplineDenseSavedFunction, "forward",
-                        staticmethod(lambda *a: calls.append(1) or (lambda st, pre: (st[-1].clone(), st, pre))(*real(*a))))
+                        staticmethod(lambda *a: calls.append(1) or (lambda st, *kept: (st[-1].clone(), st, *kept))(*real(*a))))
     x, w, b, s = make(3, WIDE, 1, 1)
     kw = dict(steps=2, degree=1, backend="cpu")
     with torch.no_grad():

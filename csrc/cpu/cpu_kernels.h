@@ -76,11 +76,18 @@ void parallel_rows(int64_t rows, int64_t row_len, const F& fn) {
 
 // A working array left uninitialised by resize(n): std::vector's resize zero-fills, a pass
 // over tens of MB per call at large widths for arrays that are always written before read.
+// Aligned like ATen's CPU allocations (kScratchAlign bytes), so that a product reading an
+// operand from here and one reading the same values from a tensor take the same GEMM code
+// path and round alike (MKL's results may depend on the operands' alignment).
+constexpr std::size_t kScratchAlign = 64;
+
 template <typename T>
 class Scratch {
  public:
   void resize(int64_t n) {
-    data_.reset(new T[n]);  // default-initialised: no fill for arithmetic T
+    static_assert(std::is_trivially_default_constructible_v<T> && alignof(T) <= kScratchAlign);
+    data_.reset(static_cast<T*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(T),
+                                                 std::align_val_t(kScratchAlign))));
     n_ = n;
   }
   void resize(int64_t n, T value) {
@@ -96,9 +103,19 @@ class Scratch {
   int64_t size() const { return n_; }
 
  private:
-  std::unique_ptr<T[]> data_;
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(kScratchAlign)); }
+  };
+  std::unique_ptr<T[], Free> data_;
   int64_t n_ = 0;
 };
+
+// Elements between two kept blended weight matrices (m x m, padded so that every one starts
+// kScratchAlign-aligned like the chunk's own W buffer; see Scratch).
+inline int64_t kept_weight_stride(int64_t m, int64_t elem_size) {
+  const int64_t per = static_cast<int64_t>(kScratchAlign) / elem_size;
+  return (m * m + per - 1) / per * per;
+}
 
 template <typename T>
 at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {
@@ -275,6 +292,11 @@ void act_backward_loop(const T* __restrict__ a, const T* __restrict__ y, const T
     for (int64_t e = 0; e < n; ++e) g[e] = scale * Activation<A>::df(a[e], y[e]) * v[e];
   }
 }
+
+// Whether act'(a) can be computed from y = act(a) alone, with y standing in for a
+// (act_backward_part(act, y, y, ...) == act_backward_part(act, a, y, ...)): identity, tanh
+// and sigmoid read only y, relu reads a > 0, which is y > 0. Not softplus.
+inline bool kept_is_output(Act act) { return act != Act::Softplus; }
 
 // act_backward on the calling thread.
 template <typename T>

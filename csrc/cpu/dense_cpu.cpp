@@ -65,23 +65,37 @@ class DenseChunk {
     G_.resize(Rm);
     dW_.resize(mm);
     k_.resize(S);
+    Wp_.resize(S);
     X_.resize(S);
+    A_.resize(S);
+    Y_.resize(S);
     w_.resize(S * (a.d + 1));
   }
 
-  // The pre-activations of every step and stage, (N, S, B, m), of which this chunk owns rows
+  // The kept values of every step and stage, (N, S, B, m), of which this chunk owns rows
   // r0 .. r0 + R: step() records them there (replay = false, the forward) or reads them
   // instead of running its forward product (replay = true, the backward), so that fwd+bwd
-  // takes 3 products a step instead of 4. The replayed values are those the forward
-  // computed, so the gradients equal the recomputing backward's bit for bit.
-  void set_preact(T* preact, bool replay, int64_t r0) {
+  // takes 3 products a step instead of 4. What is kept is act(a_s) when the activation's
+  // derivative is a function of its output (kept_is_output), so that the replay neither
+  // copies nor recomputes the activation, and else the pre-activation a_s. The replayed
+  // values are those the forward computed, so the gradients equal the recomputing
+  // backward's bit for bit.
+  //
+  // With `blended` (N, S, kept_weight_stride(m)) the blended weight of every step and stage is
+  // kept as well: the forward writes it there (blends straight into it when this chunk is
+  // the whole batch, else chunk 0 copies its own), and the backward reads it instead of
+  // blending again (a pass over d + 2 m x m matrices a stage: at m = 1024 about half of one
+  // GEMM's time).
+  void set_preact(T* preact, T* blended, bool replay, int64_t r0) {
     preact_ = preact;
+    blended_ = blended;
     replay_ = replay;
     row0_ = r0;
   }
 
   // x_out = one step of the scheme from x_in (step i). Keeps the stage inputs X_s,
-  // pre-activations a_s and activations act(a_s) of this step in Xs_/As_/Ys_ for the adjoint.
+  // pre-activations a_s and activations act(a_s) of this step for the adjoint (in Xs_/As_/Ys_,
+  // or the activations in the kept tensor: set_preact).
   void step(int64_t i, const T* x_in, T* x_out) {
     const int64_t S = a_.tab.stages, Rm = R_ * a_.m, m = a_.m;
     const T h = T(a_.h), lam = T(a_.lam);
@@ -104,27 +118,35 @@ class DenseChunk {
       }
       X_[s] = X;
       T* Ap = &As_[s * Rm];
-      const T* W = &W_[s * m * m];
+      const T* W = Wp_[s];
       T* saved = preact_ ? preact_ + ((i * S + s) * a_.B + row0_) * m : nullptr;
       const bool replay = saved && replay_;
+      // Keeping act(a): the stage's activations live in the kept tensor itself (written
+      // there by the forward, read there by the replay), and stand in for a in act'(a).
+      const bool keep_y = saved && kept_is_output(a_.act);
+      T* Y = keep_y ? saved : &Ys_[s * Rm];
+      A_[s] = keep_y ? Y : Ap;
+      Y_[s] = Y;
       if (!replay) ops_.nt(X, W, WT(s), Ap);  // a = X W^T (+ b below)
-      // The rest of the stage in one pass over row ranges: the bias, the kept
-      // pre-activations (recorded, or read back instead of the product), act(a), K = lam act(a).
-      T* Y = &Ys_[s * Rm];
+      // The rest of the stage in one pass over row ranges: the bias, the kept values
+      // (recorded, or read back instead of the product), act(a), K = lam act(a).
       T* Ks = &Ks_[s * Rm];
       const T* bs = &b_[s * m];
       const bool sym = a_.variant == Variant::Symmetric;
       parallel_rows(R_, m, [&](int64_t r0, int64_t r1) {
         const int64_t e0 = r0 * m, e1 = r1 * m;
         if (replay) {
-          std::copy(saved + e0, saved + e1, Ap + e0);
+          if (!keep_y) {
+            std::copy(saved + e0, saved + e1, Ap + e0);
+            act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
+          }
         } else {
           if (a_.has_bias)
             for (int64_t r = r0; r < r1; ++r)
               for (int64_t j = 0; j < m; ++j) Ap[r * m + j] += bs[j];
-          if (saved) std::copy(Ap + e0, Ap + e1, saved + e0);
+          if (saved && !keep_y) std::copy(Ap + e0, Ap + e1, saved + e0);
+          act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
         }
-        act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
         if (sym) return;
         if (s + 1 < S) {
           for (int64_t e = e0; e < e1; ++e) Ks[e] = lam * Y[e];
@@ -168,9 +190,9 @@ class DenseChunk {
       // kbar_s = dL/dK_s = h b_s z + h sum_{q > s} a_qs Xbar_q; then G = lam act'(a) V with
       // V = dL/d(lam act(a)): kbar itself (in the same pass), or -kbar W^T for f = -act(a) W.
       const T cb = h * T(a_.tab.b[s]);
-      const T* W = &W_[s * mm];
-      const T* Ap = &As_[s * Rm];
-      const T* Y = &Ys_[s * Rm];
+      const T* W = Wp_[s];
+      const T* Ap = A_[s];
+      const T* Y = Y_[s];
       const bool sym = a_.variant == Variant::Symmetric;
       parallel_elements(Rm, [&](int64_t b, int64_t end) {
         for (int64_t e = b; e < end; ++e) kbar_[e] = cb * z[e];
@@ -226,9 +248,24 @@ class DenseChunk {
     double wd[16];
     const int64_t k = grid_basis<double>(i, a_.tab.c[s], a_.L, a_.N, static_cast<int>(d), wd);
     k_[s] = k;
-    T* W = &W_[s * mm];
     for (int64_t r = 0; r <= d; ++r) w_[s * (d + 1) + r] = T(wd[r]);
     const T* w = &w_[s * (d + 1)];
+    if (a_.has_bias) {
+      T* b = &b_[s * m];
+      for (int64_t j = 0; j < m; ++j) b[j] = w[0] * bias_[k * m + j];
+      for (int64_t r = 1; r <= d; ++r)
+        for (int64_t j = 0; j < m; ++j) b[j] += w[r] * bias_[(k + r) * m + j];
+    }
+    T* W = &W_[s * mm];
+    T* kept = blended_ ? blended_ + (i * a_.tab.stages + s) * kept_weight_stride(m, sizeof(T)) : nullptr;
+    const bool whole_batch = R_ == a_.B;
+    if (kept && replay_) {  // the forward's blend, read back
+      Wp_[s] = kept;
+      transpose_for_loops(s);
+      return;
+    }
+    if (kept && whole_batch) W = kept;
+    Wp_[s] = W;
     parallel_elements(mm, [&](int64_t b, int64_t end) {
       for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // W's tile stays in L1 across the d + 1 terms
         blend_tile(W + t0, weight_ + k * mm + t0, w[0], std::min(end, t0 + kCacheTile) - t0, false);
@@ -244,17 +281,18 @@ class DenseChunk {
       });
       for (int64_t j = 0; j < m; ++j) W[j * m + j] -= T(a_.gamma);
     }
-    if (!a_.use_gemm) {
-      T* WT = &WT_[s * mm];
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t q = 0; q < m; ++q) WT[q * m + j] = W[j * m + q];
-    }
-    if (a_.has_bias) {
-      T* b = &b_[s * m];
-      for (int64_t j = 0; j < m; ++j) b[j] = w[0] * bias_[k * m + j];
-      for (int64_t r = 1; r <= d; ++r)
-        for (int64_t j = 0; j < m; ++j) b[j] += w[r] * bias_[(k + r) * m + j];
-    }
+    if (kept && !whole_batch && row0_ == 0) std::copy(W, W + mm, kept);
+    transpose_for_loops(s);
+  }
+
+  // W_s^T for the raw loops of small widths (MatOps without GEMM).
+  void transpose_for_loops(int64_t s) {
+    if (a_.use_gemm) return;
+    const int64_t m = a_.m;
+    const T* W = Wp_[s];
+    T* WT = &WT_[s * m * m];
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t q = 0; q < m; ++q) WT[q * m + j] = W[j * m + q];
   }
 
   // Eq. 23: the stage's dL/dW and dL/db go to the d + 1 coefficient slots k .. k + d.
@@ -298,7 +336,13 @@ class DenseChunk {
   // Stage inputs of the last step() (x_in for the first stage, else Xs_), read by its
   // adjoint: x_in must outlive step_adjoint (the sweep's segment buffer does).
   std::vector<const T*> X_;
+  // The pre-activations (or, keeping act(a), the activations again) and activations of
+  // each stage of the last step(): As_/Ys_, or rows of the kept tensor.
+  std::vector<const T*> A_, Y_;
+  // Each stage's blended weight: W_, or a matrix of the kept `blended` tensor.
+  std::vector<const T*> Wp_;
   T* preact_ = nullptr;
+  T* blended_ = nullptr;
   bool replay_ = false;
   int64_t row0_ = 0;
 };
@@ -325,10 +369,11 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
   return a;
 }
 
-// The forward sweep into `states` (num_saved, B, m) and, when defined, the pre-activations
-// `preact` (N, S, B, m) for a backward without the forward product (checkpoint = 1 only).
+// The forward sweep into `states` (num_saved, B, m) and, when defined, the kept stage values
+// `preact` (N, S, B, m) and blended weights `blended` (N, S, kept_weight_stride(m)) for a
+// backward without the forward product or the blend (checkpoint = 1 only).
 void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                   at::Tensor& states, at::Tensor& preact) {
+                   at::Tensor& states, at::Tensor& preact, at::Tensor& blended) {
   if (a.B == 0) return;
   const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_dense_fwd_cpu", [&] {
@@ -338,11 +383,12 @@ void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& we
       const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* out = states.data_ptr<scalar_t>();
       scalar_t* pre = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
+      scalar_t* wk = blended.defined() ? blended.data_ptr<scalar_t>() : nullptr;
       const scalar_t* x0 = x.const_data_ptr<scalar_t>();
       run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
         const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
         DenseChunk<scalar_t, M> chunk(a, W, b, R);
-        chunk.set_preact(pre, false, r0);
+        chunk.set_preact(pre, wk, false, r0);
         std::vector<scalar_t> cur(x0 + r0 * a.m, x0 + r0 * a.m + Rm), nxt(Rm);
         std::copy(cur.begin(), cur.end(), out + r0 * a.m);
         // The state is stepped in these buffers and copied out, never stepped in place in
@@ -360,10 +406,12 @@ void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& we
 }
 
 // The adjoint sweep (paper eqs. 17-23) from the saved states and, when defined, the
-// forward's pre-activations (then no step replays its forward product).
+// forward's kept stage values and blended weights (then no step replays its forward
+// product or blends its weight).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const DenseArgs& a, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
-    const at::Tensor& preact, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale) {
+    const at::Tensor& preact, const at::Tensor& blended, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& scale) {
   at::Tensor grad_x = at::empty({a.B, a.m}, states.options());
   at::Tensor grad_w = at::zeros_like(weight);
   at::Tensor grad_b = bias.defined() ? at::zeros_like(bias) : at::empty({0}, states.options());
@@ -381,6 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
         const scalar_t* GS = grad_states.const_data_ptr<scalar_t>();
         // Only read (replay mode), never written.
         scalar_t* pre = preact.defined() ? const_cast<scalar_t*>(preact.const_data_ptr<scalar_t>()) : nullptr;
+        scalar_t* wk = blended.defined() ? const_cast<scalar_t*>(blended.const_data_ptr<scalar_t>()) : nullptr;
         scalar_t* gx = grad_x.data_ptr<scalar_t>();
         // Per-chunk partial coefficient gradients, reduced below in chunk order.
         std::vector<std::vector<scalar_t>> pW(chunks), pb(chunks);
@@ -396,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
           scalar_t* gW = direct ? grad_w.data_ptr<scalar_t>() : pW[c].data();
           scalar_t* gB = direct ? (a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr) : pb[c].data();
           DenseChunk<scalar_t, M> chunk(a, W, b, R);
-          chunk.set_preact(pre, true, r0);
+          chunk.set_preact(pre, wk, true, r0);
           const int64_t Ns = num_saved_states(a.N, a.K);
           const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
           std::vector<scalar_t> z(g_last, g_last + Rm);
@@ -430,8 +479,8 @@ at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, checkpoint);
-  at::Tensor states = at::empty({num_saved_states(a.N, a.K), a.B, a.m}, x.options()), none;
-  dense_forward(a, x, weight, bias, states, none);
+  at::Tensor states = at::empty({num_saved_states(a.N, a.K), a.B, a.m}, x.options()), none, none2;
+  dense_forward(a, x, weight, bias, states, none, none2);
   return states;
 }
 
@@ -452,12 +501,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_cpu(
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(states[0], weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, checkpoint);
-  return dense_backward(a, grad_states, last_only, states, at::Tensor(), weight, bias, scale);
+  return dense_backward(a, grad_states, last_only, states, at::Tensor(), at::Tensor(), weight, bias, scale);
 }
 
-// Forward that also returns the pre-activations of every step and stage, (N, S, B, m):
-// all N + 1 states are kept (checkpoint = 1).
-std::tuple<at::Tensor, at::Tensor> spline_dense_fwd_saved_cpu(
+// Forward that also returns the kept values of every step and stage, (N, S, B, m), and their
+// blended weights, (N, S, kept_weight_stride(m)): all N + 1 states are kept (checkpoint = 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spline_dense_fwd_saved_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
     const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation, c10::string_view scheme,
     c10::string_view variant, double gamma) {
@@ -468,14 +517,17 @@ std::tuple<at::Tensor, at::Tensor> spline_dense_fwd_saved_cpu(
                                 std::string(scheme), std::string(variant), gamma, 1);
   at::Tensor states = at::empty({a.N + 1, a.B, a.m}, x.options());
   at::Tensor preact = at::empty({a.N, a.tab.stages, a.B, a.m}, x.options());
-  dense_forward(a, x, weight, bias, states, preact);
-  return {states, preact};
+  at::Tensor blended = at::empty({a.N, a.tab.stages, kept_weight_stride(a.m, x.element_size())}, x.options());
+  blended.narrow(2, a.m * a.m, blended.size(2) - a.m * a.m).zero_();  // the padding: defined values
+  dense_forward(a, x, weight, bias, states, preact, blended);
+  return {states, preact, blended};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_saved_cpu(
     const at::Tensor& grad_states_in, const at::Tensor& states_in, const at::Tensor& preact_in,
-    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale, int64_t steps,
-    int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant, double gamma) {
+    const at::Tensor& blended_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& scale, int64_t steps, int64_t degree, c10::string_view activation, c10::string_view scheme,
+    c10::string_view variant, double gamma) {
   TORCH_CHECK_VALUE(states_in.dim() == 3, "spline_dense_bwd_saved: states must have shape (steps + 1, B, m), got ",
                     states_in.sizes());
   check_dense_args("spline_dense_bwd_saved (cpu)", states_in[0], weight_in, bias_in, scale, steps, degree, 1, false);
@@ -494,7 +546,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_save
                    preact_in.scalar_type(), " but states has dtype ", states.scalar_type());
   TORCH_CHECK_VALUE(preact_in.device() == states.device(), "spline_dense_bwd_saved: preact is on ",
                     preact_in.device(), " but states is on ", states.device());
-  return dense_backward(a, grad_states, last_only, states, preact_in.contiguous(), weight, bias, scale);
+  const std::vector<int64_t> want_w{a.N, a.tab.stages, kept_weight_stride(a.m, states.element_size())};
+  TORCH_CHECK_VALUE(blended_in.sizes() == c10::IntArrayRef(want_w), "spline_dense_bwd_saved: blended must have shape ",
+                    c10::IntArrayRef(want_w), " (steps, stages, padded m * m), got ", blended_in.sizes());
+  TORCH_CHECK_TYPE(blended_in.scalar_type() == states.scalar_type(), "spline_dense_bwd_saved: blended has dtype ",
+                   blended_in.scalar_type(), " but states has dtype ", states.scalar_type());
+  TORCH_CHECK_VALUE(blended_in.device() == states.device(), "spline_dense_bwd_saved: blended is on ",
+                    blended_in.device(), " but states is on ", states.device());
+  return dense_backward(a, grad_states, last_only, states, preact_in.contiguous(), blended_in.contiguous(), weight,
+                        bias, scale);
 }
 
 }  // namespace
