@@ -515,9 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spline_dense_fwd_saved_cpu(
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, 1);
-  at::Tensor states = at::empty({a.N + 1, a.B, a.m}, x.options());
-  at::Tensor preact = at::empty({a.N, a.tab.stages, a.B, a.m}, x.options());
-  at::Tensor blended = at::empty({a.N, a.tab.stages, kept_weight_stride(a.m, x.element_size())}, x.options());
+  at::Tensor states = kept_empty({a.N + 1, a.B, a.m}, x.options());
+  at::Tensor preact = kept_empty({a.N, a.tab.stages, a.B, a.m}, x.options());
+  at::Tensor blended = kept_empty({a.N, a.tab.stages, kept_weight_stride(a.m, x.element_size())}, x.options());
   blended.narrow(2, a.m * a.m, blended.size(2) - a.m * a.m).zero_();  // the padding: defined values
   dense_forward(a, x, weight, bias, states, preact, blended);
   return {states, preact, blended};
