@@ -18,8 +18,8 @@ def _fused():
 @pytest.mark.parametrize("layer_fn, shape", [
     (lambda: sc.SplineODE(4, 2, 2, 3, variant="symmetric", learn_scale=True), (4,)),
     (lambda: sc.SplineODEConv2d(2, 3, 2, 1, 2), (2, 4, 4)),
-    # wide enough to keep its pre-activations (SplineDenseSavedFunction's vmap rule)
-    (lambda: sc.SplineODE(sc._autograd.SAVE_PREACT_MIN_WIDTH, 1, 1, 2), (sc._autograd.SAVE_PREACT_MIN_WIDTH,)),
+    # the one-chunk path (threaded GEMMs) through SplineDenseSavedFunction's vmap rule
+    (lambda: sc.SplineODE(128, 1, 1, 2), (128,)),
 ], ids=["dense", "conv2d", "dense-wide"])
 def test_per_sample_gradients(layer_fn, shape):
     _fused()

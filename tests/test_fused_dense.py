@@ -241,7 +241,7 @@ def test_cpu_float32_tanh_within_3_ulp():
 # --- wide CPU layers: one threaded chunk, pre-activations kept for the backward ----------
 
 needs_cpu = pytest.mark.skipif("cpu" not in sc.available_backends(), reason="no cpu backend")
-WIDE = sc._autograd.SAVE_PREACT_MIN_WIDTH
+WIDE = 128  # the one-chunk path: GEMMs and element-wise loops over every thread
 
 
 @needs_cpu
@@ -250,12 +250,13 @@ WIDE = sc._autograd.SAVE_PREACT_MIN_WIDTH
     ("symmetric", "rk4", "softplus", 3), ("standard", "rk4_38", "sigmoid", 0),
     ("symmetric", "midpoint", "relu", 2), ("standard", "euler", "identity", 1)])
 @pytest.mark.parametrize("B,bias", [(5, True), (1, False)])
-def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias):
-    """From SAVE_PREACT_MIN_WIDTH on, checkpoint=None keeps each step's activations (softplus:
-    pre-activations) and the backward reads them instead of replaying the forward product: the
-    same output and gradients as the replaying backward (checkpoint=1) bit for bit, and the
-    reference's within tolerance."""
-    args = make(B, WIDE + 3, 2, degree, bias=bias)
+@pytest.mark.parametrize("m", [4, 48, WIDE + 3], ids=["loops", "gemm-per-chunk", "one-chunk"])
+def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias, m):
+    """checkpoint=None keeps each step's activations (softplus: pre-activations) and blended
+    weights, and the backward reads them instead of replaying the forward product, on each of
+    the kernel's paths: the same output and gradients as the replaying backward
+    (checkpoint=1) bit for bit, and the reference's within tolerance."""
+    args = make(B, m, 2, degree, bias=bias)
     kw = dict(steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant, gamma=0.2)
     assert sc._autograd._keeps_preact(args[0], None, False)
     assert not sc._autograd._keeps_preact(args[0], 1, False)
