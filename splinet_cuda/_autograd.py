@@ -173,7 +173,6 @@ def saved_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
         _, states, *kept = output
         ctx.config = tuple(config)
         ctx.has_bias = bias is not None
-        ctx.num_kept = len(kept)
         ctx.save_for_backward(x, states, *kept, weight, bias, scale)
         ctx.mark_non_differentiable(states, *kept)
         ctx.set_materialize_grads(False)
@@ -220,9 +219,7 @@ def _keeps_preact(x: torch.Tensor, checkpoint: Optional[int], return_trajectory:
                   grad_needed: bool = True, conv: bool = False) -> bool:
     if not (grad_needed and checkpoint is None and not return_trajectory and x.device.type == "cpu"):
         return False
-    if conv:
-        return _HAS_CONV_SAVED_OPS
-    return _HAS_SAVED_OPS
+    return _HAS_CONV_SAVED_OPS if conv else _HAS_SAVED_OPS
 
 
 def _grad_needed(*tensors) -> bool:
@@ -245,8 +242,9 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
 
 def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh", scheme="euler",
                      variant="standard", gamma=0.0, return_trajectory=False, checkpoint=None):
-    """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); wide
-    CPU layers that keep every state keep their activations too (SplineDenseSavedFunction)."""
+    """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); CPU
+    layers that keep every state keep their stage activations and blended weights too
+    (SplineDenseSavedFunction)."""
     if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale)):
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)

@@ -31,6 +31,17 @@ inline void check_layer_common_args(const char* op, const at::Tensor& weight, co
   TORCH_CHECK_VALUE(checkpoint >= 1, op, ": checkpoint must be >= 1, got ", checkpoint);
 }
 
+// A tensor a *_fwd_saved op returned and its *_bwd_saved op takes back (`name`, of
+// `layout`): the shape its forward gives it, the states' dtype and device.
+inline void check_kept_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef want,
+                              const char* layout, const at::Tensor& states) {
+  TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", name, " must have shape ", want, " ", layout, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == states.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but states has dtype ", states.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == states.device(), op, ": ", name, " is on ", t.device(), " but states is on ",
+                    states.device());
+}
+
 // Dense layer ops: x (B, m), weight (n, m, m), bias (n, m) or none, one-value scale.
 // `half_types`: bfloat16 and float16 are accepted too (the CUDA kernels).
 inline void check_dense_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

@@ -504,10 +504,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
           for (int64_t i = i0; i + 1 < i1; ++i)
             stepper.step(i, state_at(i), seg[i + 1 - i0].data_ptr<scalar_t>(), false);
           for (int64_t i = i1 - 1; i >= i0; --i) {
-            if (preact.defined())
-              stepper.step(i, state_at(i), nullptr, true, preact[i], true);
-            else
-              stepper.step(i, state_at(i), nullptr, true);
+            const bool kept = preact.defined();
+            stepper.step(i, state_at(i), nullptr, true, kept ? preact[i] : at::Tensor(), kept);
             const int64_t slot = last_only ? -1 : saved_slot(i, a.N, a.K);
             const scalar_t* extra = slot >= 0 ? grad_states[slot].const_data_ptr<scalar_t>() : nullptr;
             stepper.step_adjoint(z, extra, grad_w, gb, glam);
@@ -604,13 +602,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_conv_bwd_saved
   const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const ConvArgs a = make_conv_args(states[0], weight, bias.defined(), scale, steps, degree, scheme, variant, 1);
-  const std::vector<int64_t> want = with_leading({a.N, a.tab.stages}, a.state_shape);
-  TORCH_CHECK_VALUE(preact_in.sizes() == c10::IntArrayRef(want), "spline_conv_bwd_saved: preact must have shape ",
-                    c10::IntArrayRef(want), " (steps, stages, B, C, *spatial), got ", preact_in.sizes());
-  TORCH_CHECK_TYPE(preact_in.scalar_type() == states.scalar_type(), "spline_conv_bwd_saved: preact has dtype ",
-                   preact_in.scalar_type(), " but states has dtype ", states.scalar_type());
-  TORCH_CHECK_VALUE(preact_in.device() == states.device(), "spline_conv_bwd_saved: preact is on ",
-                    preact_in.device(), " but states is on ", states.device());
+  check_kept_tensor("spline_conv_bwd_saved", "preact", preact_in, with_leading({a.N, a.tab.stages}, a.state_shape),
+                    "(steps, stages, B, C, *spatial)", states);
   return conv_backward(a, parse_activation(std::string(activation)), grad_states, last_only, states,
                        preact_in.contiguous(), weight, bias, scale);
 }

@@ -126,8 +126,8 @@ inline int64_t kept_weight_stride(int64_t m, int64_t elem_size) {
 // next request of the same size instead of going back to the OS, as a GPU caching allocator
 // does: otherwise every training step faults in its kept tensors page by page, zero-filled
 // by the kernel (at B = 256, m = 1024, N = 10, 60 MB a forward: with the cache the forward
-// took 41 ms instead of 49 on 2 cores of an x86 machine). At most kKeptCacheBytes stay cached; smaller blocks than kKeptMinBytes go to
-// ATen's allocator, whose malloc reuses them anyway.
+// took 41 ms instead of 49 on 2 cores of an x86 machine). At most kKeptCacheBytes stay
+// cached; blocks smaller than kKeptMinBytes go to ATen's allocator, whose malloc reuses them.
 class KeptCache {
  public:
   static constexpr std::size_t kKeptCacheBytes = std::size_t(512) << 20;
@@ -177,7 +177,8 @@ class KeptCache {
 inline at::Tensor kept_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
-  const std::size_t bytes = static_cast<std::size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  const std::size_t bytes =
+      static_cast<std::size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes < KeptCache::kKeptMinBytes) return at::empty(sizes, options);
   void* p = KeptCache::get().take(bytes);
   return at::from_blob(p, sizes, [bytes](void* q) { KeptCache::get().give(q, bytes); }, options);

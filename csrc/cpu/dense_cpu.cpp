@@ -84,9 +84,9 @@ class DenseChunk {
   // With `blended` (N, S, kept_weight_stride(m)) the blended weight of every step and stage is
   // kept as well: the forward writes it there (blends straight into it when this chunk is
   // the whole batch, else chunk 0 copies its own), and the backward reads it instead of
-  // blending again (a pass over d + 2 m x m matrices a stage: at m = 1024 about half of one
-  // GEMM's time).
-  void set_preact(T* preact, T* blended, bool replay, int64_t r0) {
+  // blending again (a pass over d + 2 m x m matrices a stage: at m = 1024 about a third of
+  // one GEMM's time).
+  void set_kept(T* preact, T* blended, bool replay, int64_t r0) {
     preact_ = preact;
     blended_ = blended;
     replay_ = replay;
@@ -373,7 +373,7 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
 // `preact` (N, S, B, m) and blended weights `blended` (N, S, kept_weight_stride(m)) for a
 // backward without the forward product or the blend (checkpoint = 1 only).
 void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                   at::Tensor& states, at::Tensor& preact, at::Tensor& blended) {
+                   const at::Tensor& states, const at::Tensor& preact, const at::Tensor& blended) {
   if (a.B == 0) return;
   const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_dense_fwd_cpu", [&] {
@@ -388,7 +388,7 @@ void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& we
       run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
         const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
         DenseChunk<scalar_t, M> chunk(a, W, b, R);
-        chunk.set_preact(pre, wk, false, r0);
+        chunk.set_kept(pre, wk, false, r0);
         std::vector<scalar_t> cur(x0 + r0 * a.m, x0 + r0 * a.m + Rm), nxt(Rm);
         std::copy(cur.begin(), cur.end(), out + r0 * a.m);
         // The state is stepped in these buffers and copied out, never stepped in place in
@@ -445,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
           scalar_t* gW = direct ? grad_w.data_ptr<scalar_t>() : pW[c].data();
           scalar_t* gB = direct ? (a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr) : pb[c].data();
           DenseChunk<scalar_t, M> chunk(a, W, b, R);
-          chunk.set_preact(pre, wk, true, r0);
+          chunk.set_kept(pre, wk, true, r0);
           const int64_t Ns = num_saved_states(a.N, a.K);
           const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
           std::vector<scalar_t> z(g_last, g_last + Rm);
@@ -479,8 +479,8 @@ at::Tensor spline_dense_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(x, weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, checkpoint);
-  at::Tensor states = at::empty({num_saved_states(a.N, a.K), a.B, a.m}, x.options()), none, none2;
-  dense_forward(a, x, weight, bias, states, none, none2);
+  at::Tensor states = at::empty({num_saved_states(a.N, a.K), a.B, a.m}, x.options());
+  dense_forward(a, x, weight, bias, states, at::Tensor(), at::Tensor());
   return states;
 }
 
@@ -539,20 +539,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_save
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const DenseArgs a = make_args(states[0], weight, bias.defined(), scale, steps, degree, std::string(activation),
                                 std::string(scheme), std::string(variant), gamma, 1);
-  const std::vector<int64_t> want{a.N, a.tab.stages, a.B, a.m};
-  TORCH_CHECK_VALUE(preact_in.sizes() == c10::IntArrayRef(want), "spline_dense_bwd_saved: preact must have shape ",
-                    c10::IntArrayRef(want), " (steps, stages, B, m), got ", preact_in.sizes());
-  TORCH_CHECK_TYPE(preact_in.scalar_type() == states.scalar_type(), "spline_dense_bwd_saved: preact has dtype ",
-                   preact_in.scalar_type(), " but states has dtype ", states.scalar_type());
-  TORCH_CHECK_VALUE(preact_in.device() == states.device(), "spline_dense_bwd_saved: preact is on ",
-                    preact_in.device(), " but states is on ", states.device());
-  const std::vector<int64_t> want_w{a.N, a.tab.stages, kept_weight_stride(a.m, states.element_size())};
-  TORCH_CHECK_VALUE(blended_in.sizes() == c10::IntArrayRef(want_w), "spline_dense_bwd_saved: blended must have shape ",
-                    c10::IntArrayRef(want_w), " (steps, stages, padded m * m), got ", blended_in.sizes());
-  TORCH_CHECK_TYPE(blended_in.scalar_type() == states.scalar_type(), "spline_dense_bwd_saved: blended has dtype ",
-                   blended_in.scalar_type(), " but states has dtype ", states.scalar_type());
-  TORCH_CHECK_VALUE(blended_in.device() == states.device(), "spline_dense_bwd_saved: blended is on ",
-                    blended_in.device(), " but states is on ", states.device());
+  const char* op = "spline_dense_bwd_saved";
+  check_kept_tensor(op, "preact", preact_in, {a.N, a.tab.stages, a.B, a.m}, "(steps, stages, B, m)", states);
+  check_kept_tensor(op, "blended", blended_in, {a.N, a.tab.stages, kept_weight_stride(a.m, states.element_size())},
+                    "(steps, stages, padded m * m)", states);
   return dense_backward(a, grad_states, last_only, states, preact_in.contiguous(), blended_in.contiguous(), weight,
                         bias, scale);
 }
