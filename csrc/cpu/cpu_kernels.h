@@ -304,12 +304,33 @@ inline float tanh_poly(float x) {
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(two_k));
   const float big = 1.0f - 2.0f / (p * two_k + 1.0f);
-  return ax < 0.3f ? small : (x < 0.0f ? -big : big);
+  const float out = ax < 0.3f ? small : (x < 0.0f ? -big : big);
+  return x != x ? x : out;  // NaN stays NaN
+}
+
+// The same over an array with AVX2 + FMA (tanh_avx2.cpp), where GCC builds it for x86-64;
+// tanh_f32() picks it when the CPU has both.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPLINET_TANH_AVX2 1
+void tanh_f32_avx2(const float* a, float* y, int64_t n);
+#else
+#define SPLINET_TANH_AVX2 0
+#endif
+
+inline void tanh_f32(const float* a, float* y, int64_t n) {
+#if SPLINET_TANH_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) {
+    tanh_f32_avx2(a, y, n);
+    return;
+  }
+#endif
+  for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
 }
 
 // y = act(a) over an array. The transcendental activations go through ATen's vectorised
 // kernels (the same code as the reference, so the values agree bit for bit), except
-// float32 tanh on short arrays (tanh_poly); inside a parallel region ATen runs them on
+// float32 tanh on short arrays (tanh_f32); inside a parallel region ATen runs them on
 // the calling thread.
 constexpr int64_t kAtenActMinElements = 8192;
 
@@ -320,7 +341,7 @@ template <typename T>
 void act_forward_part(Act act, const T* a, T* y, int64_t n, int64_t total) {
   if constexpr (std::is_same_v<T, float>) {
     if (act == Act::Tanh && total < kAtenActMinElements) {
-      for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
+      tanh_f32(a, y, n);
       return;
     }
   }
