@@ -236,6 +236,12 @@ def test_cpu_float32_tanh_within_3_ulp():
         ref = torch.tanh(row)
         ulp = (torch.nextafter(ref, torch.tensor(float("inf"))) - ref).abs().clamp_min(1e-45)
         assert ((y - ref).abs() / ulp).max() <= 3.0
+    # NaN stays NaN (both the array kernel's vectors and its zero-padded tail), as torch.tanh
+    for n in (16, 11):
+        row = torch.full((1, n), float("nan"))
+        y = torch.ops.splinet_cuda.spline_dense_fwd(torch.zeros(1, n), torch.zeros(1, n, n), row, s, 1, 0, "tanh",
+                                                    "euler", "standard", 0.0, 1)[1]
+        assert torch.isnan(y).all()
 
 
 # --- wide CPU layers: one threaded chunk, pre-activations kept for the backward ----------
