@@ -465,19 +465,21 @@ void dispatch_width(int64_t m, F&& fn) {
 // The adjoint sweep of one chunk of rows (dense and Hamiltonian kernels), from step N - 1
 // down to 0: segments [i0, i1) of K steps, last first; each starts from a saved state and
 // recomputes the states inside it (all saved when K = 1), then replays steps i1 - 1 .. i0
-// and runs their adjoints (chunk.step / chunk.step_adjoint). `load(slot, dst)` writes saved
+// and runs their adjoints (chunk.step / chunk.step_adjoint; a replayed step writes no next
+// state unless Chunk::kReplayNeedsOutput says it needs one). `load(slot, dst)` writes saved
 // state `slot` of the chunk's rows into dst (Rs values); `add_grad(slot, z)` adds the loss's
 // direct gradient of saved state `slot` to z, dL/dx_i, after step i's adjoint.
 template <typename T, typename Chunk, typename Load, typename AddGrad>
 void chunk_adjoint_sweep(Chunk& chunk, int64_t N, int64_t K, int64_t Rs, bool last_only, T* z, T* pW, T* pb,
                          double& plam, const Load& load, const AddGrad& add_grad) {
-  std::vector<T> seg(std::min(K, N) * Rs), scratch(Rs);
+  std::vector<T> seg(std::min(K, N) * Rs), scratch(Chunk::kReplayNeedsOutput ? Rs : 0);
+  T* const replay_out = Chunk::kReplayNeedsOutput ? scratch.data() : nullptr;
   for (int64_t i0 = ((N - 1) / K) * K; i0 >= 0; i0 -= K) {
     const int64_t i1 = std::min(i0 + K, N);
     load(i0 / K, seg.data());
     for (int64_t i = i0; i + 1 < i1; ++i) chunk.step(i, &seg[(i - i0) * Rs], &seg[(i + 1 - i0) * Rs]);
     for (int64_t i = i1 - 1; i >= i0; --i) {
-      chunk.step(i, &seg[(i - i0) * Rs], scratch.data());
+      chunk.step(i, &seg[(i - i0) * Rs], replay_out);
       chunk.step_adjoint(z, pW, pb, plam);
       const int64_t slot = last_only ? -1 : saved_slot(i, N, K);
       if (slot >= 0) add_grad(slot, z);

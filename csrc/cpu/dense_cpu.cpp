@@ -93,7 +93,11 @@ class DenseChunk {
     row0_ = r0;
   }
 
-  // x_out = one step of the scheme from x_in (step i). Keeps the stage inputs X_s,
+  // The adjoint's replay of a step needs its stages only: chunk_adjoint_sweep passes no x_out.
+  static constexpr bool kReplayNeedsOutput = false;
+
+  // x_out = one step of the scheme from x_in (step i), or only its stages when x_out is
+  // null. Keeps the stage inputs X_s,
   // pre-activations a_s and activations act(a_s) of this step for the adjoint (in Xs_/As_/Ys_,
   // or the activations in the kept tensor: set_preact).
   void step(int64_t i, const T* x_in, T* x_out) {
@@ -150,11 +154,8 @@ class DenseChunk {
         if (sym) return;
         if (s + 1 < S) {
           for (int64_t e = e0; e < e1; ++e) Ks[e] = lam * Y[e];
-        } else {  // the last stage: x_out in this pass too, its own K straight from act(a)
-          update(x_in, x_out, e0, e1, S - 1);
-          const T c = h * T(a_.tab.b[s]);
-          if (c != T(0))
-            for (int64_t e = e0; e < e1; ++e) x_out[e] += c * (lam * Y[e]);
+        } else if (x_out) {  // the last stage: x_out in this pass too, its own K straight from act(a)
+          update(x_in, x_out, e0, e1, S - 1, Y);
         }
       });
       if (sym) {  // f = -act(a) W
@@ -164,21 +165,29 @@ class DenseChunk {
         });
       }
     }
-    if (a_.variant == Variant::Symmetric)
+    if (a_.variant == Variant::Symmetric && x_out)
       parallel_elements(Rm, [&](int64_t b, int64_t end) { update(x_in, x_out, b, end, S); });
   }
 
-  // x_out[e] = x_in[e] + sum_{s < stages} h b_s K_s[e] over [e0, e1), in stage order.
-  void update(const T* x_in, T* x_out, int64_t e0, int64_t e1, int64_t stages) const {
+  // x_out[e] = x_in[e] + sum_{s < stages} h b_s K_s[e] (+ h b_stages lam Ylast[e]) over
+  // [e0, e1), added in stage order; the first term reads x_in (no separate copy pass).
+  void update(const T* x_in, T* x_out, int64_t e0, int64_t e1, int64_t stages, const T* Ylast = nullptr) const {
     const int64_t Rm = R_ * a_.m;
-    const T h = T(a_.h);
-    std::copy(x_in + e0, x_in + e1, x_out + e0);
+    const T h = T(a_.h), lam = T(a_.lam);
+    const T* src = x_in;
     for (int64_t s = 0; s < stages; ++s) {
       const T c = h * T(a_.tab.b[s]);
       if (c == T(0)) continue;
       const T* Ks = &Ks_[s * Rm];
-      for (int64_t e = e0; e < e1; ++e) x_out[e] += c * Ks[e];
+      for (int64_t e = e0; e < e1; ++e) x_out[e] = src[e] + c * Ks[e];
+      src = x_out;
     }
+    const T c = Ylast ? h * T(a_.tab.b[stages]) : T(0);
+    if (c != T(0)) {
+      for (int64_t e = e0; e < e1; ++e) x_out[e] = src[e] + c * (lam * Ylast[e]);
+      src = x_out;
+    }
+    if (src == x_in) std::copy(x_in + e0, x_in + e1, x_out + e0);
   }
 
   // Adjoint of the step just recomputed by step(i, ...): z holds dL/dx_{i+1} on entry and

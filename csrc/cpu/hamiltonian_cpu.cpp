@@ -77,6 +77,9 @@ class HamChunk {
     w_.resize(a.d + 1);
   }
 
+  // The second half reads the first half's output: the adjoint's replay writes it too.
+  static constexpr bool kReplayNeedsOutput = true;
+
   // out = one Verlet step (step i) from in; both are chunk states (y then z). Keeps each
   // half's input, pre-activation and activation for step_adjoint.
   void step(int64_t i, const T* in, T* out) {
