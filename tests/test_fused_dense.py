@@ -273,6 +273,32 @@ def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias, m
 
 
 @needs_cpu
+@pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID[::4])
+@pytest.mark.parametrize("m", [2, 5, 8])
+def test_cpu_transposed_chunks(variant, scheme, activation, degree, bias, m):
+    """Chunks of at least 64 rows at the unrolled widths run in the transposed (m rows of R
+    values) layout: against the reference, kept == checkpoint=1 bit for bit, a checkpointed
+    backward and the trajectory too."""
+    B = 64 * max(1, torch.get_num_threads()) + 37
+    args = make(B, m, 2, degree, bias=bias)
+    kw = dict(steps=4, degree=degree, activation=activation, scheme=scheme, variant=variant, gamma=0.2)
+    kept, replayed = run("cpu", *args, **kw), run("cpu", *args, checkpoint=1, **kw)
+    for a, c in zip(kept, replayed):
+        assert torch.equal(a, c)
+    assert_match("cpu", args, **kw)
+    assert_match("cpu", args, checkpoint=3, **kw)
+    assert_match("cpu", args, trajectory=True, **kw)
+
+
+@needs_cpu
+def test_cpu_transposed_chunks_gradcheck():
+    x, w, b, s = make(64 * max(1, torch.get_num_threads()) + 5, 5, 1, 2)
+    fn = lambda x, w, b, s: sc.spline_ode(x, w, b, s, steps=3, degree=2, activation="tanh", scheme="rk4",
+                                          backend="cpu")
+    assert torch.autograd.gradcheck(fn, (x, w, b, s), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@needs_cpu
 def test_cpu_kept_preactivations_gradcheck_and_grad_of_states():
     x, w, b, s = make(2, WIDE, 1, 1)
     fn = lambda x, w, b, s: sc.spline_ode(x, w, b, s, steps=2, degree=1, activation="tanh", scheme="midpoint",

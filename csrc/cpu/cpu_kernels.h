@@ -189,20 +189,111 @@ at::Tensor wrap(const T* p, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<T*>(p), {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Row-major products on a chunk: X (R x m), W (m x m, out x in, and WT = W^T), results
-// overwrite `out`. M > 0 is the width as a compile-time constant (small widths, loops
-// unrolled), M = 0 reads it at run time. The raw loops are all in axpy form, so they
-// vectorise without reassociating sums.
+// Partial sums of the fixed-order reductions below (one vector of float32 with AVX2).
+constexpr int kLanes = 8;
+
+// sum_r x[r] in kLanes partial sums, lane l taking r = l mod kLanes, added pairwise at the
+// end: a fixed order that vectorises without reassociation.
+template <typename T>
+T lane_sum(const T* __restrict__ x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t r = 0;
+  for (; r + kLanes <= n; r += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[r + l];
+  for (int l = 0; r < n; ++r, ++l) acc[l] += x[r];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// Products on a chunk: X (R x m), W (m x m, out x in, and WT = W^T), results overwrite
+// `out`. M > 0 is the width as a compile-time constant (small widths, loops unrolled), M = 0
+// reads it at run time. The raw loops are all in axpy form, so they vectorise without
+// reassociating sums.
+//
+// SoA (M > 0 only): the chunk's R x m arrays are stored transposed, m rows of R values
+// (element (r, j) at j R + r), so that every axpy runs over R contiguous values instead of
+// a row of m = 2-8 (which no vector width divides evenly): at Peaks' m = 5 the products of
+// a step went from a fifth to all of a vector's lanes. to_chunk / from_chunk / add_rows
+// convert between a block of R rows of a (B, m) tensor and this layout.
 template <typename T, int M>
 struct MatOps {
   int64_t R, m_rt;
   bool gemm;
+  bool soa = false;  // the transposed layout (M > 0 only)
 
   int64_t m() const { return M > 0 ? M : m_rt; }
+
+  // chunk = rows (R x m, row-major), in this layout.
+  void to_chunk(const T* __restrict__ rows, T* __restrict__ chunk) const {
+    if constexpr (M > 0) {
+      if (soa) {
+        for (int64_t r = 0; r < R; ++r)
+          for (int j = 0; j < M; ++j) chunk[j * R + r] = rows[r * M + j];
+        return;
+      }
+    }
+    std::copy(rows, rows + R * m(), chunk);
+  }
+  // rows (R x m, row-major) = chunk.
+  void from_chunk(const T* __restrict__ chunk, T* __restrict__ rows) const {
+    if constexpr (M > 0) {
+      if (soa) {
+        for (int64_t r = 0; r < R; ++r)
+          for (int j = 0; j < M; ++j) rows[r * M + j] = chunk[j * R + r];
+        return;
+      }
+    }
+    std::copy(chunk, chunk + R * m(), rows);
+  }
+  // chunk += rows (R x m, row-major).
+  void add_rows(const T* __restrict__ rows, T* __restrict__ chunk) const {
+    if constexpr (M > 0) {
+      if (soa) {
+        for (int64_t r = 0; r < R; ++r)
+          for (int j = 0; j < M; ++j) chunk[j * R + r] += rows[r * M + j];
+        return;
+      }
+    }
+    const int64_t n = R * m();
+    for (int64_t e = 0; e < n; ++e) chunk[e] += rows[e];
+  }
+  // chunk[e] += bias[column of e] over the flat range [e0, e1) of the chunk's array.
+  void add_bias(T* __restrict__ chunk, const T* __restrict__ bias, int64_t e0, int64_t e1) const {
+    if constexpr (M > 0) {
+      if (soa) {
+        for (int64_t j = e0 / R; j < M && j * R < e1; ++j) {
+          const int64_t lo = std::max(e0, j * R), hi = std::min(e1, (j + 1) * R);
+          const T bj = bias[j];
+          for (int64_t e = lo; e < hi; ++e) chunk[e] += bj;
+        }
+        return;
+      }
+    }
+    const int64_t m = this->m();
+    for (int64_t r = e0 / m; r < e1 / m; ++r)
+      for (int64_t j = 0; j < m; ++j) chunk[r * m + j] += bias[j];
+  }
 
   // out = X W^T
   void nt(const T* __restrict__ X, const T* W, const T* __restrict__ WT, T* __restrict__ out) const {
     const int64_t m = this->m();
+    if constexpr (M > 0) {
+      if (soa) {  // out_j = sum_k W[j][k] X_k, k ascending (as the row-major loop adds)
+        T w[M * M];
+        std::copy(W, W + M * M, w);
+        for (int64_t r = 0; r < R; ++r) {  // vectorised over r; the M x M sums unrolled
+          T x[M];
+          for (int k = 0; k < M; ++k) x[k] = X[k * R + r];
+          for (int j = 0; j < M; ++j) {
+            T acc = T(0);
+            for (int k = 0; k < M; ++k) acc += w[j * M + k] * x[k];
+            out[j * R + r] = acc;
+          }
+        }
+        return;
+      }
+    }
     if (gemm) {
       at::Tensor o = wrap(out, R, m);
       at::mm_out(o, wrap(X, R, m), wrap(W, m, m).t());
@@ -221,6 +312,22 @@ struct MatOps {
   // out = G W
   void nn(const T* __restrict__ G, const T* __restrict__ W, T* __restrict__ out) const {
     const int64_t m = this->m();
+    if constexpr (M > 0) {
+      if (soa) {  // out_k = sum_j W[j][k] G_j, j ascending
+        T w[M * M];
+        std::copy(W, W + M * M, w);
+        for (int64_t r = 0; r < R; ++r) {
+          T g[M];
+          for (int j = 0; j < M; ++j) g[j] = G[j * R + r];
+          for (int k = 0; k < M; ++k) {
+            T acc = T(0);
+            for (int j = 0; j < M; ++j) acc += w[j * M + k] * g[j];
+            out[k * R + r] = acc;
+          }
+        }
+        return;
+      }
+    }
     if (gemm) {
       at::Tensor o = wrap(out, R, m);
       at::mm_out(o, wrap(G, R, m), wrap(W, m, m));
@@ -239,6 +346,26 @@ struct MatOps {
   // out (m x m) = G^T X
   void tn(const T* __restrict__ G, const T* __restrict__ X, T* __restrict__ out) const {
     const int64_t m = this->m();
+    if constexpr (M > 0) {
+      if (soa) {  // out[j][k] = G_j . X_k, in kLanes fixed partial sums each
+        for (int j = 0; j < M; ++j) {
+          T acc[M][kLanes] = {};
+          const T* __restrict__ g = G + j * R;
+          int64_t r = 0;
+          for (; r + kLanes <= R; r += kLanes)
+            for (int k = 0; k < M; ++k)
+              for (int l = 0; l < kLanes; ++l) acc[k][l] += g[r + l] * X[k * R + r + l];
+          for (int l = 0; r < R; ++r, ++l)
+            for (int k = 0; k < M; ++k) acc[k][l] += g[r] * X[k * R + r];
+          for (int k = 0; k < M; ++k) {
+            for (int w = kLanes / 2; w > 0; w /= 2)
+              for (int l = 0; l < w; ++l) acc[k][l] += acc[k][l + w];
+            out[j * M + k] = acc[k][0];
+          }
+        }
+        return;
+      }
+    }
     if (gemm) {
       at::Tensor o = wrap(out, m, m);
       at::mm_out(o, wrap(G, R, m).t(), wrap(X, R, m));
@@ -267,6 +394,12 @@ struct MatOps {
   // out (m) = column sums of G
   void colsum(const T* __restrict__ G, T* __restrict__ out) const {
     const int64_t m = this->m();
+    if constexpr (M > 0) {
+      if (soa) {
+        for (int j = 0; j < M; ++j) out[j] = lane_sum(G + j * R, R);
+        return;
+      }
+    }
     if constexpr (M > 0) {
       T acc[M] = {};
       for (int64_t r = 0; r < R; ++r)
