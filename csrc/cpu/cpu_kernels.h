@@ -581,8 +581,11 @@ inline void run_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
   });
 }
 
+// The widths that get unrolled loops (dispatch_width's cases).
+inline bool unrolled_width(int64_t m) { return m == 2 || m == 3 || m == 4 || m == 5 || m == 8; }
+
 // Calls fn(std::integral_constant<int, M>) with M = m for the widths that get unrolled
-// loops, M = 0 (run-time width) otherwise.
+// loops (unrolled_width), M = 0 (run-time width) otherwise.
 template <typename F>
 void dispatch_width(int64_t m, F&& fn) {
   switch (m) {

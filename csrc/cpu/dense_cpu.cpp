@@ -42,20 +42,40 @@ struct DenseArgs {
   Act act;
   double gamma, lam, h;
   bool has_bias, use_gemm;
+  bool soa;  // chunks in the transposed layout (see DenseChunk)
 };
+
+// The batch from which the unrolled widths take transposed chunks, and the most rows of
+// one. Measured fwd+bwd on 2 threads: Peaks (m = 5, B = 1000, 2 chunks) 15% faster than
+// row-major chunks, sin (m = 4, B = 256) the same; at B = 20 (10 rows a chunk) 6% slower;
+// Peaks in 8 chunks of 125 rows 12% slower than in 2 (the per-chunk blend of every stage).
+constexpr int64_t kSoAMinBatch = 256;
+constexpr int64_t kSoAMaxRows = 512;
+
+// The batch's chunks. Transposed chunks keep their values (the kept stage values included)
+// in their own layout, so their bounds depend on B alone, never on the thread count, which
+// may differ between the forward and the backward: max(2, ceil(B / kSoAMaxRows)) chunks
+// (so a machine with more cores than that runs these small layers on fewer threads).
+std::vector<int64_t> dense_bounds(const DenseArgs& a) {
+  if (a.soa) {
+    const int64_t chunks = std::max<int64_t>(2, (a.B + kSoAMaxRows - 1) / kSoAMaxRows);
+    std::vector<int64_t> bounds(chunks + 1);
+    for (int64_t c = 0; c <= chunks; ++c) bounds[c] = a.B * c / chunks;
+    return bounds;
+  }
+  return chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
+}
 
 // One chunk of rows [r0, r0 + R) walked through the trajectory and back.
 template <typename T, int M>
 class DenseChunk {
  public:
-  // Chunks of many rows at a compile-time width keep their arrays transposed (MatOps' SoA
-  // layout): states, stage values and the kept values of the chunk's rows are m rows of R
-  // values. Measured fwd+bwd on 2 threads: Peaks (m = 5, 500 rows a chunk) 15% faster, sin
-  // (m = 4, 128 rows) the same; at 10 rows a chunk (B = 20) 6% slower, hence the bound.
-  static constexpr int64_t kSoAMinRows = 64;
+  // With a.soa (an unrolled width and a batch of at least kSoAMinBatch rows) the chunk keeps
+  // its arrays transposed (MatOps' SoA layout): states, stage values and the kept values of
+  // its rows are m rows of R values.
 
   DenseChunk(const DenseArgs& a, const T* weight, const T* bias, int64_t R)
-      : a_(a), weight_(weight), bias_(bias), R_(R), ops_{R, a.m, a.use_gemm, M > 0 && R >= kSoAMinRows} {
+      : a_(a), weight_(weight), bias_(bias), R_(R), ops_{R, a.m, a.use_gemm, M > 0 && a.soa} {
     const int64_t S = a.tab.stages, Rm = R * a.m, mm = a.m * a.m;
     W_.resize(S * mm);
     WT_.resize(a.use_gemm || ops_.soa ? 0 : S * mm);
@@ -80,8 +100,9 @@ class DenseChunk {
 
   // The kept values of every step and stage, (N, S, B, m), of which this chunk owns rows
   // r0 .. r0 + R (R m values in the chunk's own layout, transposed in an SoA chunk: only
-  // this kernel reads them back, with the same chunking): step() records them there (replay = false, the forward) or reads them
-  // instead of running its forward product (replay = true, the backward), so that fwd+bwd
+  // this kernel reads them back, with the same chunks, which then depend on B alone):
+  // step() records them there (replay = false, the forward) or reads them instead of
+  // running its forward product (replay = true, the backward), so that fwd+bwd
   // takes 3 products a step instead of 4. What is kept is act(a_s) when the activation's
   // derivative is a function of its output (kept_is_output), so that the replay neither
   // copies nor recomputes the activation, and else the pre-activation a_s. The replayed
@@ -384,6 +405,7 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
   a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.use_gemm = a.m >= kGemmMinWidth;
+  a.soa = !a.use_gemm && unrolled_width(a.m) && a.B >= kSoAMinBatch;
   a.act = parse_activation(activation);
   return a;
 }
@@ -394,7 +416,7 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
 void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& states, const at::Tensor& preact, const at::Tensor& blended) {
   if (a.B == 0) return;
-  const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
+  const auto bounds = dense_bounds(a);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spline_dense_fwd_cpu", [&] {
     dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
       constexpr int M = decltype(width)::value;
@@ -437,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
   at::Tensor grad_b = bias.defined() ? at::zeros_like(bias) : at::empty({0}, states.options());
   double glam = 0.0;
   if (a.B > 0) {
-    const auto bounds = chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
+    const auto bounds = dense_bounds(a);
     const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
     const int64_t nW = a.n * a.m * a.m, nb = a.n * a.m;
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_cpu", [&] {
