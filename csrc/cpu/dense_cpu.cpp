@@ -66,16 +66,15 @@ std::vector<int64_t> dense_bounds(const DenseArgs& a) {
   return chunk_bounds(a.B, a.m, a.n * a.m * a.m, a.use_gemm, a.m >= kThreadedGemmWidth);
 }
 
-// One chunk of rows [r0, r0 + R) walked through the trajectory and back.
+// One chunk of rows [r0, r0 + R) walked through the trajectory and back. With a.soa (an
+// unrolled width and a batch of at least kSoAMinBatch rows) the chunk keeps its arrays
+// transposed (MatOps' SoA layout): states, stage values and the kept values of its rows are
+// m rows of R values.
 template <typename T, int M>
 class DenseChunk {
  public:
-  // With a.soa (an unrolled width and a batch of at least kSoAMinBatch rows) the chunk keeps
-  // its arrays transposed (MatOps' SoA layout): states, stage values and the kept values of
-  // its rows are m rows of R values.
-
   DenseChunk(const DenseArgs& a, const T* weight, const T* bias, int64_t R)
-      : a_(a), weight_(weight), bias_(bias), R_(R), ops_{R, a.m, a.use_gemm, M > 0 && a.soa} {
+      : a_(a), weight_(weight), bias_(bias), R_(R), ops_{R, a.m, a.use_gemm, a.soa} {
     const int64_t S = a.tab.stages, Rm = R * a.m, mm = a.m * a.m;
     W_.resize(S * mm);
     WT_.resize(a.use_gemm || ops_.soa ? 0 : S * mm);
@@ -132,7 +131,7 @@ class DenseChunk {
   // x_out = one step of the scheme from x_in (step i), or only its stages when x_out is
   // null. Keeps the stage inputs X_s,
   // pre-activations a_s and activations act(a_s) of this step for the adjoint (in Xs_/As_/Ys_,
-  // or the activations in the kept tensor: set_preact).
+  // or the activations in the kept tensor: set_kept).
   void step(int64_t i, const T* x_in, T* x_out) {
     const int64_t S = a_.tab.stages, Rm = R_ * a_.m, m = a_.m;
     const T h = T(a_.h), lam = T(a_.lam);
