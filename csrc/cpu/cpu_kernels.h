@@ -275,6 +275,22 @@ struct MatOps {
       for (int64_t j = 0; j < m; ++j) chunk[r * m + j] += bias[j];
   }
 
+  // MKL's GEMM can round differently when an operand is not 16-byte aligned (seen on an
+  // AMD EPYC in float32 and float64: the same values at an 8-byte offset gave other bits),
+  // and the chunks' operands sit at offsets of R m elements in stage buffers, state rows and
+  // kept tensors, which differ between the kept and the replaying backward. So an operand
+  // off kScratchAlign is first copied to an aligned per-thread buffer (`slot` 0 or 1, one
+  // per operand): the same values then give the same product wherever they are kept. Rows
+  // of a multiple of 16 floats (8 doubles) never need the copy.
+  static const T* gemm_operand(const T* p, int64_t n, int slot) {
+    if (reinterpret_cast<std::uintptr_t>(p) % kScratchAlign == 0) return p;
+    thread_local Scratch<T> buf[2];
+    Scratch<T>& b = buf[slot];
+    if (b.size() < n) b.resize(n);
+    std::copy(p, p + n, b.data());
+    return b.data();
+  }
+
   // out = X W^T
   void nt(const T* __restrict__ X, const T* W, const T* __restrict__ WT, T* __restrict__ out) const {
     const int64_t m = this->m();
@@ -296,7 +312,7 @@ struct MatOps {
     }
     if (gemm) {
       at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(X, R, m), wrap(W, m, m).t());
+      at::mm_out(o, wrap(gemm_operand(X, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m).t());
       return;
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -330,7 +346,7 @@ struct MatOps {
     }
     if (gemm) {
       at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(G, R, m), wrap(W, m, m));
+      at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m));
       return;
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -368,7 +384,7 @@ struct MatOps {
     }
     if (gemm) {
       at::Tensor o = wrap(out, m, m);
-      at::mm_out(o, wrap(G, R, m).t(), wrap(X, R, m));
+      at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m).t(), wrap(gemm_operand(X, R * m, 1), R, m));
       return;
     }
     if constexpr (M > 0) {
@@ -459,19 +475,18 @@ inline void tanh_f32(const float* a, float* y, int64_t n) {
   for (int64_t e = 0; e < n; ++e) y[e] = tanh_poly(a[e]);
 }
 
-// y = act(a) over an array. The transcendental activations go through ATen's vectorised
-// kernels (the same code as the reference, so the values agree bit for bit), except
-// float32 tanh on short arrays (tanh_f32); inside a parallel region ATen runs them on
-// the calling thread.
-constexpr int64_t kAtenActMinElements = 8192;
-
-// y = act(a) over part of an array of `total` elements, on the calling thread, with the
-// implementation act_forward picks for the whole array (so the values do not depend on how
-// the array is split across threads).
+// y = act(a) over an array. float32 tanh is tanh_f32 at every length: ATen's tanh (SLEEF's
+// 1-ulp vector tanh) measured 2.3 ns an element on 2 cores of an AMD EPYC, against well
+// under 1 ns for tanh_f32, which at widths 64-1024 made the activation cost more than the
+// forward's GEMMs. The other transcendental activations (and float64 tanh) go through ATen's
+// vectorised kernels; inside a parallel region ATen runs them on the calling thread.
+//
+// y = act(a) over part of an array, on the calling thread. Every element's value depends on
+// its input alone, so splitting an array across threads does not change the result.
 template <typename T>
-void act_forward_part(Act act, const T* a, T* y, int64_t n, int64_t total) {
+void act_forward_part(Act act, const T* a, T* y, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (act == Act::Tanh && total < kAtenActMinElements) {
+    if (act == Act::Tanh) {
       tanh_f32(a, y, n);
       return;
     }
@@ -493,11 +508,11 @@ void act_forward_part(Act act, const T* a, T* y, int64_t n, int64_t total) {
 
 template <typename T>
 void act_forward(Act act, const T* a, T* y, int64_t n) {
-  if (act == Act::Relu) {
-    parallel_elements(n, [&](int64_t b, int64_t e) { act_forward_part(act, a + b, y + b, e - b, n); });
+  if (act == Act::Relu || (std::is_same_v<T, float> && act == Act::Tanh)) {
+    parallel_elements(n, [&](int64_t b, int64_t e) { act_forward_part(act, a + b, y + b, e - b); });
     return;
   }
-  act_forward_part(act, a, y, n, n);  // ATen's kernels thread themselves
+  act_forward_part(act, a, y, n);  // ATen's kernels thread themselves
 }
 
 // g = scale * act'(a) * v over an array, act' by PyTorch's backward formulas (from the

@@ -174,12 +174,12 @@ class DenseChunk {
         if (replay) {
           if (!keep_y) {
             std::copy(saved + e0, saved + e1, Ap + e0);
-            act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
+            act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0);
           }
         } else {
           if (a_.has_bias) ops_.add_bias(Ap, bs, e0, e1);
           if (saved && !keep_y) std::copy(Ap + e0, Ap + e1, saved + e0);
-          act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0, Rm);
+          act_forward_part(a_.act, Ap + e0, Y + e0, e1 - e0);
         }
         if (sym) return;
         if (s + 1 < S) {

@@ -1,5 +1,5 @@
 // float32 tanh over an array, eight lanes at a time with AVX2 + FMA, for the dense CPU
-// kernels' short activation arrays (act_forward_part in cpu_kernels.h). The portable
+// kernels' activation arrays (act_forward_part in cpu_kernels.h). The portable
 // tanh_poly loop there is what GCC vectorises for the baseline x86-64 target (SSE, four
 // lanes); built for AVX2 the same scalar loop is not vectorised at all, so this file spells
 // the vectors out (GCC vector extensions) and is compiled for AVX2 + FMA here only, called
