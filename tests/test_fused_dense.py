@@ -273,6 +273,22 @@ def test_cpu_kept_preactivations(variant, scheme, activation, degree, B, bias, m
 
 
 @needs_cpu
+@pytest.mark.parametrize("variant", ["standard", "symmetric"])
+@pytest.mark.parametrize("B,m", [(1, 16), (7, 47), (300, 20), (33, 129), (260, 300)])
+def test_cpu_float32_products(B, m, variant):
+    """float32 on the GEMM paths (on CPUs with AVX-512 that are not Intel's the kernels' own
+    GEMM, sgemm_avx512): tails of its 8-row and 32-column tiles and sums deeper than one
+    256-long block, in X W^T, G W (symmetric) and G^T X. Against the reference, and kept ==
+    checkpoint=1 bit for bit."""
+    args = make(B, m, 2, 2, dtype=torch.float32)
+    kw = dict(steps=3, degree=2, activation="tanh", scheme="midpoint", variant=variant)
+    kept, replayed = run("cpu", *args, **kw), run("cpu", *args, checkpoint=1, **kw)
+    for a, c in zip(kept, replayed):
+        assert torch.equal(a, c)
+    assert_match("cpu", args, dtype=torch.float32, **kw)
+
+
+@needs_cpu
 @pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID[::4])
 @pytest.mark.parametrize("m", [2, 5, 8])
 def test_cpu_transposed_chunks(variant, scheme, activation, degree, bias, m):

@@ -1,6 +1,7 @@
 // CPU building blocks shared by the fused layer kernels (dense_cpu.cpp, hamiltonian_cpu.cpp):
-// the row-major products of a chunk of the batch (raw loops for small widths, ATen's GEMM
-// for large ones), the activations and their derivatives over arrays, a fixed-order dot
+// the row-major products of a chunk of the batch (raw loops for small widths, a GEMM for
+// large ones: ATen's, or in float32 on AVX-512 CPUs that are not Intel's sgemm_avx512.cpp),
+// the activations and their derivatives over arrays, a fixed-order dot
 // product, and the row chunking / parallel loop that keeps the reductions reproducible.
 //
 // Legend: B batch, R rows of one chunk of the batch, m width, n = L + d coefficients.
@@ -34,7 +35,7 @@
 namespace splinet {
 namespace cpu {
 
-// Widths from which the products of a chunk go through ATen's GEMM (MKL/oneDNN, one
+// Widths from which the products of a chunk go through a GEMM (ATen's or sgemm_avx512, one
 // thread per chunk) instead of the raw loops below: at B = 4096 the raw loops lost to it
 // from m = 16 on (bench --sizes sweep on a 2-core x86 machine).
 constexpr int64_t kGemmMinWidth = 16;
@@ -206,6 +207,24 @@ T lane_sum(const T* __restrict__ x, int64_t n) {
   return acc[0];
 }
 
+// float32 C (M x N, ldc) = A B, or += with `accumulate`: A (M x K) row-major (lda), or
+// A(i, k) = a[k lda + i] with a_trans; B (K x N) row-major (ldb), or B(k, j) = b[j ldb + k]
+// with b_trans. AVX-512 (sgemm_avx512.cpp); threaded over column panels when `threaded` and
+// not already inside a parallel region. Built where GCC targets x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPLINET_SGEMM_AVX512 1
+void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool a_trans, const float* b,
+                  int64_t ldb, bool b_trans, float* c, int64_t ldc, bool accumulate, bool threaded);
+// Whether float32 chunk products take sgemm_avx512 rather than ATen's GEMM: on CPUs with
+// AVX-512 that are not Intel's, where MKL (ATen's BLAS on x86) runs its AVX2 code.
+// SPLINET_CPU_GEMM=aten or =avx512 forces either (avx512 only where the CPU has it); read
+// once.
+bool use_sgemm_avx512();
+#else
+#define SPLINET_SGEMM_AVX512 0
+inline bool use_sgemm_avx512() { return false; }
+#endif
+
 // Products on a chunk: X (R x m), W (m x m, out x in, and WT = W^T), results overwrite
 // `out`. M > 0 is the width as a compile-time constant (small widths, loops unrolled), M = 0
 // reads it at run time. The raw loops are all in axpy form, so they vectorise without
@@ -311,6 +330,11 @@ struct MatOps {
       }
     }
     if (gemm) {
+#if SPLINET_SGEMM_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_sgemm_avx512()) return sgemm_avx512(R, m, m, X, m, false, W, m, true, out, m, false, true);
+      }
+#endif
       at::Tensor o = wrap(out, R, m);
       at::mm_out(o, wrap(gemm_operand(X, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m).t());
       return;
@@ -345,6 +369,11 @@ struct MatOps {
       }
     }
     if (gemm) {
+#if SPLINET_SGEMM_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_sgemm_avx512()) return sgemm_avx512(R, m, m, G, m, false, W, m, false, out, m, false, true);
+      }
+#endif
       at::Tensor o = wrap(out, R, m);
       at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m));
       return;
@@ -383,6 +412,11 @@ struct MatOps {
       }
     }
     if (gemm) {
+#if SPLINET_SGEMM_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_sgemm_avx512()) return sgemm_avx512(m, m, R, G, m, true, X, m, false, out, m, false, true);
+      }
+#endif
       at::Tensor o = wrap(out, m, m);
       at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m).t(), wrap(gemm_operand(X, R * m, 1), R, m));
       return;

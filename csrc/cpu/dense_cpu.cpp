@@ -7,7 +7,7 @@
 // The batch is split into a fixed number of row chunks, each walked through all N steps
 // by one thread with its state in a small working set. At every stage the d + 1 nonzero
 // coefficient matrices are blended into one m x m buffer (eq. 14; no per-step weight
-// tensor is ever built) and applied with raw loops (small m) or ATen's GEMM (m >= 16; one
+// tensor is ever built) and applied with raw loops (small m) or a GEMM (m >= 16; one
 // chunk per thread, each GEMM on its thread; from m = 128 the whole batch is one chunk whose
 // GEMMs and element-wise loops use every thread). The adjoint walks back from step N - 1 to 0,
 // recomputing each step's stages from the saved state, and accumulates eq. 23 into the
