@@ -1,7 +1,8 @@
 // float32 GEMM with AVX-512 for the dense CPU kernels' products (MatOps in cpu_kernels.h),
 // used where MKL would run its AVX2 code: on CPUs that are not Intel's, MKL does not take
-// its AVX-512 kernels. Measured on one core of an AMD EPYC (Zen 5): MKL 90-99 GFLOP/s
-// at 256 x 64 x 64 to 1024^3, this kernel 170-185 at 256 x 1024 x 1024 and 512 x 256 x 256.
+// its AVX-512 kernels. Measured on one core of an AMD EPYC (Zen 5), M x K x N = 256 x 64 x 64
+// to 1024^3: MKL 85-91 GFLOP/s, this kernel 174-213 (B packed from rows or, as X W^T reads
+// it, from columns).
 //
 // C (M x N) = A (M x K) B (K x N), or C += A B. B is packed panel by panel (K blocks of
 // kKC rows by kNR = 32 columns, one 32 KB panel in L1, whatever B's layout: this also turns
