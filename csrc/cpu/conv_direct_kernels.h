@@ -1,6 +1,7 @@
 // The inner kernels of the direct CPU convolution (conv_direct.h), written once and compiled
-// twice: for the baseline instruction set and, on x86-64 with GCC, for AVX2 + FMA (the file
-// is included under `#pragma GCC target`). Include only from conv_direct.h, inside the
+// for the baseline instruction set and, on x86-64 with GCC, for AVX2 + FMA and for AVX-512
+// with vectors twice as wide (the file is included under `#pragma GCC target`, after the
+// namespace defines kVecBytes). Include only from conv_direct.h, inside the
 // namespace it opens; it has no include guard on purpose.
 //
 // Every plane lives in a zero-bordered buffer (see PaddedGrid): a "same" convolution with
@@ -9,12 +10,13 @@
 // one contiguous multiply-add per tap and input channel, computed over whole vectors of
 // positions. The positions in the border come out as garbage that the caller never reads.
 
-// A vector of 32 bytes of T (8 float32 or 4 float64 lanes): one AVX register, two SSE or
-// NEON registers. GCC and Clang vector extensions, so the same code serves every target.
+// A vector of kVecBytes bytes of T (set by the including namespace: 32, 8 float32 lanes, one
+// AVX register or two SSE / NEON registers; 64 for AVX-512). GCC and Clang vector
+// extensions, so the same code serves every target.
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / sizeof(T);
 };
 
 template <typename T>
