@@ -207,14 +207,14 @@ T lane_sum(const T* __restrict__ x, int64_t n) {
   return acc[0];
 }
 
-// float32 C (M x N, ldc) = A B, or += with `accumulate`: A (M x K) row-major (lda), or
+// float32 C (M x N, ldc) = A B: A (M x K) row-major (lda), or
 // A(i, k) = a[k lda + i] with a_trans; B (K x N) row-major (ldb), or B(k, j) = b[j ldb + k]
 // with b_trans. AVX-512 (sgemm_avx512.cpp); threaded over column panels when `threaded` and
 // not already inside a parallel region. Built where GCC targets x86-64.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPLINET_SGEMM_AVX512 1
 void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool a_trans, const float* b,
-                  int64_t ldb, bool b_trans, float* c, int64_t ldc, bool accumulate, bool threaded);
+                  int64_t ldb, bool b_trans, float* c, int64_t ldc, bool threaded);
 // Whether float32 chunk products take sgemm_avx512 rather than ATen's GEMM: on CPUs with
 // AVX-512 that are not Intel's, where MKL (ATen's BLAS on x86) runs its AVX2 code.
 // SPLINET_CPU_GEMM=aten or =avx512 forces either (avx512 only where the CPU has it); read
@@ -310,6 +310,26 @@ struct MatOps {
     return b.data();
   }
 
+  // out (rows x cols) = op(A) op(B) on a GEMM over `depth`: A stored rows x depth, or depth x
+  // rows with a_trans; B stored depth x cols, or cols x depth with b_trans; all dense
+  // row-major. sgemm_avx512 where use_sgemm_avx512() says so, else ATen's with aligned
+  // operands (gemm_operand).
+  static void gemm_product(int64_t rows, int64_t cols, int64_t depth, const T* a, bool a_trans, const T* b,
+                           bool b_trans, T* out) {
+#if SPLINET_SGEMM_AVX512
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_sgemm_avx512())
+        return sgemm_avx512(rows, cols, depth, a, a_trans ? rows : depth, a_trans, b, b_trans ? depth : cols, b_trans,
+                            out, cols, true);
+    }
+#endif
+    const T* ap = gemm_operand(a, rows * depth, 0);
+    const T* bp = gemm_operand(b, depth * cols, 1);
+    at::Tensor o = wrap(out, rows, cols);
+    at::mm_out(o, a_trans ? wrap(ap, depth, rows).t() : wrap(ap, rows, depth),
+               b_trans ? wrap(bp, cols, depth).t() : wrap(bp, depth, cols));
+  }
+
   // out = X W^T
   void nt(const T* __restrict__ X, const T* W, const T* __restrict__ WT, T* __restrict__ out) const {
     const int64_t m = this->m();
@@ -330,13 +350,7 @@ struct MatOps {
       }
     }
     if (gemm) {
-#if SPLINET_SGEMM_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_sgemm_avx512()) return sgemm_avx512(R, m, m, X, m, false, W, m, true, out, m, false, true);
-      }
-#endif
-      at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(gemm_operand(X, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m).t());
+      gemm_product(R, m, m, X, false, W, true, out);
       return;
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -369,13 +383,7 @@ struct MatOps {
       }
     }
     if (gemm) {
-#if SPLINET_SGEMM_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_sgemm_avx512()) return sgemm_avx512(R, m, m, G, m, false, W, m, false, out, m, false, true);
-      }
-#endif
-      at::Tensor o = wrap(out, R, m);
-      at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m), wrap(gemm_operand(W, m * m, 1), m, m));
+      gemm_product(R, m, m, G, false, W, false, out);
       return;
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -412,13 +420,7 @@ struct MatOps {
       }
     }
     if (gemm) {
-#if SPLINET_SGEMM_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_sgemm_avx512()) return sgemm_avx512(m, m, R, G, m, true, X, m, false, out, m, false, true);
-      }
-#endif
-      at::Tensor o = wrap(out, m, m);
-      at::mm_out(o, wrap(gemm_operand(G, R * m, 0), R, m).t(), wrap(gemm_operand(X, R * m, 1), R, m));
+      gemm_product(m, m, R, G, true, X, false, out);
       return;
     }
     if constexpr (M > 0) {

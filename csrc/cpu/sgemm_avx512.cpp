@@ -4,7 +4,7 @@
 // to 1024^3: MKL 85-91 GFLOP/s, this kernel 174-213 (B packed from rows or, as X W^T reads
 // it, from columns).
 //
-// C (M x N) = A (M x K) B (K x N), or C += A B. B is packed panel by panel (K blocks of
+// C (M x N) = A (M x K) B (K x N). B is packed panel by panel (K blocks of
 // kKC rows by kNR = 32 columns, one 32 KB panel in L1, whatever B's layout: this also turns
 // a transposed B into rows); A is read in place (a row-major A broadcasts from 8 rows, a
 // transposed one from 8 adjacent values of a row). A register tile of 8 x 32 outputs (16
@@ -114,11 +114,10 @@ void tile_rows(int64_t mr, const float* a, int64_t lda, int64_t i0, int64_t k0, 
 }  // namespace
 
 void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, bool a_trans, const float* b,
-                  int64_t ldb, bool b_trans, float* c, int64_t ldc, bool accumulate, bool threaded) {
+                  int64_t ldb, bool b_trans, float* c, int64_t ldc, bool threaded) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
+    for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
     return;
   }
   const int64_t panels = (N + kNR - 1) / kNR;
@@ -129,7 +128,7 @@ void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, 
       for (int64_t k0 = 0; k0 < K; k0 += kKC) {
         const int64_t kc = std::min(kKC, K - k0);
         pack_b(b, ldb, b_trans, k0, kc, j0, nr, bp);
-        const bool acc = accumulate || k0 > 0;
+        const bool acc = k0 > 0;  // later K blocks add to C
         for (int64_t i0 = 0; i0 < M; i0 += kMR) {
           const int64_t mr = std::min(kMR, M - i0);
           float* ct = c + i0 * ldc + j0;
