@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.cases import Case, Inputs, default_impls, forward_backward, make_inputs
+from bench.cases import Case, Inputs, forward_backward, make_inputs
+from bench.impls import default_impls
 
 REPO = Path(__file__).resolve().parent.parent
 

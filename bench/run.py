@@ -34,9 +34,9 @@ import torch
 import torch.utils.benchmark
 from tqdm import tqdm
 
-from bench.cases import (CASE_SETS, CASE_SET_DOCS, DTYPES, IMPL_NAMES, MODES, TRAIN, Case, Impl, Inputs,
-                         check_agreement, train_step_fn,
-                         default_impls, forward_backward, loss_fn, make_inputs, oracle_outputs)
+from bench.cases import (CASE_SETS, CASE_SET_DOCS, DTYPES, MODES, TRAIN, Case, Inputs, check_agreement,
+                         forward_backward, loss_fn, make_inputs, train_step_fn)
+from bench.impls import IMPL_NAMES, Impl, default_impls, oracle_outputs
 from bench.metrics import MODE_FACTOR, flops, peak_memory_cpu, peak_memory_cuda, product_fn
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.cases import CASE_SETS, check_agreement, default_impls, forward_backward, loss_fn, make_inputs, \
-    oracle_outputs
+from bench.cases import CASE_SETS, check_agreement, forward_backward, loss_fn, make_inputs
+from bench.impls import default_impls, oracle_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = CASE_SETS["quick"]

@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:  # bench/ is not installed; it lives next to tests
     sys.path.insert(0, str(REPO))
 
 from bench import run  # noqa: E402
-from bench.cases import (CASE_SETS, MODES, Impl, check_agreement, forward_backward, make_inputs,  # noqa: E402
-                         oracle_outputs, reference_impl)
+from bench.cases import CASE_SETS, MODES, check_agreement, forward_backward, make_inputs  # noqa: E402
+from bench.impls import Impl, oracle_outputs, reference_impl  # noqa: E402
 
 TINY_ARGS = ["--sizes", "tiny", "--device", "cpu", "--no-compile", "--no-progress", "--min-run-time", "0.005"]
 
@@ -179,7 +179,7 @@ def test_impl_environment_covers_forward_and_backward(tmp_path):
 
 
 def test_cublas_variant_only_where_it_differs():
-    from bench.cases import backend_impl
+    from bench.impls import backend_impl
 
     impl = backend_impl("cuda+cublas")
     assert impl.env == {"SPLINET_DENSE_GEMM": "cublas"}
@@ -284,7 +284,8 @@ def test_train_step_mode(tmp_path):
 def test_train_step_is_the_same_model_for_every_implementation():
     """The train step builds the same lift, head, labels and coefficients for every
     implementation, so their first losses agree, and a step changes the parameters."""
-    from bench.cases import backend_impl, train_step_fn
+    from bench.cases import train_step_fn
+    from bench.impls import backend_impl
 
     for case in (CASE_SETS["tiny"][0], CASE_SETS["tiny"][2]):
         inputs = make_inputs(case, "cpu")
