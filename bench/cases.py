@@ -1,8 +1,8 @@
-"""Benchmark cases as data: the layer calls to time (sizes, dtypes, the named case lists
-of ``--sizes``), their inputs, the loss and training step around them, and when a result
-counts as agreeing with the float64 reference.
+"""Benchmark cases as data: which layer calls to time, on what inputs, and when a result agrees.
 
-A case is one SpliNet layer call at fixed sizes. The ways to run it (fused backends, the
+A case is one SpliNet layer call at fixed sizes and dtype; the named case lists are what
+``--sizes`` picks. Beside them: the inputs of a case, the loss and the training step
+around the layer, and the tolerance check against the float64 reference. The ways to run it (fused backends, the
 eager reference, torch.compile, torchdiffeq) are in bench/impls.py; the CLI that times
 them is bench/run.py, the pytest-benchmark suite bench/test_suite.py.
 

@@ -1,12 +1,13 @@
-"""Implementations of a benchmark case: the ways to run one layer call that the CLI and
-the pytest-benchmark suite compare. The fused backends through ``sc.spline_ode(...,
-backend=name)`` (also with checkpointing, and "cuda+cublas"), the eager pure-PyTorch
-``reference`` (the baseline of every speedup, and in float64 the oracle every other one is
-checked against), ``compiled``, the reference under ``torch.compile``, and on a GPU
-``compiled+cudagraphs``, the same with ``mode="reduce-overhead"`` (CUDA graphs); and the
-peers a user would otherwise reach for: torchdiffeq's fixed-step ``odeint`` (backprop
-through the solver) and ``odeint_adjoint`` (its continuous adjoint), optional, skipped with
-a note when torchdiffeq is not installed (``pip install torchdiffeq``).
+"""Implementations of a benchmark case: every way to run one layer call that gets compared.
+
+The CLI and the pytest-benchmark suite compare the same ones: the fused backends through
+``sc.spline_ode(..., backend=name)`` (also with checkpointing, and "cuda+cublas"); the
+eager pure-PyTorch ``reference`` (the baseline of every speedup, and in float64 the oracle
+every other one is checked against); ``compiled``, the reference under ``torch.compile``,
+and on a GPU ``compiled+cudagraphs``, the same with ``mode="reduce-overhead"`` (CUDA
+graphs); and the peers a user would otherwise reach for, torchdiffeq's fixed-step
+``odeint`` (backprop through the solver) and ``odeint_adjoint`` (its continuous adjoint),
+optional: skipped with a note when torchdiffeq is not installed (``pip install torchdiffeq``).
 
 Legend: B batch, m width, C channels, n = L + d coefficients, N steps.
 """

@@ -1,4 +1,4 @@
-"""Markdown table of a benchmark results file: ``python -m bench.report FILE.json`` prints it to stdout.
+"""Markdown table of a results file: ``python -m bench.report FILE.json`` prints it to stdout.
 
 The docs build runs exactly this command to generate the benchmarks page from a committed
 file under bench/results/, and the README's results table is its output: the command, its

@@ -1,6 +1,7 @@
-"""Results of a benchmark run: the row statuses, the speedup cell and noise flags that
-every table prints, the results files (JSON, CSV, plots), the regression comparison with
-an earlier file, and the terminal table.
+"""Results of a benchmark run: results files, the regression comparison, tables and plots.
+
+The row statuses, the speedup cell and noise flags that every table prints, the results
+files (JSON, CSV, plots), the comparison with an earlier file, and the terminal table.
 
 Kept free of torch and of the timing code (bench/run.py), so that bench/report.py, which
 the docs build runs to format a committed results file, loads quickly and anywhere.

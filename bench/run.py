@@ -116,6 +116,8 @@ ROUNDS = 3
 def _row(case: Case, impl: Impl, mode: str, status: str, *, agrees: Optional[bool],
          times: Optional[np.ndarray] = None, compile_s: Optional[float] = None,
          compile_cache: Optional[str] = None, note: str = "") -> dict:
+    """One row of the results (the columns of bench/results.py CSV_FIELDS): the 20/50/80th
+    percentiles of ``times``; speedup, GEMM floor and memory are filled in by bench_case."""
     p20, p50, p80 = np.quantile(times, [0.2, 0.5, 0.8]) if times is not None else (None, None, None)
     return {
         "case": case.name, "kind": case.kind, "shape": case.shape, "impl": impl.name, "mode": mode,
@@ -351,7 +353,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "are in bench/results/, written with --out bench/results)")
     p.add_argument("--compare", default="auto",
                    help="earlier results JSON to flag regressions against (> 10%% slower); 'auto': the newest "
-                        "file in --out for this device and dtype; 'none': no comparison")
+                        "file in --out for this device, dtype and --sizes; 'none': no comparison")
     p.add_argument("--memory", action="store_true", help="measure peak memory on every case (default: marked cases)")
     p.add_argument("--train-step", action="store_true",
                    help="also time mode 'train': one whole optimizer step of a small model per implementation "

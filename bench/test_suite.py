@@ -1,6 +1,7 @@
-"""pytest-benchmark suite over the same cases and implementations as the CLI
-(``make bench-pytest``, i.e. ``pytest bench --benchmark-only``). Every implementation is
-checked against the float64 reference before it is timed.
+"""pytest-benchmark suite over the same cases and implementations as the CLI.
+
+``make bench-pytest`` runs it (``pytest bench --benchmark-only``) on the ``quick`` case
+list. Every implementation is checked against the float64 reference before it is timed.
 
 Legend: B batch, m width, C channels, N steps.
 """
