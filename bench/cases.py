@@ -1,23 +1,19 @@
-"""Benchmark cases and the implementations they compare, shared by the CLI (bench/run.py)
-and a future pytest-benchmark suite.
+"""Benchmark cases as data: which layer calls to time, on what inputs, and when a result agrees.
 
-A case is one SpliNet layer call at fixed sizes; an implementation is a way to
-run it: each fused backend through ``sc.spline_ode(..., backend=name)``, the eager
-pure-PyTorch ``reference`` (the baseline of every speedup), ``compiled``, the
-reference under ``torch.compile``, and on a GPU ``compiled+cudagraphs``, the same with
-``mode="reduce-overhead"`` (CUDA graphs). Before any timing, every implementation's output and
-gradients are checked against the reference evaluated in float64 (:func:`check_agreement`).
+A case is one SpliNet layer call at fixed sizes and dtype; the named case lists are what
+``--sizes`` picks. Beside them: the inputs of a case, the loss and the training step
+around the layer, and the tolerance check against the float64 reference. The ways to run it (fused backends, the
+eager reference, torch.compile, torchdiffeq) are in bench/impls.py; the CLI that times
+them is bench/run.py, the pytest-benchmark suite bench/test_suite.py.
 
 Legend: B batch, m width (dense), C channels (conv), W/H/D spatial sizes, k kernel size,
 L knot intervals, d degree, n = L + d coefficients, N steps.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -25,10 +21,8 @@ import torch
 import splinet_cuda as sc
 
 __all__ = [
-    "Case", "Inputs", "Impl", "MODES", "TRAIN", "DTYPES", "TOLERANCES", "CASE_SETS", "CASE_SET_DOCS", "IMPL_NAMES",
-    "make_inputs", "loss_fn", "forward_backward", "train_step_fn", "oracle_outputs", "check_agreement",
-    "backend_impl", "reference_impl", "compiled_impl", "default_impls", "checkpoint_interval",
-    "FUSED_BACKENDS", "PEERS", "COMPILED",
+    "Case", "Inputs", "MODES", "TRAIN", "DTYPES", "TOLERANCES", "CASE_SETS", "CASE_SET_DOCS",
+    "make_inputs", "loss_fn", "forward_backward", "train_step_fn", "check_agreement",
 ]
 
 # "fwd": the forward of a training step (inputs require grad, so whatever a backend saves
@@ -54,19 +48,6 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.float16: (5e-2, 2e-2),
     torch.bfloat16: (1e-1, 5e-2),
 }
-
-# Every name --backends accepts: the public API's backends, each also with checkpointing
-# ("<backend>+ckpt", every ceil(sqrt(N))-th state kept), the torch.compile baseline and the
-# torchdiffeq peers (bench/peers.py).
-FUSED_BACKENDS = ("cpu", "triton", "cuda")
-PEERS = ("torchdiffeq", "torchdiffeq_adjoint")
-# "cuda+cublas": the CUDA backend with its dense large-width path forced onto cuBLAS
-# (SPLINET_DENSE_GEMM=cublas) instead of the fused blended GEMM it takes for bf16/fp16.
-VARIANT_IMPLS = {"cuda+cublas": ("cuda", {"SPLINET_DENSE_GEMM": "cublas"})}
-# torch.compile of the reference: default mode, and "reduce-overhead" (CUDA graphs; GPU only).
-COMPILED = {"compiled": None, "compiled+cudagraphs": "reduce-overhead"}
-IMPL_NAMES = (("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + tuple(VARIANT_IMPLS)
-              + tuple(COMPILED) + PEERS)
 
 
 @dataclass(frozen=True)
@@ -259,7 +240,7 @@ assert set(CASE_SET_DOCS) == set(CASE_SETS)
 
 
 # --------------------------------------------------------------------------------------
-# Inputs and the agreement check
+# Inputs, the measured calls and the agreement check
 # --------------------------------------------------------------------------------------
 
 class Inputs(NamedTuple):
@@ -341,12 +322,6 @@ def forward_backward(fn: Callable, inputs: Inputs) -> Tuple[torch.Tensor, ...]:
     return (y.detach(),) + tuple(g.detach() for g in grads)
 
 
-def oracle_outputs(case: Case, inputs: Inputs) -> Tuple[torch.Tensor, ...]:
-    """Output and gradients of the eager reference in float64 on the same (upcast) inputs."""
-    wide = Inputs(*(t.detach().to(torch.float64).requires_grad_() for t in inputs))
-    return forward_backward(reference_impl().build(case), wide)
-
-
 _OUTPUT_NAMES = ("output", "grad x", "grad weight", "grad bias")
 
 
@@ -365,162 +340,3 @@ def check_agreement(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         except AssertionError as err:
             return f"{name} (divided by its max {float(scale):.3g}): {err}"
     return None
-
-
-# --------------------------------------------------------------------------------------
-# Implementations
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def set_environment(env: Dict[str, str]):
-    """Sets the variables of ``env`` for the duration of the block, then restores each one
-    (unset again if it was unset)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-@dataclass(frozen=True)
-class Impl:
-    """A way to run a case. ``build(case)`` returns ``fn(x, weight, bias) -> y``;
-    ``skip(case, device)`` returns why it does not apply there, or None. For a
-    ``compiled`` implementation the first call builds it, and its time is reported."""
-
-    name: str
-    build: Callable[[Case], Callable]
-    skip: Callable[[Case, torch.device], Optional[str]] = lambda case, device: None
-    compiled: bool = False
-    # False for a continuous adjoint (odeint_adjoint), whose gradients approximate the
-    # discrete ones: only its output is checked against the reference.
-    exact_grads: bool = True
-    # Environment variables set while this implementation runs (forward and backward).
-    env: Dict[str, str] = field(default_factory=dict)
-
-    def environment(self):
-        return set_environment(self.env)
-
-
-def _registry_entry(name: str):
-    # splinet_cuda's backend registry is private; without it nothing is skipped here and a
-    # backend that cannot run a case shows up as an ERROR row with the package's message.
-    return getattr(getattr(sc, "_dispatch", None), "_REGISTRY", {}).get(name)
-
-
-def checkpoint_interval(case: Case) -> int:
-    """The checkpoint interval of the "+ckpt" implementations: ceil(sqrt(N)) keeps
-    O(sqrt(N)) states and recomputes each segment once."""
-    return max(1, math.ceil(math.sqrt(case.N)))
-
-
-def backend_impl(name: str) -> Impl:
-    """A backend of ``sc.spline_ode``/``sc.spline_ode_conv`` ("reference", "cpu", "triton",
-    "cuda"), or "<backend>+ckpt" for the same with checkpointing."""
-    impl_name, ckpt = name, name.endswith("+ckpt")
-    name = name[: -len("+ckpt")] if ckpt else name
-    name, env = VARIANT_IMPLS.get(name, (name, {}))
-
-    def build(case: Case) -> Callable:
-        kwargs = {"checkpoint": checkpoint_interval(case)} if ckpt else {}
-        return lambda x, weight, bias: case.run(x, weight, bias, backend=name, **kwargs)
-
-    def skip(case: Case, device: torch.device) -> Optional[str]:
-        if env and (case.kind != "dense" or case.m <= 64 or case.torch_dtype not in (torch.bfloat16, torch.float16)):
-            return f"the same as {name!r} here (the GEMM choice is for bf16/fp16 dense layers wider than 64)"
-        entry = _registry_entry(name)
-        if entry is None:
-            return None
-        op = "spline_ode" if case.kind == "dense" else "spline_ode_conv"
-        if getattr(entry, op, True) is None:
-            return f"backend {name!r} has no {op} kernel"
-        types = getattr(entry, "device_types", None)
-        if types is not None and torch.device(device).type not in types:
-            return f"backend {name!r} runs on {list(types)} tensors"
-        auto = getattr(entry, "auto_device_types", None)
-        if auto is not None and torch.device(device).type not in auto:
-            # e.g. triton on CPU tensors: Triton's interpreter, for tests, not for timing
-            return f"backend {name!r} runs on {torch.device(device).type} tensors for tests only"
-        dtypes = getattr(entry, "dtypes", None)
-        if dtypes is not None and case.torch_dtype not in dtypes:
-            return f"backend {name!r} takes {[str(t).replace('torch.', '') for t in dtypes]}"
-        dims = getattr(entry, "conv_dims", None)
-        if case.kind == "conv" and dims is not None and len(case.spatial) not in dims:
-            return f"backend {name!r} takes convolutions over {list(dims)} spatial dims"
-        return None
-
-    return Impl(impl_name, build, skip, env=env)
-
-
-def reference_impl() -> Impl:
-    """The eager pure-PyTorch reference (``sc.reference``): every speedup's baseline."""
-
-    def build(case: Case) -> Callable:
-        ref = sc.reference.spline_ode if case.kind == "dense" else sc.reference.spline_ode_conv
-        return lambda x, weight, bias: case.run(x, weight, bias, fn=ref)
-
-    return Impl("reference", build)
-
-
-def compiled_impl(name: str = "compiled") -> Impl:
-    """``torch.compile(fullgraph=True)`` of the reference, the N steps unrolled into one graph;
-    ``name`` "compiled+cudagraphs" adds ``mode="reduce-overhead"`` (CUDA graphs, GPU only).
-
-    Dynamo's caches are reset for every case, so each build pays a full trace (Inductor's
-    on-disk cache may still shorten code generation on a second run)."""
-    mode = COMPILED[name]
-
-    def build(case: Case) -> Callable:
-        torch._dynamo.reset()
-        # The "bwd" mode runs the backward of one forward repeatedly (retain_graph), which
-        # AOTAutograd's donated buffers forbid.
-        torch._functorch.config.donated_buffer = False
-        fn = torch.compile(reference_impl().build(case), fullgraph=True, mode=mode)
-        if mode is None:
-            return fn
-
-        def graphed(x, weight, bias):
-            # Each call is a new step for the CUDA-graph trees; the output is copied out of the
-            # graph's static buffer (one small copy) because the next replay overwrites it.
-            torch.compiler.cudagraph_mark_step_begin()
-            return fn(x, weight, bias).clone()
-
-        return graphed
-
-    def skip(case: Case, device: torch.device) -> Optional[str]:
-        if mode == "reduce-overhead" and torch.device(device).type != "cuda":
-            return "CUDA graphs need a GPU"
-        return None if case.compile else "compile not requested for this case (use --full)"
-
-    return Impl(name, build, skip, compiled=True)
-
-
-def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True) -> List[Impl]:
-    """The implementations to compare: ``names`` (default: every built backend, then
-    ``compiled``, and ``compiled+cudagraphs`` where a GPU is visible), always with
-    ``reference`` first since speedups are relative to it. ``compile=False`` drops the
-    compiled ones."""
-    if names is None:
-        fused = [b for b in sc.available_backends() if b != "reference"]
-        variants = [v for v, (b, _) in VARIANT_IMPLS.items() if b in fused]
-        graphs = ["compiled+cudagraphs"] if torch.cuda.is_available() else []
-        names = fused + [f"{b}+ckpt" for b in fused] + variants + ["compiled", *graphs, *PEERS]
-    unknown = [n for n in names if n not in IMPL_NAMES]
-    if unknown:
-        raise ValueError(f"unknown implementation(s) {unknown}; expected some of {list(IMPL_NAMES)}")
-    impls = [reference_impl()]
-    for name in dict.fromkeys(names):
-        if name == "reference" or (name in COMPILED and not compile):
-            continue
-        if name in PEERS:
-            from bench.peers import torchdiffeq_impl
-
-            impls.append(torchdiffeq_impl(adjoint=name.endswith("adjoint")))
-        else:
-            impls.append(compiled_impl(name) if name in COMPILED else backend_impl(name))
-    return impls

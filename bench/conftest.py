@@ -1,3 +1,4 @@
+"""pytest configuration of the pytest-benchmark suite (bench/test_suite.py)."""
 import sys
 from pathlib import Path
 

@@ -1,6 +1,8 @@
-"""What a timing is measured against: the FLOPs of a layer call, the time the device's
-own GEMM (or convolution) takes for the same products (the physical limit of a fused
-kernel), and the peak memory of a forward+backward.
+"""What a timing is measured against: FLOPs, the device's own GEMM time, peak memory.
+
+The FLOPs of a layer call, the time the device's own GEMM (or convolution) takes for the
+same products (the physical limit of a fused kernel), and the peak memory of a
+forward+backward.
 
 Legend: B batch, m width, C channels, P spatial points, k kernel, S stages, N steps.
 """
@@ -12,13 +14,15 @@ import os
 import select
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from bench.cases import Case, Inputs, default_impls, forward_backward, make_inputs
+from bench.cases import Case, Inputs, forward_backward, make_inputs
+from bench.impls import default_impls
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,8 +169,6 @@ def _fixed_malloc():
 
 
 def _measure_in_this_process(spec: str) -> float:
-    from dataclasses import replace
-
     data = json.loads(spec)
     data["case"]["spatial"] = tuple(data["case"]["spatial"])
     case = Case(**data["case"])

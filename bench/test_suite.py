@@ -1,6 +1,7 @@
-"""pytest-benchmark suite over the same cases and implementations as the CLI
-(``make bench-pytest``, i.e. ``pytest bench --benchmark-only``). Every implementation is
-checked against the float64 reference before it is timed.
+"""pytest-benchmark suite over the same cases and implementations as the CLI.
+
+``make bench-pytest`` runs it (``pytest bench --benchmark-only``) on the ``quick`` case
+list. Every implementation is checked against the float64 reference before it is timed.
 
 Legend: B batch, m width, C channels, N steps.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.cases import CASE_SETS, check_agreement, default_impls, forward_backward, loss_fn, make_inputs, \
-    oracle_outputs
+from bench.cases import CASE_SETS, check_agreement, forward_backward, loss_fn, make_inputs
+from bench.impls import default_impls, oracle_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = CASE_SETS["quick"]

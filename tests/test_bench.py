@@ -1,5 +1,6 @@
 """The benchmark harness (bench/): the CLI runs end to end on tiny cases and writes its
-files, and an implementation that disagrees with the reference is reported, not timed.
+files, an implementation that disagrees with the reference is reported, not timed, and
+the bench modules import one another without a circle.
 
 Legend: B batch, m width, C channels, N steps.
 """
@@ -19,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is not installed; it lives next to tests/
     sys.path.insert(0, str(REPO))
 
-from bench import run  # noqa: E402
-from bench.cases import (CASE_SETS, MODES, Impl, check_agreement, forward_backward, make_inputs,  # noqa: E402
-                         oracle_outputs, reference_impl)
+from bench import results, run  # noqa: E402
+from bench.cases import CASE_SETS, MODES, check_agreement, forward_backward, make_inputs  # noqa: E402
+from bench.impls import Impl, oracle_outputs, reference_impl  # noqa: E402
 
 TINY_ARGS = ["--sizes", "tiny", "--device", "cpu", "--no-compile", "--no-progress", "--min-run-time", "0.005"]
 
@@ -73,7 +74,7 @@ def test_writes_json_csv_png(tiny_run):
 def test_reference_is_timed_and_agrees(tiny_run):
     _, result = tiny_run
     ref_rows = [r for r in result["rows"] if r["impl"] == "reference"]
-    assert ref_rows and all(r["status"] == run.OK and r["agrees"] is True for r in ref_rows)
+    assert ref_rows and all(r["status"] == results.OK and r["agrees"] is True for r in ref_rows)
     for r in ref_rows:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["speedup"] == pytest.approx(1.0)
@@ -87,7 +88,7 @@ def test_wrong_impl_is_reported_not_timed(tiny_run, capsys):
         assert r["status"] == "WRONG" and r["agrees"] is False
         assert r["median_ms"] is None and r["speedup"] is None
         assert "output" in r["note"]
-    assert "WRONG" in run.format_table(result["rows"])
+    assert "WRONG" in results.format_table(result["rows"])
 
 
 def test_raising_impl_is_reported_not_fatal(tmp_path):
@@ -130,11 +131,11 @@ def test_script_entry_point_runs():
 def test_metrics_and_memory_columns(tiny_run):
     _, result = tiny_run
     for r in result["rows"]:
-        if r["status"] != run.OK:
+        if r["status"] != results.OK:
             continue
         assert r["gflops"] > 0 and r["gemm_ms"] > 0 and r["of_gemm"] > 0
-    mem = [r for r in result["rows"] if r["case"] == "tiny_dense" and r["mode"] == "fwd+bwd" and r["status"] == run.OK
-           and r["impl"] in ("reference", "cpu")]
+    mem = [r for r in result["rows"] if r["case"] == "tiny_dense" and r["mode"] == "fwd+bwd"
+           and r["status"] == results.OK and r["impl"] in ("reference", "cpu")]
     assert mem and all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in mem)
 
 
@@ -148,10 +149,10 @@ def test_regressions_are_flagged(tiny_run, tmp_path):
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
     rows = [dict(r) for r in result["rows"]]
-    flagged = run.compare(rows, path)
-    ok = [r for r in rows if r["status"] == run.OK]
+    flagged = results.compare(rows, path)
+    ok = [r for r in rows if r["status"] == results.OK]
     assert flagged == len(ok) and all("vs earlier.json" in r["regression"] for r in ok)
-    assert "slower than the earlier results" in run.format_table(rows)
+    assert "slower than the earlier results" in results.format_table(rows)
 
 
 def test_impl_environment_covers_forward_and_backward(tmp_path):
@@ -173,13 +174,13 @@ def test_impl_environment_covers_forward_and_backward(tmp_path):
 
     result = run.main(TINY_ARGS + ["--cases", "tiny_dense", "--backends", "reference", "--out", str(tmp_path)],
                       extra_impls=[Impl("probe", build, env={"SPLINET_BENCH_PROBE": "1"})])
-    assert [r["status"] for r in result["rows"] if r["impl"] == "probe"] == [run.OK] * len(MODES)
+    assert [r["status"] for r in result["rows"] if r["impl"] == "probe"] == [results.OK] * len(MODES)
     assert len(seen) > 2 and set(seen) == {"1"}
     assert "SPLINET_BENCH_PROBE" not in os.environ
 
 
 def test_cublas_variant_only_where_it_differs():
-    from bench.cases import backend_impl
+    from bench.impls import backend_impl
 
     impl = backend_impl("cuda+cublas")
     assert impl.env == {"SPLINET_DENSE_GEMM": "cublas"}
@@ -188,7 +189,7 @@ def test_cublas_variant_only_where_it_differs():
 
 
 def _timed_row(impl, round_ms, median_ms=None):
-    return {"case": "c", "impl": impl, "mode": "fwd", "status": run.OK, "round_ms": round_ms,
+    return {"case": "c", "impl": impl, "mode": "fwd", "status": results.OK, "round_ms": round_ms,
             "median_ms": median_ms if median_ms is not None else float(sorted(round_ms)[len(round_ms) // 2])}
 
 
@@ -198,35 +199,35 @@ def test_round_speedups_flag_a_noisy_row():
     ref = _timed_row("reference", [10.0, 10.0, 10.0])
     steady = _timed_row("a", [5.0, 5.1, 4.9])
     steady["speedup"] = 2.0
-    run._round_spread(steady, ref)
-    assert not steady["noisy"] and run.speedup_cell(steady) == "2.00x"
+    results.round_spread(steady, ref)
+    assert not steady["noisy"] and results.speedup_cell(steady) == "2.00x"
     assert steady["speedup_lo"] == pytest.approx(10 / 5.1) and steady["speedup_hi"] == pytest.approx(10 / 4.9)
 
     loaded = _timed_row("b", [8.0, 10.4, 12.5])  # one round sped up, one slowed down: load, not the code
     loaded["speedup"] = 10.0 / 10.4
-    run._round_spread(loaded, ref)
+    results.round_spread(loaded, ref)
     assert loaded["noisy"] and loaded["speedup_lo"] < 1 < loaded["speedup_hi"]
-    assert run.speedup_cell(loaded) == "~1x"
+    assert results.speedup_cell(loaded) == "~1x"
 
     fast_noisy = _timed_row("c", [2.0, 2.5, 3.0])
     fast_noisy["speedup"] = 4.0
-    run._round_spread(fast_noisy, ref)
-    assert fast_noisy["noisy"] and run.speedup_cell(fast_noisy) == "4.00x ~"
+    results.round_spread(fast_noisy, ref)
+    assert fast_noisy["noisy"] and results.speedup_cell(fast_noisy) == "4.00x ~"
 
     rows = [dict(ref, speedup=1.0, noisy=False), steady, loaded, fast_noisy]
-    noisy, noisy_run = run.noise(rows)
+    noisy, noisy_run = results.noise(rows)
     assert noisy == ["c/b/fwd", "c/c/fwd"] and noisy_run  # 2 of 4 > a fifth
-    assert run.noise(rows[:2]) == ([], False)
+    assert results.noise(rows[:2]) == ([], False)
 
 
 def test_noisy_run_is_flagged_in_the_table(tiny_run):
     _, result = tiny_run
     rows = [dict(r) for r in result["rows"]]
-    timed = [r for r in rows if r["status"] == run.OK and r["impl"] != "reference"]
+    timed = [r for r in rows if r["status"] == results.OK and r["impl"] != "reference"]
     assert timed and all(len(r["round_ms"]) == run.ROUNDS and "noisy" in r for r in timed)
     for r in timed:
         r.update(noisy=True, speedup_lo=0.5, speedup_hi=1.5)
-    table = run.format_table(rows)
+    table = results.format_table(rows)
     assert "NOISY RUN" in table and "~1x" in table
     assert "noisy_run" in result["meta"] and "noisy_rows" in result["meta"]
 
@@ -273,7 +274,7 @@ def test_train_step_mode(tmp_path):
     train = [r for r in result["rows"] if r["mode"] == "train"]
     assert {(r["case"], r["impl"]) for r in train} == {(c, i) for c in ("tiny_dense", "tiny_conv2d")
                                                        for i in ("cpu", "reference")}
-    assert all(r["status"] == run.OK and r["median_ms"] > 0 and r["speedup"] is not None for r in train)
+    assert all(r["status"] == results.OK and r["median_ms"] > 0 and r["speedup"] is not None for r in train)
     table = report.markdown(json.loads(next(tmp_path.glob("*.json")).read_text()))
     assert "train step ms" in table and "train speedup" in table
     # without the flag, no train rows (the default suite stays within its time)
@@ -284,7 +285,8 @@ def test_train_step_mode(tmp_path):
 def test_train_step_is_the_same_model_for_every_implementation():
     """The train step builds the same lift, head, labels and coefficients for every
     implementation, so their first losses agree, and a step changes the parameters."""
-    from bench.cases import backend_impl, train_step_fn
+    from bench.cases import train_step_fn
+    from bench.impls import backend_impl
 
     for case in (CASE_SETS["tiny"][0], CASE_SETS["tiny"][2]):
         inputs = make_inputs(case, "cpu")
@@ -321,3 +323,81 @@ def test_cpu_peak_memory_is_repeatable(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) >= 0
+
+
+def _bench_imports():
+    """{module: the bench modules it imports}, for every module of bench/, counting the
+    imports inside functions too (a circle closed by a late import is still a circle)."""
+    import ast
+
+    graph = {}
+    for path in sorted((REPO / "bench").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("bench.")}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("bench."):
+                    deps.add(node.module)
+                elif node.module == "bench":
+                    deps |= {f"bench.{a.name}" for a in node.names}
+        graph[f"bench.{path.stem}"] = deps
+    return graph
+
+
+def test_bench_imports_have_no_circle():
+    """Cases are data (cases), the ways to run them one module (impls), result files and
+    their comparison another (results), timing and the CLI on top (run): no module imports
+    one that imports it back, directly or through others."""
+    graph = _bench_imports()
+    assert graph["bench.cases"] == set() and graph["bench.results"] == set()
+    assert graph["bench.impls"] == {"bench.cases"}
+    assert graph["bench.report"] == {"bench.results"}
+
+    def visit(module, path):
+        assert module not in path, "import circle: " + " -> ".join(path + [module])
+        for dep in graph.get(module, ()):
+            visit(dep, path + [module])
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_report_needs_neither_torch_nor_the_timing_code(tmp_path):
+    """The docs build runs `python -m bench.report FILE.json`: it formats a file without
+    importing torch or bench.run."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, bench.report; "
+                           "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('bench.')))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(["bench.report", "bench.results"])
+
+
+def test_report_cli_prints_the_markdown_table(tiny_run):
+    from bench import report
+
+    out, _ = tiny_run
+    path = next(out.glob("*.json"))
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == report.markdown(json.loads(path.read_text())) + "\n"
+    assert "| case | shape | impl | fwd ms | fwd+bwd ms | fwd+bwd speedup |" in proc.stdout
+
+
+COMMITTED = sorted((REPO / "bench" / "results").glob("*.json"))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed results (an unpacked sdist)")
+def test_committed_results_still_load(tiny_run):
+    """Every committed results file formats as a table and serves as the earlier file of a
+    regression comparison (the rows of a new run are matched by case, impl and mode)."""
+    from bench import report
+
+    _, result = tiny_run
+    for path in COMMITTED:
+        data = json.loads(path.read_text())
+        assert report.markdown(data).count("\n") > 3, path.name
+        rows = [dict(r) for r in data["rows"]]
+        assert results.compare(rows, path) == 0  # a file compared with itself: nothing slower
+        results.compare([dict(r) for r in result["rows"]], path)  # other cases: no match, no error

@@ -210,7 +210,7 @@ def call(layer: Layer, backend: str, inputs, device, dtype: Optional[str] = None
     import torch
 
     import splinet_cuda as sc
-    from bench.cases import set_environment
+    from bench.impls import set_environment
 
     dt = _dtype(dtype or layer.dtype)
     x, w, b, s, cot = (None if t is None else t.detach().to(device=device, dtype=dt, copy=True) for t in inputs)
@@ -308,7 +308,7 @@ def run_check(check: Check, backend: str, device: str) -> Outcome:
     # Inputs rounded to the layer's dtype first: the reference then sees exactly what the
     # backend sees, and the error measures the backend's arithmetic alone.
     inputs = [None if t is None else t.to(_dtype(layer.dtype)).double() for t in make_inputs(layer)]
-    from bench.cases import set_environment
+    from bench.impls import set_environment
 
     with set_environment(check.env):
         try:
