@@ -201,12 +201,15 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x: (B, m) initial state, or (*, m) with any leading dims (as nn.Linear takes them).
         weight: (n, m, m) coefficient matrices, (out, in) like nn.Linear.
         bias: (n, m) coefficient vectors, or None.
-        scale: lam, a float or a 0-dim tensor (learnable when it requires grad).
-        steps: N >= 1. degree: d >= 0, with n > d.
+        scale: lam, the time scale of paper eq. 24: a float or a 0-dim tensor (learned
+            when it requires grad).
+        steps: N >= 1, the number of time steps (h = 1 / N).
+        degree: d >= 0, the B-spline degree, with n > d (L = n - d knot intervals).
         activation: "identity", "relu", "tanh", "sigmoid" or "softplus".
         scheme: "euler", "midpoint", "rk4" or "rk4_38".
         variant: "standard" act(x W^T + b), "symmetric" -act(x W^T + b) W, or
             "antisymmetric" act(x A^T + b) with A = W - W^T - gamma I.
+        gamma: the diagonal shift of the "antisymmetric" variant (unused by the others).
         backend: "auto" (fastest built backend for x's device), "reference", "cpu",
             "triton" or "cuda".
         return_trajectory: return all N + 1 states instead of the last one.
@@ -246,7 +249,17 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Args:
         x: (B, C, *spatial) initial state, 1 to 3 spatial dims.
         weight: (n, C, C, *kernel) coefficient filters, odd kernel sizes.
-        bias: (n, C) or None. Other arguments as in :func:`spline_ode` (``gamma`` unused).
+        bias: (n, C) coefficient vectors, or None.
+        scale: lam, as in :func:`spline_ode`.
+        steps: N >= 1.
+        degree: d >= 0, with n > d.
+        activation: as in :func:`spline_ode` (default "relu").
+        scheme: as in :func:`spline_ode`.
+        variant: "standard" or "symmetric" (no antisymmetric convolution).
+        gamma: unused (accepted for a uniform signature).
+        backend: as in :func:`spline_ode`; the "triton" backend takes 2-D convolutions only.
+        return_trajectory: return all N + 1 states instead of the last one.
+        checkpoint: as in :func:`spline_ode`.
 
     Returns:
         x_N like x, or the trajectory (N + 1, *x.shape).
@@ -287,8 +300,13 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
     Gradients are exact for the discrete steps.
 
     Args:
-        y, z: (B, m) states. weight: (n, 2, m, m). bias: (n, 2, m) or None.
-        scale: lam, float or 0-dim tensor. steps: N >= 1. degree: d >= 0 (n = L + d > d).
+        y: (B, m) first state.
+        z: (B, m) second state.
+        weight: (n, 2, m, m) coefficient matrices; ``weight[:, 0]`` is K1, ``weight[:, 1]`` K2.
+        bias: (n, 2, m) coefficient vectors, or None.
+        scale: lam, a float or a 0-dim tensor (learned when it requires grad).
+        steps: N >= 1.
+        degree: d >= 0, with n > d (L = n - d knot intervals).
         activation: as in :func:`spline_ode`.
         reverse: run the steps backwards from (y_N, z_N) (the layer is reversible); reference only.
         return_trajectory: return all N + 1 states of each.

@@ -64,7 +64,10 @@ def basis_matrix(t, knots: int, degree: int, *, derivative: int = 0) -> torch.Te
 
     Args:
         t: a float or a 1-D tensor of times in [0, 1].
-        knots: L. degree: d. derivative: 0 or 1.
+        knots: L, the number of uniform knot intervals.
+        degree: d.
+        derivative: 0 (the basis) or 1 (its time derivative).
+
     Returns:
         float64 tensor (T, n), n = L + d.
     """
@@ -267,7 +270,14 @@ def step_spectra(layer_or_tensors, x: torch.Tensor, *, steps: Optional[int] = No
     Args:
         layer_or_tensors: a dense :class:`SplineODE`, or ``(weight, bias, scale)`` with
             ``steps`` and ``degree`` given (activation "tanh", variant "standard" default).
-        x: (B, m) batch of inputs. steps: N (default the layer's).
+        x: (B, m) batch of inputs.
+        steps: N (default the layer's).
+        scheme: the integrator of the trajectory.
+        degree: d (default the layer's).
+        activation: default the layer's, else "tanh".
+        variant: default the layer's, else "standard".
+        gamma: default the layer's, else 0.
+
     Returns:
         complex tensor (N, B, m) (complex128 for float64 inputs, complex64 otherwise). No grad.
     """
@@ -331,6 +341,14 @@ def stability_report(layer_or_tensors, x: torch.Tensor, *, steps: Optional[int] 
     stability polynomial (see :func:`stability_polynomial`). The spectra are taken along
     that scheme's trajectory (:func:`step_spectra`).
 
+    Args:
+        layer_or_tensors: as in :func:`step_spectra`.
+        x: (B, m) batch of inputs.
+        steps: N (default the layer's).
+        scheme: the integrator (default the layer's, else "euler").
+        tol: how far above 1 an amplification counts as unstable.
+        **kwargs: passed on to :func:`step_spectra` (degree, activation, variant, gamma).
+
     Returns a dict: ``scheme``, ``steps``, ``h``, ``fraction_outside`` (float),
     ``fraction_outside_per_step`` (N,), ``max_amplification`` (max |R(z)|),
     ``max_real`` (largest real part of z), ``spectra`` (N, B, m) complex.
@@ -361,7 +379,11 @@ def plot_spectra(spectra, path: str, *, scheme: str = "euler", title: Optional[s
     Args:
         spectra: a complex tensor from :func:`step_spectra` (coloured by step), or a dict
             ``{label: spectra}`` (one colour per entry, e.g. one per step size h).
-        path: the PNG file. max_points: subsample each entry to at most this many points.
+        path: the PNG file.
+        scheme: whose stability region is shaded.
+        title: the plot's title.
+        max_points: subsample each entry to at most this many points.
+
     Returns:
         path.
     """
@@ -459,7 +481,16 @@ def _coef_groups(layer_or_coefs, include_bias: bool):
 def tikhonov(layer_or_coefs, *, include_bias: bool = True) -> torch.Tensor:
     """The paper's Tikhonov term: the sum of squared spline coefficients (weights and,
     with ``include_bias``, biases; not the scale) of every SpliNet layer in a module, or
-    of the given tensor(s). Differentiable; multiply by the regularisation parameter."""
+    of the given tensor(s). Differentiable; multiply by the regularisation parameter.
+
+    Args:
+        layer_or_coefs: a module (every SpliNet layer in it), or a coefficient tensor
+            (n, ...) or an iterable of them.
+        include_bias: count the bias coefficients too.
+
+    Returns:
+        a 0-dim tensor.
+    """
     groups = _coef_groups(layer_or_coefs, include_bias)
     return sum(g[0].square().sum() for g in groups)
 
@@ -489,6 +520,11 @@ def smoothness_in_time(layer_or_coefs, *, degree: Optional[int] = None, mode: st
     Args:
         layer_or_coefs: a module (every SpliNet layer in it) or a coefficient tensor /
             iterable of tensors (n, ...) with ``degree`` given (and ``steps`` for "difference").
+        degree: d, needed with coefficient tensors.
+        mode: "exact" or "difference".
+        steps: N for "difference" (default the layer's).
+        include_bias: penalise b(t) too.
+
     Returns:
         a 0-dim tensor, differentiable in the coefficients.
     """

@@ -131,11 +131,22 @@ class SplineODE(_SplineODEBase):
     with B-spline weights W(t) = sum_j B_j(t) weight[j] (paper eqs. 12-15, 24).
 
     Args:
-        width: m, the state size. knots: L, uniform knot intervals on [0, 1].
-        degree: d, the B-spline degree (n = L + d coefficient matrices). steps: N.
-        activation, scheme, variant, gamma, backend: as in :func:`splinet_cuda.spline_ode`.
-        scale: lam, the time scale (paper eq. 24). learn_scale: make it a Parameter.
-        bias: learn bias coefficients. init_amplitude: see :meth:`reset_parameters`.
+        width: m, the state size.
+        knots: L, the number of uniform knot intervals on [0, 1].
+        degree: d, the B-spline degree (n = L + d coefficient matrices).
+        steps: N, the number of time steps.
+        activation: as in :func:`splinet_cuda.spline_ode`.
+        scheme: as in :func:`splinet_cuda.spline_ode`.
+        variant: as in :func:`splinet_cuda.spline_ode`.
+        scale: lam, the time scale (paper eq. 24).
+        learn_scale: make ``scale`` a Parameter (else a buffer).
+        backend: as in :func:`splinet_cuda.spline_ode`.
+        gamma: the diagonal shift of the "antisymmetric" variant.
+        bias: learn bias coefficients.
+        init_amplitude: see :meth:`reset_parameters`.
+        checkpoint: as in :func:`splinet_cuda.spline_ode`.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
 
     Shapes: input (B, m) -> output (B, m). Parameters: ``weight`` (n, m, m),
     ``bias`` (n, m), ``scale`` (0-dim; a buffer unless ``learn_scale``).
@@ -214,23 +225,46 @@ class _SplineODEConvNd(_SplineODEBase):
 class SplineODEConv1d(_SplineODEConvNd):
     """Convolutional SpliNet layer over 1 spatial dim: x (B, C, W) -> (B, C, W).
 
-    Integrates dx/dt = scale * f(x, K(t), b(t)) with B-spline filters K(t) (n, C, C, k);
-    arguments as in :class:`SplineODE` plus ``channels`` and an odd ``kernel_size``.
-    (The paper's Indian Pines case: 220 channels, kernel width 3.)"""
+    Integrates dx/dt = scale * f(x, K(t), b(t)) with B-spline filters
+    K(t) = sum_j B_j(t) weight[j] (paper eqs. 12-15, 24), stride 1 and "same" zero padding
+    (the paper's Indian Pines case: 220 channels, kernel width 3).
+
+    Args:
+        channels: C, the number of channels (in and out).
+        kernel_size: an odd int, or one odd int per spatial dim.
+        knots: L, the number of uniform knot intervals on [0, 1].
+        degree: d, the B-spline degree (n = L + d coefficient filters).
+        steps: N, the number of time steps.
+        activation: as in :func:`splinet_cuda.spline_ode_conv` (default "relu").
+        scheme: as in :func:`splinet_cuda.spline_ode`.
+        variant: "standard" or "symmetric" (see :func:`splinet_cuda.spline_ode_conv`).
+        scale: lam, the time scale (paper eq. 24).
+        learn_scale: make ``scale`` a Parameter (else a buffer).
+        backend: as in :func:`splinet_cuda.spline_ode_conv`.
+        bias: learn bias coefficients.
+        init_amplitude: see :meth:`SplineODE.reset_parameters` (default 1/sqrt(C prod(kernel_size))).
+        checkpoint: as in :func:`splinet_cuda.spline_ode`.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
+
+    Parameters: ``weight`` (n, C, C, *kernel_size), ``bias`` (n, C), ``scale`` (0-dim).
+    """
 
     _dims = 1
 
 
 class SplineODEConv2d(_SplineODEConvNd):
     """Convolutional SpliNet layer over 2 spatial dims: x (B, C, H, W) -> (B, C, H, W).
-    Arguments as in :class:`SplineODEConv1d`."""
+
+    Arguments and parameters as in :class:`SplineODEConv1d`, with two spatial dims."""
 
     _dims = 2
 
 
 class SplineODEConv3d(_SplineODEConvNd):
     """Convolutional SpliNet layer over 3 spatial dims: x (B, C, D, H, W) -> same shape.
-    Arguments as in :class:`SplineODEConv1d`."""
+
+    Arguments and parameters as in :class:`SplineODEConv1d`, with three spatial dims."""
 
     _dims = 3
 
@@ -248,10 +282,22 @@ class SplineODEHamiltonian(_SplineODEBase):
     The step is reversible: :meth:`inverse` recovers x_0 from x_N.
 
     Args:
-        width: m, the (even) feature size of x; y and z have m/2 each. Other arguments as
-        in :class:`SplineODE`. ``backend``: "auto" (the fused CPU kernels for float32/float64
-        CPU tensors when built, else the reference), "reference" or "cpu"; see
-        :func:`splinet_cuda.spline_ode_hamiltonian`. :meth:`inverse` always runs on the reference.
+        width: m, the (even) feature size of x; y and z have m/2 each.
+        knots: L, as in :class:`SplineODE`.
+        degree: d, as in :class:`SplineODE`.
+        steps: N, as in :class:`SplineODE`.
+        activation: as in :class:`SplineODE`.
+        scale: lam, as in :class:`SplineODE`.
+        learn_scale: as in :class:`SplineODE`.
+        backend: "auto" (the fused CPU kernels for float32/float64 CPU tensors when built,
+            else the reference), "reference" or "cpu"; see
+            :func:`splinet_cuda.spline_ode_hamiltonian`. :meth:`inverse` always runs on
+            the reference.
+        bias: learn bias coefficients.
+        init_amplitude: see :meth:`SplineODE.reset_parameters`.
+        checkpoint: as in :class:`SplineODE`.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
 
     Parameters: ``weight`` (n, 2, m/2, m/2) ([:, 0] = K1, [:, 1] = K2), ``bias`` (n, 2, m/2), ``scale``.
     """

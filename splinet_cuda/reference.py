@@ -103,9 +103,20 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     A = W - W^T - gamma I (SpliNet paper, section 2.2; Ruthotto & Haber).
 
     Args:
-        x: (B, m) initial state. weight: (n, m, m) coefficients, n = L + degree.
-        bias: (n, m) coefficients or None. scale: lam, float or 0-dim tensor.
+        x: (B, m) initial state.
+        weight: (n, m, m) coefficients, n = L + degree.
+        bias: (n, m) coefficients or None.
+        scale: lam, a float or a 0-dim tensor (paper eq. 24).
+        steps: N >= 1.
+        degree: d >= 0, with n > d.
+        activation: as in :func:`splinet_cuda.spline_ode`.
+        scheme: as in :func:`splinet_cuda.spline_ode`.
+        variant: as in :func:`splinet_cuda.spline_ode`.
+        gamma: the diagonal shift of the "antisymmetric" variant.
+        backend: must be "reference" (accepted for signature compatibility).
+        return_trajectory: return all N + 1 states.
         checkpoint: accepted for signature compatibility; autograd keeps what it needs.
+
     Returns:
         x_N (B, m), or the trajectory (N + 1, B, m) with ``return_trajectory=True``.
     """
@@ -127,8 +138,20 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     parabolic layer of Ruthotto & Haber).
 
     Args:
-        x: (B, C, *spatial), 1 to 3 spatial dims. weight: (n, C, C, *kernel), odd kernel sizes.
-        bias: (n, C) or None. scale: lam, float or 0-dim tensor. ``gamma`` and ``checkpoint`` are unused.
+        x: (B, C, *spatial), 1 to 3 spatial dims.
+        weight: (n, C, C, *kernel), odd kernel sizes.
+        bias: (n, C) or None.
+        scale: lam, a float or a 0-dim tensor.
+        steps: N >= 1.
+        degree: d >= 0, with n > d.
+        activation: as in :func:`splinet_cuda.spline_ode`.
+        scheme: as in :func:`splinet_cuda.spline_ode`.
+        variant: "standard" or "symmetric".
+        gamma: unused.
+        backend: must be "reference".
+        return_trajectory: return all N + 1 states.
+        checkpoint: unused.
+
     Returns:
         x_N like x, or the trajectory (N + 1, *x.shape) with ``return_trajectory=True``.
     """
@@ -162,8 +185,17 @@ def spline_ode_hamiltonian(y: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
     and ``checkpoint`` and runs the forward direction on the fused CPU kernels when built.
 
     Args:
-        y, z: (B, m) states. weight: (n, 2, m, m). bias: (n, 2, m) or None.
-        scale: lam, float or 0-dim tensor. steps: N. degree: d (n = L + d).
+        y: (B, m) first state.
+        z: (B, m) second state.
+        weight: (n, 2, m, m) coefficients.
+        bias: (n, 2, m) coefficients or None.
+        scale: lam, a float or a 0-dim tensor.
+        steps: N >= 1.
+        degree: d >= 0 (n = L + d).
+        activation: as in :func:`splinet_cuda.spline_ode`.
+        reverse: run the steps backwards from (y_N, z_N).
+        return_trajectory: return all N + 1 states of each.
+
     Returns:
         (y_N, z_N), or with ``return_trajectory`` the trajectories ((N+1, B, m), (N+1, B, m))
         in the order computed (from t = 1 down to 0 when ``reverse``).
