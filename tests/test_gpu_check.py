@@ -349,7 +349,8 @@ def test_smoke_rejection_is_a_failure_unless_optional(monkeypatch):
 
 def test_bench_gpu_mode_plans_without_a_gpu(tmp_path, capsys):
     from bench import run
-    from bench.cases import CASE_SETS, compiled_impl
+    from bench.cases import CASE_SETS
+    from bench.impls import compiled_impl
 
     gpu = {c.name: c for c in CASE_SETS["gpu"]}
     big = gpu["dense1024_d3_bf16"]
@@ -368,7 +369,8 @@ def test_bench_gpu_mode_plans_without_a_gpu(tmp_path, capsys):
 
 def test_bench_budget_skips_the_cases_left():
     from bench import run
-    from bench.cases import CASE_SETS, reference_impl
+    from bench.cases import CASE_SETS
+    from bench.impls import reference_impl
 
     dense = next(c for c in CASE_SETS["tiny"] if c.kind == "dense")
     cases = [replace(dense, name=f"tiny_dense_{i}", memory=False) for i in range(3)]
@@ -386,7 +388,8 @@ def test_bench_memory_never_rebuilds_a_compiled_impl():
     """On a GPU the peak-memory pass rebuilt every implementation, so a compiled one was
     compiled twice per case (inside the GPU bench's time budget)."""
     from bench import run
-    from bench.cases import CASE_SETS, Impl
+    from bench.cases import CASE_SETS
+    from bench.impls import Impl
 
     built = []
 
@@ -404,7 +407,8 @@ def test_bench_pytest_suite_runs_an_impl_in_its_environment():
     """`make bench-pytest` called the implementations without their environment, so on a GPU
     its "cuda+cublas" rows timed the fused GEMM path under the cuBLAS label."""
     from bench import test_suite
-    from bench.cases import CASE_SETS, Impl, reference_impl
+    from bench.cases import CASE_SETS
+    from bench.impls import Impl, reference_impl
 
     seen = []
 
