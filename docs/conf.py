@@ -52,6 +52,9 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|np|nn|F)(\..*)?"),
     (r"py:.*", r"(typing\.)?(Optional|Union|Tuple|List|Dict|Sequence|Callable|Any|Iterable|Mapping)"),
     (r"py:.*", r"(Tensor|NDArray|Module|Scale|ndarray)"),
+    # The layers' refine()/project() return the layer itself, annotated with the layers'
+    # private base class, which is not documented (the page shows nn.Module as the base).
+    (r"py:class", r"splinet_cuda\.layers\._\w+"),
 ]
 
 
