@@ -21,13 +21,14 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 # _generated/ holds text that pages include (the results table), not pages of its own.
 exclude_patterns = ["_generated"]
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+# Equations are written in Unicode text, not TeX: MathJax would load from a CDN, and these
+# pages must read right offline (an air-gapped GPU machine, a local build).
+myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 html_theme = "furo"
@@ -88,19 +89,43 @@ def newest_results() -> list[Path]:
     return [newest[d][1] for d in sorted(newest, key=lambda d: (d != "cpu", d))]
 
 
+def split_by_case(report: str) -> str:
+    """bench.report's output with its one wide table cut into one table per case, the case
+    and shape as the table's heading: ten columns with a shape in each row do not fit a page.
+    Anything that is not a table row (the provenance line, compile times) is kept as is."""
+    lines = report.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if len(rows) < 3:
+        return report
+    cells = [[c.strip() for c in lines[i].strip("|").split("|")] for i in rows]
+    head, align, body = cells[0], cells[1], cells[2:]
+    if head[:2] != ["case", "shape"]:
+        return report
+    out = lines[:rows[0]]
+    case = None
+    for row in body:
+        if row[0] != case:
+            case = row[0]
+            out += ["", f"**{case}**: {row[1]}", "", "| " + " | ".join(head[2:]) + " |",
+                    "|" + "|".join(align[2:]) + "|"]
+        out.append("| " + " | ".join(row[2:]) + " |")
+    return "\n".join(out + [""] + lines[rows[-1] + 1:])
+
+
 def write_results_page(app) -> None:
     GENERATED.mkdir(exist_ok=True)
     parts = []
     for path in newest_results():
         meta = json.loads(path.read_text())["meta"]
-        table = subprocess.run([sys.executable, "-m", "bench.report", str(path)], cwd=REPO, check=True,
-                               capture_output=True, text=True).stdout.strip()
+        report = subprocess.run([sys.executable, "-m", "bench.report", str(path)], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.strip()
         rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
         parts.append(
             f"### {meta['device_name']}, {meta['dtype']}, `--sizes {meta['sizes']}`\n\n"
             f"File `{rel}` (written by `python -m bench --sizes {meta['sizes']}"
             f"{' --train-step' if _has_train(path) else ''} --out bench/results`), "
-            f"rendered by `python -m bench.report {rel}`:\n\n{table}\n")
+            f"rendered by `python -m bench.report {rel}`:\n\n"
+            f":::{{container}} results\n{split_by_case(report)}\n:::\n")
     text = "\n".join(parts) if parts else "No results file in `bench/results/` yet.\n"
     target = GENERATED / "results.md"
     if not target.exists() or target.read_text() != text:  # unchanged: no rebuild of the page
