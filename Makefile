@@ -1,8 +1,9 @@
 # splinet_cuda: `make test` and `make bench` set everything up from a fresh machine.
-#   make test        venv + deps + build + CUDA compile check (when nvcc exists) + tests
+#   make test        venv + deps + build + CUDA compile check (when nvcc exists) + docs + tests
 #   make bench       venv + deps + build + quick benchmark suite (table; results and plots in build/bench/)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
 #   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
+#   make docs        the Sphinx documentation into build/docs/ (warnings are errors, nitpicky)
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
 #                    then GPU tests, smoke, compute-sanitizer, torch.compile and bench steps
 #                    (tools/gpu_check.py; DRY_RUN=1 plans and checks the setup without a GPU)
@@ -57,7 +58,17 @@ triton-check: setup $(TRITON36)/triton/__init__.py
 	$(VPY) tools/triton_check.py --triton-path $(TRITON36)
 	$(VPY) tools/triton_check.py --corners-only
 
-test: build-test cuda-check triton-check
+# The documentation (docs/, Sphinx), read afresh each time (-E: an incremental build would not
+# repeat the warnings of unchanged pages): warnings are errors (-W, all reported with --keep-going)
+# and every cross-reference must resolve (-n). autodoc imports the package from the source
+# tree; conf.py renders the newest bench/results file with bench.report.
+DOCS_OUT    := build/docs
+.PHONY: docs
+docs: setup
+	$(VPY) -m sphinx -E -W --keep-going -n -q -b html docs $(DOCS_OUT)
+	@echo "docs: $(DOCS_OUT)/index.html"
+
+test: build-test cuda-check triton-check docs
 	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
 	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
 
