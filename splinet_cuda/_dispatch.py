@@ -159,7 +159,7 @@ def _to_float32(t):
 
 
 def _flatten_leading(x):
-    """x (*, m) as (B, m), as nn.Linear takes any leading dims: (x, leading shape or None)."""
+    """x ``(*, m)`` as (B, m), as nn.Linear takes any leading dims: (x, leading shape or None)."""
     if isinstance(x, torch.Tensor) and x.dim() not in (0, 2):
         lead = tuple(x.shape[:-1])
         return x.reshape(math.prod(lead), x.shape[-1]), lead
@@ -198,7 +198,7 @@ def spline_ode(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Pass 16-bit tensors outside autocast to run the cuda / triton backends in them.
 
     Args:
-        x: (B, m) initial state, or (*, m) with any leading dims (as nn.Linear takes them).
+        x: (B, m) initial state, or ``(*, m)`` with any leading dims (as nn.Linear takes them).
         weight: (n, m, m) coefficient matrices, (out, in) like nn.Linear.
         bias: (n, m) coefficient vectors, or None.
         scale: lam, the time scale of paper eq. 24: a float or a 0-dim tensor (learned
@@ -247,8 +247,8 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Under ``torch.autocast`` it runs in float32, as :func:`spline_ode` says.
 
     Args:
-        x: (B, C, *spatial) initial state, 1 to 3 spatial dims.
-        weight: (n, C, C, *kernel) coefficient filters, odd kernel sizes.
+        x: ``(B, C, *spatial)`` initial state, 1 to 3 spatial dims.
+        weight: ``(n, C, C, *kernel)`` coefficient filters, odd kernel sizes.
         bias: (n, C) coefficient vectors, or None.
         scale: lam, as in :func:`spline_ode`.
         steps: N >= 1.
@@ -262,7 +262,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         checkpoint: as in :func:`spline_ode`.
 
     Returns:
-        x_N like x, or the trajectory (N + 1, *x.shape).
+        x_N like x, or the trajectory ``(N + 1, *x.shape)``.
     """
     steps, degree, gamma, checkpoint, scale = map(as_number, (steps, degree, gamma, checkpoint, scale))
     autocast = _autocast_device(x)

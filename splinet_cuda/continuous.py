@@ -6,7 +6,7 @@ and the PDE-motivated networks of Ruthotto and Haber).
 
 Every function here works on coefficient tensors ``coef`` of shape ``(n, ...)``
 (n = L + d along axis 0, anything after it: (n, m, m) weights, (n, m) biases,
-(n, C, C, *kernel) filters); the layer methods (:meth:`SplineODE.refine`, ...) call them.
+``(n, C, C, *kernel)`` filters); the layer methods (:meth:`~splinet_cuda.SplineODE.refine`, ...) call them.
 
 Legend: L knot intervals on [0, 1] (``knots``), d degree, n = L + d coefficients,
 N time steps, B batch, m width.
@@ -268,7 +268,7 @@ def step_spectra(layer_or_tensors, x: torch.Tensor, *, steps: Optional[int] = No
     (default "euler", the paper's; its step states only, not the inner stages).
 
     Args:
-        layer_or_tensors: a dense :class:`SplineODE`, or ``(weight, bias, scale)`` with
+        layer_or_tensors: a dense :class:`~splinet_cuda.SplineODE`, or ``(weight, bias, scale)`` with
             ``steps`` and ``degree`` given (activation "tanh", variant "standard" default).
         x: (B, m) batch of inputs.
         steps: N (default the layer's).
@@ -350,7 +350,7 @@ def stability_report(layer_or_tensors, x: torch.Tensor, *, steps: Optional[int] 
         **kwargs: passed on to :func:`step_spectra` (degree, activation, variant, gamma).
 
     Returns a dict: ``scheme``, ``steps``, ``h``, ``fraction_outside`` (float),
-    ``fraction_outside_per_step`` (N,), ``max_amplification`` (max |R(z)|),
+    ``fraction_outside_per_step`` (N,), ``max_amplification`` (max ``|R(z)|``),
     ``max_real`` (largest real part of z), ``spectra`` (N, B, m) complex.
     """
     if scheme is None:

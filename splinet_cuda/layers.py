@@ -196,7 +196,7 @@ class _SplineODEConvNd(_SplineODEBase):
 
     def forward(self, x: torch.Tensor, steps: Optional[int] = None, scheme: Optional[str] = None, *,
                 return_trajectory: bool = False) -> torch.Tensor:
-        """x (B, C, *spatial) -> same shape, or all N + 1 states (N + 1, B, C, *spatial) with
+        """x ``(B, C, *spatial)`` -> same shape, or all N + 1 states ``(N + 1, B, C, *spatial)`` with
         ``return_trajectory``; ``steps``/``scheme`` override the layer's for this call."""
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, C, {self._dims} spatial dims), "
@@ -247,7 +247,7 @@ class SplineODEConv1d(_SplineODEConvNd):
         device: where the parameters are created.
         dtype: the parameters' dtype.
 
-    Parameters: ``weight`` (n, C, C, *kernel_size), ``bias`` (n, C), ``scale`` (0-dim).
+    Parameters: ``weight`` ``(n, C, C, *kernel_size)``, ``bias`` (n, C), ``scale`` (0-dim).
     """
 
     _dims = 1

@@ -138,8 +138,8 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     parabolic layer of Ruthotto & Haber).
 
     Args:
-        x: (B, C, *spatial), 1 to 3 spatial dims.
-        weight: (n, C, C, *kernel), odd kernel sizes.
+        x: ``(B, C, *spatial)``, 1 to 3 spatial dims.
+        weight: ``(n, C, C, *kernel)``, odd kernel sizes.
         bias: (n, C) or None.
         scale: lam, a float or a 0-dim tensor.
         steps: N >= 1.
@@ -153,7 +153,7 @@ def spline_ode_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         checkpoint: unused.
 
     Returns:
-        x_N like x, or the trajectory (N + 1, *x.shape) with ``return_trajectory=True``.
+        x_N like x, or the trajectory ``(N + 1, *x.shape)`` with ``return_trajectory=True``.
     """
     cfg = check_conv(x, weight, bias, scale, steps=steps, degree=degree, activation=activation,
                      scheme=scheme, variant=variant, gamma=gamma)
