@@ -44,11 +44,11 @@
 #include <vector>
 
 #include "../common/activations.h"
-#include "../common/bspline.h"
 #include "../common/checks.h"
 #include "../common/layer_config.h"
 #include "conv_direct.h"
-#include "cpu_kernels.h"
+#include "spline_blend.h"
+#include "vec_activations.h"
 
 namespace splinet {
 namespace {
@@ -56,8 +56,8 @@ namespace {
 // Elements per block of the elementwise passes (a plane holds ceil(P / kConvBlock) blocks).
 constexpr int64_t kConvBlock = 4096;
 // Elements per task of a parallel elementwise pass: a state of 32K values (B = 16, C = 32,
-// L = 64) still splits across threads, where with the convolutions threaded the passes left
-// on one thread took a third of fwd+bwd.
+// L = 64: bench case conv1d) still splits across threads, where with the convolutions
+// threaded the passes left on one thread took a third of fwd+bwd.
 constexpr int64_t kConvParallelElements = 8192;
 
 struct ConvArgs {
@@ -269,11 +269,7 @@ class ConvStepper {
       // Eq. 23: the stage's dL/dK and dL/db go to the d + 1 coefficient slots k .. k + d.
       const int64_t d = a_.d, k = k_[s];
       const T* w = &w_[s * (d + 1)];
-      T* gw = gW.data_ptr<T>();
-      for (int64_t r = 0; r <= d; ++r) {
-        T* dst = gw + (k + r) * fw_;
-        for (int64_t e = 0; e < fw_; ++e) dst[e] += w[r] * dk[e];
-      }
+      cpu::scatter_coefficients(gW.data_ptr<T>() + k * fw_, fw_, dk, w, d, 0, fw_);
       if (a_.has_bias) {
         std::fill(gbias.begin(), gbias.end(), 0.0);
         for (int64_t u = 0; u < nb; ++u) gbias[(u / a_.blocks_per_plane) % C] += part_b[u];
@@ -385,24 +381,12 @@ class ConvStepper {
   // K_s, b_s = sum_r b_r(u) * coefficient[k + r] at stage time t_i + c_s h (eq. 14).
   void blend(int64_t i, int64_t s) {
     const int64_t d = a_.d, C = a_.C;
-    double wd[16];
-    const int64_t k = grid_basis<double>(i, a_.tab.c[s], a_.L, a_.N, static_cast<int>(d), wd);
-    k_[s] = k;
     T* w = &w_[s * (d + 1)];
-    for (int64_t r = 0; r <= d; ++r) w[r] = T(wd[r]);
+    const int64_t k = cpu::basis_weights(i, a_.tab.c[s], a_.L, a_.N, d, w);
+    k_[s] = k;
     T* K = filt_[s].data_ptr<T>();
-    const T* src = weight_ + k * fw_;
-    for (int64_t e = 0; e < fw_; ++e) K[e] = w[0] * src[e];
-    for (int64_t r = 1; r <= d; ++r) {
-      src = weight_ + (k + r) * fw_;
-      for (int64_t e = 0; e < fw_; ++e) K[e] += w[r] * src[e];
-    }
-    if (bias_ != nullptr) {
-      T* b = bvec_[s].data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) b[c] = w[0] * bias_[k * C + c];
-      for (int64_t r = 1; r <= d; ++r)
-        for (int64_t c = 0; c < C; ++c) b[c] += w[r] * bias_[(k + r) * C + c];
-    }
+    cpu::blend_coefficients(K, weight_ + k * fw_, fw_, w, d, 0, fw_);
+    if (bias_ != nullptr) cpu::blend_coefficients(bvec_[s].data_ptr<T>(), bias_ + k * C, C, w, d, 0, C);
     if (direct_) direct_->pack_filter(K, bias_ != nullptr ? bvec_[s].const_data_ptr<T>() : nullptr, packed_[s]);
   }
 
