@@ -60,11 +60,10 @@ constexpr int64_t kConvBlock = 4096;
 // threaded the passes left on one thread took a third of fwd+bwd.
 constexpr int64_t kConvParallelElements = 8192;
 
-struct ConvArgs {
-  int64_t B, C, P, n, d, L, N, K;
+struct ConvArgs : cpu::SplineSteps {
+  int64_t B, C, P;
   Tableau tab;
   Variant variant;
-  double lam, h;
   bool has_bias;
   std::vector<int64_t> state_shape;   // (B, C, *spatial)
   std::vector<int64_t> filter_shape;  // (C, C, *kernel)
@@ -410,23 +409,18 @@ ConvArgs make_conv_args(const at::Tensor& x, const at::Tensor& weight, bool has_
                         int64_t steps, int64_t degree, c10::string_view scheme, c10::string_view variant,
                         int64_t checkpoint) {
   ConvArgs a;
+  static_cast<cpu::SplineSteps&>(a) =
+      cpu::spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.C = x.size(1);
   a.P = 1;
   for (int64_t j = 2; j < x.dim(); ++j) a.P *= x.size(j);
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.tab = parse_scheme(std::string(scheme));
   a.variant = parse_variant(std::string(variant));
   TORCH_CHECK_VALUE(a.variant != Variant::Antisymmetric,
                     "spline_conv: variant 'antisymmetric' is defined for dense layers only; expected standard or "
                     "symmetric");
-  a.lam = scale.item<double>();
   TORCH_CHECK_VALUE(std::isfinite(a.lam), "spline_conv: scale must be finite, got ", a.lam);
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.state_shape = x.sizes().vec();
   a.filter_shape = weight.sizes().slice(1).vec();

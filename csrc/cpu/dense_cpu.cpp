@@ -39,12 +39,12 @@ namespace {
 
 using namespace cpu;
 
-struct DenseArgs {
-  int64_t B, m, n, d, L, N, K;
+struct DenseArgs : SplineSteps {
+  int64_t B, m;
   Tableau tab;
   Variant variant;
   Act act;
-  double gamma, lam, h;
+  double gamma;
   bool has_bias, use_gemm;
   bool soa;  // chunks in the transposed layout (see DenseChunk)
 };
@@ -370,18 +370,12 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
                     int64_t steps, int64_t degree, const std::string& activation, const std::string& scheme,
                     const std::string& variant, double gamma, int64_t checkpoint) {
   DenseArgs a;
+  static_cast<SplineSteps&>(a) = spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.m = x.size(1);
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.tab = parse_scheme(scheme);
   a.variant = parse_variant(variant);
   a.gamma = gamma;
-  a.lam = scale.item<double>();
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.use_gemm = a.m >= kGemmMinWidth;
   a.soa = !a.use_gemm && unrolled_width(a.m) && a.B >= kSoAMinBatch;

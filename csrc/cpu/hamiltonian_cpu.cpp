@@ -52,10 +52,9 @@ namespace {
 
 using namespace cpu;
 
-struct HamArgs {
-  int64_t B, m, n, d, L, N, K;
+struct HamArgs : SplineSteps {
+  int64_t B, m;
   Act act;
-  double lam, h;
   bool has_bias, use_gemm;
 };
 
@@ -233,16 +232,10 @@ void check_hamiltonian_args(const char* op, const at::Tensor& x, const at::Tenso
 HamArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& scale,
                   int64_t steps, int64_t degree, c10::string_view activation, int64_t checkpoint) {
   HamArgs a;
+  static_cast<SplineSteps&>(a) = spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.m = x.size(1) / 2;
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.act = parse_activation(std::string(activation));
-  a.lam = scale.item<double>();
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.use_gemm = a.m >= kGemmMinWidth;
   return a;

@@ -1,6 +1,7 @@
 // A layer's weight at one time as the blend of its d + 1 nonzero spline coefficients (paper
 // eq. 14), and the adjoint: that weight's gradient scattered into the coefficients' (eq. 23).
-// Shared by the dense, Hamiltonian and conv CPU kernels.
+// Shared by the dense, Hamiltonian and conv CPU kernels, with the spline and step sizes
+// their arguments have in common.
 //
 // Legend: L knot intervals, d degree, N steps, k the first nonzero coefficient, w the d + 1
 // basis values b_0(u) .. b_d(u) at that time.
@@ -13,6 +14,16 @@
 
 namespace splinet {
 namespace cpu {
+
+// The spline and time-step sizes that every layer's arguments share.
+struct SplineSteps {
+  int64_t n, d, L, N, K;  // coefficients n = L + d, degree, knot intervals, steps, checkpoint interval
+  double lam, h;          // the scale, the step h = 1 / N
+};
+
+inline SplineSteps spline_steps(int64_t n, int64_t degree, int64_t steps, int64_t checkpoint, double lam) {
+  return {n, degree, n - degree, steps, checkpoint, lam, 1.0 / static_cast<double>(steps)};
+}
 
 // Elements of one cache-resident tile of a loop that sweeps the same array several times
 // (the d + 1 terms of the blend and of the eq. 23 scatter): 16 KB of float32.
