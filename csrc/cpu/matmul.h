@@ -1,5 +1,6 @@
-// The products of one chunk of the batch's rows (MatOps: raw loops for small widths, a GEMM
-// for large ones) and the fixed-order sums the kernels' reductions use.
+// The matrix products of one chunk of rows, and the kernels' fixed-order sums.
+//
+// MatOps runs raw loops for small widths and a GEMM (ATen's or sgemm_avx512) for large ones.
 //
 // Legend: R rows of one chunk of the batch, m width (M when a compile-time constant).
 #pragma once

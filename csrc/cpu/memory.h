@@ -1,5 +1,7 @@
-// Host memory of the CPU kernels: uninitialised aligned working arrays, the cache of the
-// large tensors a forward keeps for its backward, and tensor views of raw arrays.
+// Host memory of the CPU kernels: working arrays, kept tensors, tensor views of raw arrays.
+//
+// Working arrays are aligned and left uninitialised; the large tensors a forward keeps for its
+// backward come from a cache of freed blocks.
 //
 // Legend: m width.
 #pragma once

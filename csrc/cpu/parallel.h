@@ -1,6 +1,7 @@
-// How the CPU kernels split work across ATen's threads: element-wise loops over ranges, and
-// the batch over row chunks, so that every sum runs in an order that depends on the sizes
-// and the thread count alone.
+// How the CPU kernels split their work across ATen's threads.
+//
+// Element-wise loops are split over ranges, the batch over row chunks, so that every sum runs
+// in an order that depends on the sizes and the thread count alone.
 //
 // Legend: B batch, m width, n = L + d coefficients.
 #pragma once

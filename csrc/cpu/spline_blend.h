@@ -1,7 +1,8 @@
-// A layer's weight at one time as the blend of its d + 1 nonzero spline coefficients (paper
-// eq. 14), and the adjoint: that weight's gradient scattered into the coefficients' (eq. 23).
-// Shared by the dense, Hamiltonian and conv CPU kernels, with the spline and step sizes
-// their arguments have in common.
+// A layer's weight at one time from its spline coefficients (paper eq. 14), and the adjoint.
+//
+// The blend runs over the d + 1 nonzero coefficients; its adjoint scatters that weight's
+// gradient into theirs (eq. 23). Shared by the dense, Hamiltonian and conv CPU kernels, with
+// the spline and step sizes their arguments have in common.
 //
 // Legend: L knot intervals, d degree, N steps, k the first nonzero coefficient, w the d + 1
 // basis values b_0(u) .. b_d(u) at that time.

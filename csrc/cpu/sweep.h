@@ -1,6 +1,8 @@
-// The time sweeps of the dense and Hamiltonian CPU kernels over chunks of the batch's rows:
-// the forward through N steps, keeping the checkpointed states, and the adjoint sweep back
-// (paper eqs. 17-23) with the per-chunk weight gradients summed in chunk order.
+// The chunked time sweeps of the dense and Hamiltonian CPU kernels, forward and adjoint.
+//
+// Each chunk of the batch's rows goes forward through the N steps, keeping the checkpointed
+// states, and back through the adjoint sweep (paper eqs. 17-23); the per-chunk weight
+// gradients are summed in chunk order.
 //
 // Legend: B batch, R rows of one chunk, row elements of one row of a state (m dense, 2m
 // Hamiltonian), Rs = R row values of one chunk state, N steps, K checkpoint interval.

@@ -1,5 +1,6 @@
-// The activations act and their derivatives act' over arrays, with the kernels' own
-// vectorised float32 tanh.
+// The activations act and their derivatives act' over arrays, with a vectorised float32 tanh.
+//
+// Legend: n elements, a pre-activations, y = act(a), v the gradient of y, g = scale act'(a) v.
 #pragma once
 
 #include <ATen/ops/exp.h>
