@@ -44,11 +44,11 @@
 #include <vector>
 
 #include "../common/activations.h"
-#include "../common/bspline.h"
 #include "../common/checks.h"
 #include "../common/layer_config.h"
 #include "conv_direct.h"
-#include "cpu_kernels.h"
+#include "spline_blend.h"
+#include "vec_activations.h"
 
 namespace splinet {
 namespace {
@@ -56,15 +56,14 @@ namespace {
 // Elements per block of the elementwise passes (a plane holds ceil(P / kConvBlock) blocks).
 constexpr int64_t kConvBlock = 4096;
 // Elements per task of a parallel elementwise pass: a state of 32K values (B = 16, C = 32,
-// L = 64) still splits across threads, where with the convolutions threaded the passes left
-// on one thread took a third of fwd+bwd.
+// L = 64: bench case conv1d) still splits across threads, where with the convolutions
+// threaded the passes left on one thread took a third of fwd+bwd.
 constexpr int64_t kConvParallelElements = 8192;
 
-struct ConvArgs {
-  int64_t B, C, P, n, d, L, N, K;
+struct ConvArgs : cpu::SplineSteps {
+  int64_t B, C, P;
   Tableau tab;
   Variant variant;
-  double lam, h;
   bool has_bias;
   std::vector<int64_t> state_shape;   // (B, C, *spatial)
   std::vector<int64_t> filter_shape;  // (C, C, *kernel)
@@ -269,11 +268,7 @@ class ConvStepper {
       // Eq. 23: the stage's dL/dK and dL/db go to the d + 1 coefficient slots k .. k + d.
       const int64_t d = a_.d, k = k_[s];
       const T* w = &w_[s * (d + 1)];
-      T* gw = gW.data_ptr<T>();
-      for (int64_t r = 0; r <= d; ++r) {
-        T* dst = gw + (k + r) * fw_;
-        for (int64_t e = 0; e < fw_; ++e) dst[e] += w[r] * dk[e];
-      }
+      cpu::scatter_coefficients(gW.data_ptr<T>() + k * fw_, fw_, dk, w, d, 0, fw_);
       if (a_.has_bias) {
         std::fill(gbias.begin(), gbias.end(), 0.0);
         for (int64_t u = 0; u < nb; ++u) gbias[(u / a_.blocks_per_plane) % C] += part_b[u];
@@ -385,24 +380,12 @@ class ConvStepper {
   // K_s, b_s = sum_r b_r(u) * coefficient[k + r] at stage time t_i + c_s h (eq. 14).
   void blend(int64_t i, int64_t s) {
     const int64_t d = a_.d, C = a_.C;
-    double wd[16];
-    const int64_t k = grid_basis<double>(i, a_.tab.c[s], a_.L, a_.N, static_cast<int>(d), wd);
-    k_[s] = k;
     T* w = &w_[s * (d + 1)];
-    for (int64_t r = 0; r <= d; ++r) w[r] = T(wd[r]);
+    const int64_t k = cpu::basis_weights(i, a_.tab.c[s], a_.L, a_.N, d, w);
+    k_[s] = k;
     T* K = filt_[s].data_ptr<T>();
-    const T* src = weight_ + k * fw_;
-    for (int64_t e = 0; e < fw_; ++e) K[e] = w[0] * src[e];
-    for (int64_t r = 1; r <= d; ++r) {
-      src = weight_ + (k + r) * fw_;
-      for (int64_t e = 0; e < fw_; ++e) K[e] += w[r] * src[e];
-    }
-    if (bias_ != nullptr) {
-      T* b = bvec_[s].data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) b[c] = w[0] * bias_[k * C + c];
-      for (int64_t r = 1; r <= d; ++r)
-        for (int64_t c = 0; c < C; ++c) b[c] += w[r] * bias_[(k + r) * C + c];
-    }
+    cpu::blend_coefficients(K, weight_ + k * fw_, fw_, w, d, 0, fw_);
+    if (bias_ != nullptr) cpu::blend_coefficients(bvec_[s].data_ptr<T>(), bias_ + k * C, C, w, d, 0, C);
     if (direct_) direct_->pack_filter(K, bias_ != nullptr ? bvec_[s].const_data_ptr<T>() : nullptr, packed_[s]);
   }
 
@@ -426,23 +409,18 @@ ConvArgs make_conv_args(const at::Tensor& x, const at::Tensor& weight, bool has_
                         int64_t steps, int64_t degree, c10::string_view scheme, c10::string_view variant,
                         int64_t checkpoint) {
   ConvArgs a;
+  static_cast<cpu::SplineSteps&>(a) =
+      cpu::spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.C = x.size(1);
   a.P = 1;
   for (int64_t j = 2; j < x.dim(); ++j) a.P *= x.size(j);
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.tab = parse_scheme(std::string(scheme));
   a.variant = parse_variant(std::string(variant));
   TORCH_CHECK_VALUE(a.variant != Variant::Antisymmetric,
                     "spline_conv: variant 'antisymmetric' is defined for dense layers only; expected standard or "
                     "symmetric");
-  a.lam = scale.item<double>();
   TORCH_CHECK_VALUE(std::isfinite(a.lam), "spline_conv: scale must be finite, got ", a.lam);
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.state_shape = x.sizes().vec();
   a.filter_shape = weight.sizes().slice(1).vec();

@@ -1,10 +1,11 @@
 // Direct "same" convolution (stride 1, odd kernels, 1-3 spatial dims) for the small channel
 // counts of SpliNet's convolutional layers (see direct_conv_pays), where ATen's convolution
-// is far from the machine's speed: at B = 8, C = 8, 16x16, k = 3 one oneDNN call took about
-// 0.16 ms on 2 threads of an x86 machine (15 GFLOP/s), these kernels 0.06 ms on one thread
-// (AVX2, counting the border positions they also compute). Used by conv_cpu.cpp for the
-// three products of a stage: conv(X, K) + b, its transpose conv^T(G, K) (= dL/dX, and the
-// symmetric variant's forward) and the filter gradient G (x) X.
+// is far from the machine's speed: at B = 8, C = 8, 16x16, k = 3 (bench case conv2d) one
+// oneDNN call took about 0.16 ms on 2 threads of an x86 machine (15 GFLOP/s), these kernels
+// 0.06 ms on one thread (AVX2, counting the border positions they also compute). Used by
+// conv_cpu.cpp for the three products of a stage: conv(X, K) + b, its transpose
+// conv^T(G, K) (= dL/dX, and the symmetric variant's forward) and the filter gradient
+// G (x) X.
 //
 // Each sample's planes are copied into zero-bordered buffers of the padded grid (one set per
 // thread, allocated once per op call), so that every tap is one contiguous multiply-add over a row
@@ -28,9 +29,9 @@ namespace cpu {
 // Where conv_cpu.cpp takes the direct convolution: up to 32 channels (the paper's and
 // Ruthotto-Haber's regime) and up to 256 products per output value (C times the taps).
 // Measured fwd+bwd against ATen's convolution on a 2-core x86 machine (AVX2 kernels): 2.8x
-// faster at C * taps = 72 (C = 8, 3x3), 1.8x at 96 (C = 32, k = 3 1-D) and 216 (C = 8,
-// 3x3x3); 10% slower at 288 (C = 32, 3x3) and 400 (C = 16, 5x5), where oneDNN's blocked
-// GEMM reuses registers better.
+// faster at C * taps = 72 (C = 8, 3x3: bench case conv2d), 1.8x at 96 (C = 32, k = 3 1-D:
+// conv1d) and 216 (C = 8, 3x3x3); 10% slower at 288 (C = 32, 3x3) and 400 (C = 16, 5x5),
+// where oneDNN's blocked GEMM reuses registers better.
 constexpr int64_t kDirectMaxChannels = 32;
 constexpr int64_t kDirectMaxProducts = 256;
 

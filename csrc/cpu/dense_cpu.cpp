@@ -25,30 +25,41 @@
 #include <vector>
 
 #include "../common/activations.h"
-#include "../common/bspline.h"
 #include "../common/checks.h"
 #include "../common/layer_config.h"
-#include "cpu_kernels.h"  // MatOps, act_forward/act_backward, dot_double, chunk_bounds, run_chunks
+#include "matmul.h"
+#include "memory.h"
+#include "parallel.h"
+#include "spline_blend.h"
+#include "sweep.h"
+#include "vec_activations.h"
 
 namespace splinet {
 namespace {
 
 using namespace cpu;
 
-struct DenseArgs {
-  int64_t B, m, n, d, L, N, K;
+struct DenseArgs : SplineSteps {
+  int64_t B, m;
   Tableau tab;
   Variant variant;
   Act act;
-  double gamma, lam, h;
+  double gamma;
   bool has_bias, use_gemm;
   bool soa;  // chunks in the transposed layout (see DenseChunk)
 };
 
+// Widths from which the batch is one chunk whose GEMMs ATen threads over every core (and
+// whose element-wise loops go through parallel_elements): one blend, one eq. 23 scatter and
+// no partial gradients (n m^2 each) per step, instead of one per thread. Below it, one chunk
+// per thread with a single-threaded GEMM each wins (small products).
+constexpr int64_t kThreadedGemmWidth = 128;
+
 // The batch from which the unrolled widths take transposed chunks, and the most rows of
-// one. Measured fwd+bwd on 2 threads: Peaks (m = 5, B = 1000, 2 chunks) 15% faster than
-// row-major chunks, sin (m = 4, B = 256) the same; at B = 20 (10 rows a chunk) 6% slower;
-// Peaks in 8 chunks of 125 rows 12% slower than in 2 (the per-chunk blend of every stage).
+// one. Measured fwd+bwd on 2 threads (bench --sizes cpu): peaks_n100 (m = 5, B = 1000, 2
+// chunks) 15% faster than row-major chunks, sin (m = 4, B = 256) the same, sin_b20 (10 rows
+// a chunk) 6% slower; Peaks in 8 chunks of 125 rows 12% slower than in 2 (the per-chunk
+// blend of every stage).
 constexpr int64_t kSoAMinBatch = 256;
 constexpr int64_t kSoAMaxRows = 512;
 
@@ -223,7 +234,7 @@ class DenseChunk {
   // Adjoint of the step just recomputed by step(i, ...): z holds dL/dx_{i+1} on entry and
   // dL/dx_i on exit; eq. 23 contributions go to gW (n, m, m), gb (n, m), glam.
   void step_adjoint(T* z, T* gW, T* gb, double& glam) {
-    const int64_t S = a_.tab.stages, Rm = R_ * a_.m, m = a_.m, mm = m * m;
+    const int64_t S = a_.tab.stages, Rm = R_ * a_.m;
     const T h = T(a_.h), lam = T(a_.lam);
     for (int64_t s = S - 1; s >= 0; --s) {
       // kbar_s = dL/dK_s = h b_s z + h sum_{q > s} a_qs Xbar_q; then G = lam act'(a) V with
@@ -271,30 +282,13 @@ class DenseChunk {
  private:
   const T* WT(int64_t s) const { return a_.use_gemm ? nullptr : &WT_[s * a_.m * a_.m]; }
 
-  // dst = c src (or dst += c src) over n elements: restrict pointers and c in a register,
-  // so the loop vectorises (the weights live in a member array the stores could alias).
-  static void blend_tile(T* __restrict__ dst, const T* __restrict__ src, const T c, int64_t n, bool add) {
-    if (add) {
-      for (int64_t e = 0; e < n; ++e) dst[e] += c * src[e];
-    } else {
-      for (int64_t e = 0; e < n; ++e) dst[e] = c * src[e];
-    }
-  }
-
   // W_s, b_s = sum_r b_r(u) * coefficient[k + r] at stage time t_i + c_s h (eq. 14).
   void blend(int64_t i, int64_t s) {
     const int64_t m = a_.m, mm = m * m, d = a_.d;
-    double wd[16];
-    const int64_t k = grid_basis<double>(i, a_.tab.c[s], a_.L, a_.N, static_cast<int>(d), wd);
+    T* w = &w_[s * (d + 1)];
+    const int64_t k = basis_weights(i, a_.tab.c[s], a_.L, a_.N, d, w);
     k_[s] = k;
-    for (int64_t r = 0; r <= d; ++r) w_[s * (d + 1) + r] = T(wd[r]);
-    const T* w = &w_[s * (d + 1)];
-    if (a_.has_bias) {
-      T* b = &b_[s * m];
-      for (int64_t j = 0; j < m; ++j) b[j] = w[0] * bias_[k * m + j];
-      for (int64_t r = 1; r <= d; ++r)
-        for (int64_t j = 0; j < m; ++j) b[j] += w[r] * bias_[(k + r) * m + j];
-    }
+    if (a_.has_bias) blend_coefficients(&b_[s * m], bias_ + k * m, m, w, d, 0, m);
     T* W = &W_[s * mm];
     T* kept = blended_ ? blended_ + (i * a_.tab.stages + s) * kept_weight_stride(m, sizeof(T)) : nullptr;
     const bool whole_batch = R_ == a_.B;
@@ -305,33 +299,29 @@ class DenseChunk {
     }
     if (kept && whole_batch) W = kept;
     Wp_[s] = W;
-    parallel_elements(mm, [&](int64_t b, int64_t end) {
-      for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // W's tile stays in L1 across the d + 1 terms
-        blend_tile(W + t0, weight_ + k * mm + t0, w[0], std::min(end, t0 + kCacheTile) - t0, false);
-        for (int64_t r = 1; r <= d; ++r)
-          blend_tile(W + t0, weight_ + (k + r) * mm + t0, w[r], std::min(end, t0 + kCacheTile) - t0, true);
-      }
-    });
+    parallel_elements(mm, [&](int64_t b, int64_t end) { blend_coefficients(W, weight_ + k * mm, mm, w, d, b, end); });
     if (a_.variant == Variant::Antisymmetric) {  // A = W - W^T - gamma I
-      std::copy(W, W + mm, mscratch_.begin());
-      parallel_rows(m, m, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t q = 0; q < m; ++q) W[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
-      });
+      minus_transpose(W);
       for (int64_t j = 0; j < m; ++j) W[j * m + j] -= T(a_.gamma);
     }
     if (kept && !whole_batch && row0_ == 0) std::copy(W, W + mm, kept);
     transpose_for_loops(s);
   }
 
+  // X = X - X^T for an m x m matrix (through mscratch_).
+  void minus_transpose(T* X) {
+    const int64_t m = a_.m;
+    std::copy(X, X + m * m, mscratch_.begin());
+    parallel_rows(m, m, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t q = 0; q < m; ++q) X[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
+    });
+  }
+
   // W_s^T for the raw loops of run-time widths (MatOps without GEMM, row-major).
   void transpose_for_loops(int64_t s) {
     if (a_.use_gemm || ops_.soa) return;
-    const int64_t m = a_.m;
-    const T* W = Wp_[s];
-    T* WT = &WT_[s * m * m];
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t q = 0; q < m; ++q) WT[q * m + j] = W[j * m + q];
+    transpose_square(Wp_[s], a_.m, &WT_[s * a_.m * a_.m]);
   }
 
   // Eq. 23: the stage's dL/dW and dL/db go to the d + 1 coefficient slots k .. k + d.
@@ -343,25 +333,15 @@ class DenseChunk {
         for (int64_t e = b; e < end; ++e) dW_[e] -= lam * mscratch_[e];
       });
     } else if (a_.variant == Variant::Antisymmetric) {  // dW = dA - dA^T
-      std::copy(dW_.begin(), dW_.end(), mscratch_.begin());
-      parallel_rows(m, m, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t q = 0; q < m; ++q) dW_[j * m + q] = mscratch_[j * m + q] - mscratch_[q * m + j];
-      });
+      minus_transpose(dW_.data());
     }
     const T* w = &w_[s * (d + 1)];
     parallel_elements(mm, [&](int64_t b, int64_t end) {
-      for (int64_t t0 = b; t0 < end; t0 += kCacheTile) {  // dW's tile stays in L1 across the slots
-        const int64_t t1 = std::min(end, t0 + kCacheTile);
-        for (int64_t r = 0; r <= d; ++r) blend_tile(gW + (k + r) * mm + t0, dW_.data() + t0, w[r], t1 - t0, true);
-      }
+      scatter_coefficients(gW + k * mm, mm, dW_.data(), w, d, b, end);
     });
     if (a_.has_bias) {
       ops_.colsum(G_.data(), mscratch_.data());
-      for (int64_t r = 0; r <= d; ++r) {
-        T* dst = gb + (k + r) * m;
-        for (int64_t j = 0; j < m; ++j) dst[j] += w[r] * mscratch_[j];
-      }
+      scatter_coefficients(gb + k * m, m, mscratch_.data(), w, d, 0, m);
     }
   }
 
@@ -390,18 +370,12 @@ DenseArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias
                     int64_t steps, int64_t degree, const std::string& activation, const std::string& scheme,
                     const std::string& variant, double gamma, int64_t checkpoint) {
   DenseArgs a;
+  static_cast<SplineSteps&>(a) = spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.m = x.size(1);
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.tab = parse_scheme(scheme);
   a.variant = parse_variant(variant);
   a.gamma = gamma;
-  a.lam = scale.item<double>();
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.use_gemm = a.m >= kGemmMinWidth;
   a.soa = !a.use_gemm && unrolled_width(a.m) && a.B >= kSoAMinBatch;
@@ -421,27 +395,14 @@ void dense_forward(const DenseArgs& a, const at::Tensor& x, const at::Tensor& we
       constexpr int M = decltype(width)::value;
       const scalar_t* W = weight.const_data_ptr<scalar_t>();
       const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* out = states.data_ptr<scalar_t>();
       scalar_t* pre = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
       scalar_t* wk = blended.defined() ? blended.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* x0 = x.const_data_ptr<scalar_t>();
-      run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
-        const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
-        DenseChunk<scalar_t, M> chunk(a, W, b, R);
-        chunk.set_kept(pre, wk, false, r0);
-        std::vector<scalar_t> cur(Rm), nxt(Rm);
-        chunk.to_chunk(x0 + r0 * a.m, cur.data());
-        std::copy(x0 + r0 * a.m, x0 + r0 * a.m + Rm, out + r0 * a.m);
-        // The state is stepped in these buffers and copied out, never stepped in place in
-        // `states`: MKL's GEMM may round differently for differently aligned operands, and
-        // the backward replays steps from buffers like these.
-        for (int64_t i = 0; i < a.N; ++i) {
-          chunk.step(i, cur.data(), nxt.data());
-          std::swap(cur, nxt);
-          const int64_t slot = saved_slot(i + 1, a.N, a.K);
-          if (slot >= 0) chunk.from_chunk(cur.data(), out + (slot * a.B + r0) * a.m);
-        }
-      });
+      forward_chunks(bounds, a.N, a.K, a.B, a.m, x.const_data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+                     [&](int64_t r0, int64_t R) {
+                       DenseChunk<scalar_t, M> chunk(a, W, b, R);
+                       chunk.set_kept(pre, wk, false, r0);
+                       return chunk;
+                     });
     });
   });
 }
@@ -459,46 +420,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
   double glam = 0.0;
   if (a.B > 0) {
     const auto bounds = dense_bounds(a);
-    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-    const int64_t nW = a.n * a.m * a.m, nb = a.n * a.m;
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_cpu", [&] {
       dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
         constexpr int M = decltype(width)::value;
         const scalar_t* W = weight.const_data_ptr<scalar_t>();
         const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-        const scalar_t* X = states.const_data_ptr<scalar_t>();
-        const scalar_t* GS = grad_states.const_data_ptr<scalar_t>();
         // Only read (replay mode), never written.
         scalar_t* pre = preact.defined() ? const_cast<scalar_t*>(preact.const_data_ptr<scalar_t>()) : nullptr;
         scalar_t* wk = blended.defined() ? const_cast<scalar_t*>(blended.const_data_ptr<scalar_t>()) : nullptr;
-        scalar_t* gx = grad_x.data_ptr<scalar_t>();
-        // Per-chunk partial coefficient gradients, reduced below in chunk order.
-        std::vector<std::vector<scalar_t>> pW(chunks), pb(chunks);
-        std::vector<double> plam(chunks, 0.0);
-        // One chunk accumulates straight into the (zeroed) gradients: no partials to reduce.
-        const bool direct = chunks == 1;
-        run_chunks(chunks, [&](int64_t c) {
-          const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rm = R * a.m;
-          if (!direct) {
-            pW[c].assign(nW, scalar_t(0));
-            pb[c].assign(a.has_bias ? nb : 0, scalar_t(0));
-          }
-          scalar_t* gW = direct ? grad_w.data_ptr<scalar_t>() : pW[c].data();
-          scalar_t* gB = direct ? (a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr) : pb[c].data();
-          DenseChunk<scalar_t, M> chunk(a, W, b, R);
-          chunk.set_kept(pre, wk, true, r0);
-          const int64_t Ns = num_saved_states(a.N, a.K);
-          const scalar_t* g_last = GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * a.m;
-          std::vector<scalar_t> z(Rm);
-          chunk.to_chunk(g_last, z.data());
-          chunk_adjoint_sweep(
-              chunk, a.N, a.K, Rm, last_only, z.data(), gW, gB, plam[c],
-              [&](int64_t slot, scalar_t* dst) { chunk.to_chunk(X + (slot * a.B + r0) * a.m, dst); },
-              [&](int64_t slot, scalar_t* zp) { chunk.add_rows(GS + (slot * a.B + r0) * a.m, zp); });
-          chunk.from_chunk(z.data(), gx + r0 * a.m);
-        });
-        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
-                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
+        glam = backward_chunks(bounds, a.N, a.K, a.B, a.m, last_only, states.const_data_ptr<scalar_t>(),
+                               grad_states.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                               grad_w.data_ptr<scalar_t>(), a.n * a.m * a.m,
+                               a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, a.n * a.m,
+                               [&](int64_t r0, int64_t R) {
+                                 DenseChunk<scalar_t, M> chunk(a, W, b, R);
+                                 chunk.set_kept(pre, wk, true, r0);
+                                 return chunk;
+                               });
       });
     });
   }

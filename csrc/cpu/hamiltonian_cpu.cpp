@@ -24,8 +24,9 @@
 // (segments of K steps from the saved checkpoint), as the dense op does: inverting would
 // let rounding errors of the reversed steps into the gradients.
 //
-// Threading, chunking, blending, eq. 23 scatter and the deterministic chunk-order
-// reduction follow dense_cpu.cpp (building blocks in cpu_kernels.h).
+// The dense kernel's building blocks do the rest: the chunks of rows and their sweeps with
+// the chunk-order reduction (parallel.h, sweep.h), the products (matmul.h), the blend and
+// eq. 23 scatter (spline_blend.h).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,21 +40,40 @@
 
 #include "../common/activations.h"
 #include "../common/checks.h"
-#include "../common/bspline.h"
 #include "../common/layer_config.h"
-#include "cpu_kernels.h"  // MatOps, act_forward/act_backward, dot_double, chunk_bounds, run_chunks
+#include "matmul.h"
+#include "parallel.h"
+#include "spline_blend.h"
+#include "sweep.h"
+#include "vec_activations.h"
 
 namespace splinet {
 namespace {
 
 using namespace cpu;
 
-struct HamArgs {
-  int64_t B, m, n, d, L, N, K;
+struct HamArgs : SplineSteps {
+  int64_t B, m;
   Act act;
-  double lam, h;
   bool has_bias, use_gemm;
 };
+
+// (B, 2m) rows [r0, r0 + R) <-> a chunk state (y block, then z block).
+template <typename T>
+void unpack_rows(const T* src, int64_t R, int64_t m, T* dst) {
+  for (int64_t r = 0; r < R; ++r) {
+    std::copy(src + r * 2 * m, src + r * 2 * m + m, dst + r * m);
+    std::copy(src + r * 2 * m + m, src + (r + 1) * 2 * m, dst + (R + r) * m);
+  }
+}
+
+template <typename T>
+void pack_rows(const T* src, int64_t R, int64_t m, T* dst) {
+  for (int64_t r = 0; r < R; ++r) {
+    std::copy(src + r * m, src + (r + 1) * m, dst + r * 2 * m);
+    std::copy(src + (R + r) * m, src + (R + r + 1) * m, dst + r * 2 * m + m);
+  }
+}
 
 // One chunk of rows [r0, r0 + R). A state of the chunk is one buffer of 2 R m values:
 // y (R x m) followed by z (R x m).
@@ -75,6 +95,16 @@ class HamChunk {
     dK_.resize(mm);
     mscratch_.resize(mm);
     w_.resize(a.d + 1);
+  }
+
+  // R rows of a (B, 2m) tensor to and from the chunk's layout (sweep.h).
+  void to_chunk(const T* rows, T* chunk) const { unpack_rows(rows, R_, a_.m, chunk); }
+  void from_chunk(const T* chunk, T* rows) const { pack_rows(chunk, R_, a_.m, rows); }
+  void add_rows(const T* rows, T* chunk) {
+    const int64_t Rs = 2 * R_ * a_.m;
+    if (static_cast<int64_t>(rows_.size()) < Rs) rows_.resize(Rs);
+    unpack_rows(rows, R_, a_.m, rows_.data());
+    for (int64_t e = 0; e < Rs; ++e) chunk[e] += rows_[e];
   }
 
   // The second half reads the first half's output: the adjoint's replay writes it too.
@@ -115,11 +145,7 @@ class HamChunk {
     T* Ap = &A_[q * Rm];
     const T* Kq = &K_[q * m * m];
     ops_.nt(X, Kq, KT(q), Ap);
-    if (a_.has_bias) {
-      const T* bq = &b_[q * m];
-      for (int64_t r = 0; r < R_; ++r)
-        for (int64_t j = 0; j < m; ++j) Ap[r * m + j] += bq[j];
-    }
+    if (a_.has_bias) ops_.add_bias(Ap, &b_[q * m], 0, Rm);
     T* S = &S_[q * Rm];
     act_forward(a_.act, Ap, S, Rm);
     ops_.nn(S, Kq, tmp_.data());
@@ -148,44 +174,21 @@ class HamChunk {
   // K_q, b_q = sum_r b_r(u) * coefficient[k + r][q] at t_i (eq. 14, stage fraction 0).
   void blend(int64_t i) {
     const int64_t m = a_.m, mm = m * m, d = a_.d;
-    double wd[16];
-    k_ = grid_basis<double>(i, 0.0, a_.L, a_.N, static_cast<int>(d), wd);
-    for (int64_t r = 0; r <= d; ++r) w_[r] = T(wd[r]);
-    for (int q = 0; q < 2; ++q) {
-      T* Kq = &K_[q * mm];
-      const T* src = weight_ + (k_ * 2 + q) * mm;
-      for (int64_t e = 0; e < mm; ++e) Kq[e] = w_[0] * src[e];
-      for (int64_t r = 1; r <= d; ++r) {
-        src = weight_ + ((k_ + r) * 2 + q) * mm;
-        for (int64_t e = 0; e < mm; ++e) Kq[e] += w_[r] * src[e];
-      }
-      if (!a_.use_gemm) {
-        T* KTq = &KT_[q * mm];
-        for (int64_t j = 0; j < m; ++j)
-          for (int64_t p = 0; p < m; ++p) KTq[p * m + j] = Kq[j * m + p];
-      }
-      if (a_.has_bias) {
-        T* bq = &b_[q * m];
-        for (int64_t j = 0; j < m; ++j) bq[j] = w_[0] * bias_[(k_ * 2 + q) * m + j];
-        for (int64_t r = 1; r <= d; ++r)
-          for (int64_t j = 0; j < m; ++j) bq[j] += w_[r] * bias_[((k_ + r) * 2 + q) * m + j];
-      }
+    k_ = basis_weights(i, 0.0, a_.L, a_.N, d, w_.data());
+    for (int q = 0; q < 2; ++q) {  // coefficient k + r of half q at (k + r) * 2 + q
+      blend_coefficients(&K_[q * mm], weight_ + (k_ * 2 + q) * mm, 2 * mm, w_.data(), d, 0, mm);
+      if (!a_.use_gemm) transpose_square(&K_[q * mm], m, &KT_[q * mm]);
+      if (a_.has_bias) blend_coefficients(&b_[q * m], bias_ + (k_ * 2 + q) * m, 2 * m, w_.data(), d, 0, m);
     }
   }
 
   // Eq. 23: half q's dL/dK and dL/db go to the coefficient slots (k .. k + d, q).
   void scatter(int q, T* gW, T* gb) {
     const int64_t m = a_.m, mm = m * m, d = a_.d;
-    for (int64_t r = 0; r <= d; ++r) {
-      T* dst = gW + ((k_ + r) * 2 + q) * mm;
-      for (int64_t e = 0; e < mm; ++e) dst[e] += w_[r] * dK_[e];
-    }
+    scatter_coefficients(gW + (k_ * 2 + q) * mm, 2 * mm, dK_.data(), w_.data(), d, 0, mm);
     if (a_.has_bias) {
       ops_.colsum(G_.data(), mscratch_.data());
-      for (int64_t r = 0; r <= d; ++r) {
-        T* dst = gb + ((k_ + r) * 2 + q) * m;
-        for (int64_t j = 0; j < m; ++j) dst[j] += w_[r] * mscratch_[j];
-      }
+      scatter_coefficients(gb + (k_ * 2 + q) * m, 2 * m, mscratch_.data(), w_.data(), d, 0, m);
     }
   }
 
@@ -196,24 +199,8 @@ class HamChunk {
   MatOps<T, M> ops_;
   int64_t k_ = 0;
   std::vector<T> K_, KT_, b_, Xin_, A_, S_, tmp_, kbar_, G_, dK_, mscratch_, w_;
+  std::vector<T> rows_;  // add_rows' unpacked rows
 };
-
-// (B, 2m) rows [r0, r0 + R) <-> a chunk state (y block, then z block).
-template <typename T>
-void unpack_rows(const T* src, int64_t R, int64_t m, T* dst) {
-  for (int64_t r = 0; r < R; ++r) {
-    std::copy(src + r * 2 * m, src + r * 2 * m + m, dst + r * m);
-    std::copy(src + r * 2 * m + m, src + (r + 1) * 2 * m, dst + (R + r) * m);
-  }
-}
-
-template <typename T>
-void pack_rows(const T* src, int64_t R, int64_t m, T* dst) {
-  for (int64_t r = 0; r < R; ++r) {
-    std::copy(src + r * m, src + (r + 1) * m, dst + r * 2 * m);
-    std::copy(src + (R + r) * m, src + (R + r + 1) * m, dst + r * 2 * m + m);
-  }
-}
 
 void check_hamiltonian_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
@@ -238,23 +225,17 @@ void check_hamiltonian_args(const char* op, const at::Tensor& x, const at::Tenso
   // this pair names the Hamiltonian layer.
   TORCH_CHECK_VALUE(std::string(scheme) == "verlet", op, ": scheme must be 'verlet' (the layer's only scheme), got '",
                     std::string(scheme), "'");
-  TORCH_CHECK_VALUE(std::string(variant) == "hamiltonian", op, ": variant must be 'hamiltonian', got '", std::string(variant),
-                    "'");
+  TORCH_CHECK_VALUE(std::string(variant) == "hamiltonian", op, ": variant must be 'hamiltonian', got '",
+                    std::string(variant), "'");
 }
 
 HamArgs make_args(const at::Tensor& x, const at::Tensor& weight, bool has_bias, const at::Tensor& scale,
                   int64_t steps, int64_t degree, c10::string_view activation, int64_t checkpoint) {
   HamArgs a;
+  static_cast<SplineSteps&>(a) = spline_steps(weight.size(0), degree, steps, checkpoint, scale.item<double>());
   a.B = x.size(0);
   a.m = x.size(1) / 2;
-  a.n = weight.size(0);
-  a.d = degree;
-  a.L = a.n - degree;
-  a.N = steps;
-  a.K = checkpoint;
   a.act = parse_activation(std::string(activation));
-  a.lam = scale.item<double>();
-  a.h = 1.0 / static_cast<double>(steps);
   a.has_bias = has_bias;
   a.use_gemm = a.m >= kGemmMinWidth;
   return a;
@@ -286,22 +267,8 @@ at::Tensor spline_hamiltonian_fwd_cpu(const at::Tensor& x_in, const at::Tensor& 
       constexpr int M = decltype(width)::value;
       const scalar_t* W = weight.const_data_ptr<scalar_t>();
       const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* out = states.data_ptr<scalar_t>();
-      const scalar_t* x0 = x.const_data_ptr<scalar_t>();
-      const int64_t row = 2 * a.m;
-      run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
-        const int64_t r0 = bounds[c], R = bounds[c + 1] - r0;
-        HamChunk<scalar_t, M> chunk(a, W, b, R);
-        std::vector<scalar_t> cur(R * row), nxt(R * row);
-        unpack_rows(x0 + r0 * row, R, a.m, cur.data());
-        std::copy(x0 + r0 * row, x0 + (r0 + R) * row, out + r0 * row);
-        for (int64_t i = 0; i < a.N; ++i) {
-          chunk.step(i, cur.data(), nxt.data());
-          std::swap(cur, nxt);
-          const int64_t slot = saved_slot(i + 1, a.N, a.K);
-          if (slot >= 0) pack_rows(cur.data(), R, a.m, out + (slot * a.B + r0) * row);
-        }
-      });
+      forward_chunks(bounds, a.N, a.K, a.B, 2 * a.m, x.const_data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+                     [&](int64_t, int64_t R) { return HamChunk<scalar_t, M>(a, W, b, R); });
     });
   });
   return states;
@@ -331,38 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_hamiltonian_bw
   double glam = 0.0;
   if (a.B > 0) {
     const auto bounds = ham_chunk_bounds(a);
-    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-    const int64_t nW = a.n * 2 * a.m * a.m, nb = a.n * 2 * a.m, row = 2 * a.m;
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_hamiltonian_bwd_cpu", [&] {
       dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
         constexpr int M = decltype(width)::value;
         const scalar_t* W = weight.const_data_ptr<scalar_t>();
         const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-        const scalar_t* X = states.const_data_ptr<scalar_t>();
-        const scalar_t* GS = grad_states.const_data_ptr<scalar_t>();
-        scalar_t* gx = grad_x.data_ptr<scalar_t>();
-        // Per-chunk partial coefficient gradients, reduced below in chunk order.
-        std::vector<std::vector<scalar_t>> pW(chunks), pb(chunks);
-        std::vector<double> plam(chunks, 0.0);
-        run_chunks(chunks, [&](int64_t c) {
-          const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rs = R * row;  // Rs: one chunk state
-          pW[c].assign(nW, scalar_t(0));
-          pb[c].assign(a.has_bias ? nb : 0, scalar_t(0));
-          HamChunk<scalar_t, M> chunk(a, W, b, R);
-          const int64_t Ns = num_saved_states(a.N, a.K);
-          std::vector<scalar_t> g(Rs), gadd(Rs);
-          unpack_rows(GS + ((last_only ? 0 : Ns - 1) * a.B + r0) * row, R, a.m, g.data());
-          chunk_adjoint_sweep(
-              chunk, a.N, a.K, Rs, last_only, g.data(), pW[c].data(), pb[c].data(), plam[c],
-              [&](int64_t slot, scalar_t* dst) { unpack_rows(X + (slot * a.B + r0) * row, R, a.m, dst); },
-              [&](int64_t slot, scalar_t* z) {
-                unpack_rows(GS + (slot * a.B + r0) * row, R, a.m, gadd.data());
-                for (int64_t e = 0; e < Rs; ++e) z[e] += gadd[e];
-              });
-          pack_rows(g.data(), R, a.m, gx + r0 * row);
-        });
-        reduce_partials(pW, pb, plam, grad_w.data_ptr<scalar_t>(),
-                        a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, glam);
+        glam = backward_chunks(bounds, a.N, a.K, a.B, 2 * a.m, last_only, states.const_data_ptr<scalar_t>(),
+                               grad_states.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                               grad_w.data_ptr<scalar_t>(), a.n * 2 * a.m * a.m,
+                               a.has_bias ? grad_b.data_ptr<scalar_t>() : nullptr, a.n * 2 * a.m,
+                               [&](int64_t, int64_t R) { return HamChunk<scalar_t, M>(a, W, b, R); });
       });
     });
   }

@@ -1,6 +1,6 @@
-// float32 GEMM with AVX-512 for the dense CPU kernels' products (MatOps in cpu_kernels.h),
-// used where MKL would run its AVX2 code: on CPUs that are not Intel's, MKL does not take
-// its AVX-512 kernels. Measured on one core of an AMD EPYC (Zen 5), M x K x N = 256 x 64 x 64
+// float32 GEMM with AVX-512 for the dense and Hamiltonian CPU kernels' products (MatOps in
+// matmul.h), used where MKL would run its AVX2 code: on CPUs that are not Intel's, MKL does
+// not take its AVX-512 kernels. Measured on one core of an AMD EPYC (Zen 5), M x K x N = 256 x 64 x 64
 // to 1024^3: MKL 85-91 GFLOP/s, this kernel 174-213 (B packed from rows or, as X W^T reads
 // it, from columns).
 //
@@ -11,9 +11,10 @@
 // zmm accumulators) runs over one K block with fused multiply-adds in k order; the blocks
 // are added to C in k order. So every output is the same sum in the same order whatever the
 // threads (which split the column panels) and wherever the operands sit in memory.
-#include "cpu_kernels.h"
+#include "matmul.h"
 
 #if SPLINET_SGEMM_AVX512
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cstdlib>

@@ -1,5 +1,5 @@
-// float32 tanh over an array, eight lanes at a time with AVX2 + FMA, for the dense CPU
-// kernels' activation arrays (act_forward_part in cpu_kernels.h). The portable
+// float32 tanh over an array, eight lanes at a time with AVX2 + FMA, for the CPU kernels'
+// activation arrays (tanh_f32 in vec_activations.h). The portable
 // tanh_poly loop there is what GCC vectorises for the baseline x86-64 target (SSE, four
 // lanes); built for AVX2 the same scalar loop is not vectorised at all, so this file spells
 // the vectors out (GCC vector extensions) and is compiled for AVX2 + FMA here only, called
@@ -7,7 +7,7 @@
 // contraction changes the rounding of some results, each still within 3 ulp of torch.tanh.
 // Measured on a 512-element array of an x86 Xeon: 0.6-0.9 ns an element, 2.05 for the
 // baseline loop.
-#include "cpu_kernels.h"
+#include "vec_activations.h"
 
 #if SPLINET_TANH_AVX2
 #pragma GCC push_options
