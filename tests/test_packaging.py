@@ -1,5 +1,5 @@
 """The source distribution builds: it holds every source and every header the sources include
-(it once missed csrc/common/*.h, csrc/cpu/cpu_kernels.h and csrc/cuda/*, so installing it failed
+(it once missed the csrc/common/ and csrc/cpu/ headers and csrc/cuda/*, so installing it failed
 with "activations.h: No such file or directory"), the Python packages, README and LICENSE, and
 no tests that import what it does not ship."""
 import os
