@@ -29,6 +29,13 @@ def pytest_configure(config):
         "markers", "backend_op(name): the `backend` fixture skips backends with no kernel of splinet_cuda::<name>")
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable ids for dtypes wherever a test parametrizes over them ("f32", not "dtype0")."""
+    if isinstance(val, torch.dtype):
+        return DTYPE_IDS.get(val, str(val).removeprefix("torch."))
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -51,7 +58,7 @@ def device(backend):
     return helpers.backend_device(backend)
 
 
-@pytest.fixture(params=[torch.float64, torch.float32], ids=lambda dt: DTYPE_IDS[dt])
+@pytest.fixture(params=[torch.float64, torch.float32])
 def dtype(request):
     """The dtypes every backend takes (bf16/fp16 only on the GPU backends, tested there)."""
     return request.param

@@ -221,9 +221,9 @@ def assert_all_close(got, ref, names: Sequence[str] = (), **tol) -> None:
 def assert_all_close_scaled(got, ref, names: Sequence[str] = (), **tol) -> None:
     """assert_all_close after dividing each pair by the reference's largest magnitude (at least
     1e-3): bf16/fp16 results, whose error scales with the tensor's range, not each element."""
-    scaled = [(g.double().cpu() / r.abs().max().clamp_min(1e-3).cpu(), r.double().cpu() / r.abs().max().clamp_min(1e-3).cpu())
-              for g, r in zip(got, ref)]
-    assert_all_close([g for g, _ in scaled], [r for _, r in scaled], names, **tol)
+    got, ref = [g.double().cpu() for g in got], [r.double().cpu() for r in ref]
+    scales = [r.abs().max().clamp_min(1e-3) for r in ref]
+    assert_all_close([g / c for g, c in zip(got, scales)], [r / c for r, c in zip(ref, scales)], names, **tol)
 
 
 LAYER_RESULTS = ["out", "grad x", "grad weight", "grad bias (or scale)", "grad scale"]

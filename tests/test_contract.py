@@ -179,7 +179,7 @@ def _emulated(layer):
     def ops():
         import emulation
 
-        return (getattr(emulation.ops, f"cuda_{layer}_fwd_emulated"), getattr(emulation.ops, f"cuda_{layer}_bwd_emulated"))
+        return tuple(getattr(emulation.ops, f"cuda_{layer}_{half}_emulated") for half in ("fwd", "bwd"))
     return ops
 
 

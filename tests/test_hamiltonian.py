@@ -91,10 +91,12 @@ def test_empty_batch():
     assert torch.equal(gw, torch.zeros_like(gw))
 
 
-def test_float32():
+def test_dtypes(dtype, tol):
+    """float32 and float64 inputs against the float64 reference on the same values."""
     args64 = make(5, 4, 3, 2)
-    args32 = tuple(t.detach().float().requires_grad_() for t in args64)
-    assert_match(args32, ref_args=args64, steps=6, degree=2, activation="tanh")
+    args = tuple(t.detach().to(dtype).requires_grad_() for t in args64)
+    assert_matches_reference(sc.spline_ode_hamiltonian, args, backend="cpu", ref_args=args64, tol=tol,
+                             names=HAMILTONIAN_RESULTS, steps=6, degree=2, activation="tanh")
 
 
 def test_thread_count_does_not_change_results():
