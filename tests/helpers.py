@@ -32,8 +32,9 @@ EMULATED_TOL = {torch.float64: dict(rtol=1e-11, atol=1e-12), torch.float32: dict
 
 
 def tolerance(dtype: torch.dtype, backend: str = "cpu") -> dict:
-    """rtol/atol for comparing ``backend``'s results in ``dtype`` with the reference's."""
-    return (TRITON_TOL if backend == "triton" else TOL)[dtype]
+    """rtol/atol for comparing ``backend``'s results in ``dtype`` with the reference's (the
+    emulated CUDA driver's with the CPU kernel's)."""
+    return {"triton": TRITON_TOL, "cuda-emulated": EMULATED_TOL}.get(backend, TOL)[dtype]
 
 
 def grid(variants: Sequence[str], schemes: Sequence[str] = SCHEMES, acts: Sequence[str] = ACTS):
@@ -49,11 +50,6 @@ def grid_id(case) -> str:
 
 # --- backends --------------------------------------------------------------------------
 
-#: Every backend name a test may ask for; "cuda-emulated" is the CUDA driver run on the CPU
-#: by the test-only extension (tests/emulation.py).
-BACKENDS = ("cpu", "cuda", "triton", "cuda-emulated")
-
-
 def backend_device(backend: str) -> str:
     """The device whose tensors a backend takes here: CUDA for the GPU backends when there is
     a GPU (Triton otherwise runs CPU tensors in its interpreter)."""
@@ -64,7 +60,8 @@ def backend_device(backend: str) -> str:
 
 def backend_skip_reason(backend: str, op: str | None = None) -> str | None:
     """Why ``backend`` (and, when given, its kernel of ``splinet_cuda::<op>``) cannot run
-    here, or None when it can."""
+    here, or None when it can. Besides sc.available_backends()'s names, "cuda-emulated" is the
+    CUDA driver run on the CPU by the test-only extension (tests/emulation.py)."""
     if backend == "cuda-emulated":
         import emulation
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import splinet_cuda as sc
-from helpers import (EMULATED_TOL, HALF_TOL, OP_RESULTS, TOL, VARIANTS, assert_all_close, assert_all_close_scaled,
-                     dense_inputs, grid, num_threads, requires)
+from helpers import (HALF_TOL, OP_RESULTS, TOL, VARIANTS, assert_all_close, assert_all_close_scaled,
+                     dense_inputs, grid, num_threads, requires, tolerance)
 
 import emulation  # tests/emulation.py: the test-only extension
 
@@ -24,7 +24,7 @@ needs_gpu = requires("cuda", "spline_dense_fwd")
 
 SMALL, LARGE, FUSED = 1, 2, 3  # FUSED: the large path through the blended GEMM (blend_gemm.h)
 PATHS = [SMALL, LARGE, FUSED]
-F64, F32 = EMULATED_TOL[torch.float64], EMULATED_TOL[torch.float32]
+F64, F32 = tolerance(torch.float64, "cuda-emulated"), tolerance(torch.float32, "cuda-emulated")
 
 
 def tile_of(path, rows):
