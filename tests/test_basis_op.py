@@ -1,14 +1,13 @@
 """The C++ basis (csrc/common/bspline.h, through the registered basis_table op) against
-the Python basis, on every device the extension is built for."""
+the Python basis, on every device the extension is built for (its opcheck and torch.compile
+checks are in test_contract.py)."""
 import pytest
 import torch
 
 import splinet_cuda as sc
-from splinet_cuda import _ext
+from helpers import requires
 
-pytestmark = pytest.mark.skipif(not _ext.has_op("basis_table"), reason=f"splinet_cuda._C not built: {_ext.LOAD_ERROR}")
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ext.has_kernel("basis_table", "CUDA") else [])
+pytestmark = requires("cpu", "basis_table")
 
 
 def _times(knots):
@@ -16,10 +15,11 @@ def _times(knots):
     return torch.cat([torch.tensor([0.0, 1.0]), on_knots, torch.rand(50, dtype=torch.float64)])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)
 @pytest.mark.parametrize("degree", [0, 1, 2, 3, 5])
 @pytest.mark.parametrize("knots", [1, 3, 8])
-def test_basis_op_matches_python(device, degree, knots):
+@pytest.mark.backend_op("basis_table")
+def test_basis_op_matches_python(backend, device, degree, knots):
     t = _times(knots)
     k, w = torch.ops.splinet_cuda.basis_table(t.to(device), knots, degree)
     assert k.dtype == torch.int64 and w.shape == (t.numel(), degree + 1)
@@ -69,12 +69,6 @@ def test_basis_op_rejects_bad_args():
         torch.ops.splinet_cuda.basis_table(t, 3, -1)
     with pytest.raises(TypeError, match="float32 or float64"):
         torch.ops.splinet_cuda.basis_table(torch.tensor([0], dtype=torch.int64), 3, 1)
-
-
-def test_basis_op_opcheck():
-    t = torch.rand(9, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.splinet_cuda.basis_table.default, (t, 4, 3))
-    torch.library.opcheck(torch.ops.splinet_cuda.basis_table.default, (t.float(), 1, 0))
 
 
 def test_header_host_build(tmp_path):

@@ -15,30 +15,24 @@ import pytest
 import torch
 
 import splinet_cuda as sc
-from splinet_cuda import _ext
+from helpers import (ACTS, CONV_VARIANTS, HALF_TOL, OP_RESULTS, assert_all_close,
+                     assert_all_close_scaled, conv_inputs, outputs_and_grads, requires, tolerance)
 
 import emulation  # tests/emulation.py: the test-only extension
 
 ops = torch.ops.splinet_cuda
 emu = emulation.ops
-HAS_EMU = emulation.AVAILABLE
-HAS_CUDA = ("cuda" in sc.available_backends() and torch.cuda.is_available()
-            and _ext.has_kernel("spline_conv_fwd", "CUDA"))
-needs_emu = pytest.mark.skipif(not HAS_EMU, reason=emulation.SKIP_REASON)
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
+needs_emu = requires("cuda-emulated")
+needs_gpu = requires("cuda", "spline_conv_fwd")
+F64, F32 = tolerance(torch.float64, "cuda-emulated"), tolerance(torch.float32, "cuda-emulated")
 
 SPATIAL = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}
 KERNEL = {1: (3,), 2: (3, 1), 3: (3, 3, 1)}
 
 
-def make(sd, *, B=2, C=3, L=2, d=2, dtype=torch.float64, bias=True, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, *SPATIAL[sd], generator=g, dtype=torch.float64)
-    w = torch.randn(L + d, C, C, *KERNEL[sd], generator=g, dtype=torch.float64) * 0.3
-    b = torch.randn(L + d, C, generator=g, dtype=torch.float64) * 0.3 if bias else None
-    s = torch.tensor(1.2, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
-    return cast(x), cast(w), cast(b), cast(s)
+def make(sd, **kw):
+    """Inputs without grad (the ops are called directly) on these spatial sizes and kernels."""
+    return conv_inputs(sd, spatial=SPATIAL[sd], k=KERNEL[sd], wscale=0.3, scale=1.2, requires_grad=False, **kw)
 
 
 def cpu_op(args, cfg, grad=None):
@@ -47,14 +41,12 @@ def cpu_op(args, cfg, grad=None):
     return states, grad, ops.spline_conv_bwd(grad, states, *args[1:], *cfg)
 
 
-def assert_all_close(got, ref, **tol):
-    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"], got, ref):
-        torch.testing.assert_close(g, r, **tol, msg=lambda msg: f"{name}: {msg}")
+def assert_ops_close(got, ref, **tol):
+    assert_all_close(got, ref, OP_RESULTS, **tol)
 
 
 GRID = [(sd, v, s, a, i % 4, i % 3 != 0) for i, (sd, v, s, a) in enumerate(
-    itertools.product([1, 2, 3], ["standard", "symmetric"], ["euler", "rk4", "midpoint"],
-                      ["identity", "relu", "tanh", "sigmoid", "softplus"]))]
+    itertools.product([1, 2, 3], CONV_VARIANTS, ["euler", "rk4", "midpoint"], ACTS))]
 
 
 DIRECT, CUDNN = 1, 2
@@ -76,7 +68,7 @@ def test_emulated_matches_cpu_kernel(path, sd, variant, scheme, activation, degr
     cfg = (5, degree, activation, scheme, variant, 0.0, 2)
     states, grad, ref = cpu_op(args, cfg)
     got = emulated(args, cfg, grad, states, path, blocks=2)
-    assert_all_close(got, [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close(got, [states, *ref], **F64)
 
 
 @needs_emu
@@ -91,7 +83,7 @@ def test_emulated_direct_program_with_thread_teams(sd, variant, scheme, activati
     states, grad, ref = cpu_op(args, cfg)
     for threads in (3, 8):
         got = emulated(args, cfg, grad, states, DIRECT, blocks=2, threads=threads)
-        assert_all_close(got, [states, *ref], rtol=1e-11, atol=1e-12)
+        assert_ops_close(got, [states, *ref], **F64)
 
 
 @needs_emu
@@ -101,13 +93,13 @@ def test_emulated_edge_shapes_and_last_only(path, B, C, N, K):
     args = make(2, B=B, C=C, d=1, seed=B + C)
     cfg = (N, 1, "tanh", "rk4_38", "standard", 0.0, K)
     states, grad, ref = cpu_op(args, cfg)
-    assert_all_close(emulated(args, cfg, grad, states, path), [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close(emulated(args, cfg, grad, states, path), [states, *ref], **F64)
     g_last = torch.randn_like(states[-1])
     full = torch.zeros_like(states)
     full[-1] = g_last
     a = emu.cuda_conv_bwd_emulated(g_last, states, *args[1:], *cfg, path, 0, 1)
     c = emu.cuda_conv_bwd_emulated(full, states, *args[1:], *cfg, path, 0, 1)
-    assert_all_close(a, c, rtol=0, atol=0)
+    assert_ops_close(a, c, rtol=0, atol=0)
 
 
 @needs_emu
@@ -116,14 +108,14 @@ def test_emulated_float32_and_wide_kernels(path):
     args = make(2, C=4, d=3, dtype=torch.float32)
     cfg = (6, 3, "relu", "rk4", "symmetric", 0.0, 1)
     states, grad, ref = cpu_op(args, cfg)
-    assert_all_close(emulated(args, cfg, grad, states, path), [states, *ref], rtol=2e-5, atol=2e-5)
+    assert_ops_close(emulated(args, cfg, grad, states, path), [states, *ref], **F32)
     # 5 x 5 kernel wider than the 5 x 4 plane: every offset clipped on some side.
     g = torch.Generator().manual_seed(3)
     x, w, b, s = make(2, C=2, d=1)
     w = torch.randn(3, 2, 2, 5, 5, generator=g, dtype=torch.float64) * 0.2
     cfg = (3, 1, "softplus", "midpoint", "standard", 0.0, 1)
     states, grad, ref = cpu_op((x, w, b, s), cfg)
-    assert_all_close(emulated((x, w, b, s), cfg, grad, states, path), [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close(emulated((x, w, b, s), cfg, grad, states, path), [states, *ref], **F64)
 
 
 def test_tf32_is_off_in_tests():
@@ -144,18 +136,14 @@ def test_emulated_accepts_scale_of_another_dtype(path):
     states, grad, ref = cpu_op((x, w, b, s), cfg)
     got = emulated((x, w, b, s), cfg, grad, states, path)
     assert ref[3].dtype == got[4].dtype == torch.float64
-    assert_all_close(got, [states, *ref], rtol=2e-5, atol=2e-5)
+    assert_ops_close(got, [states, *ref], **F32)
 
 
 @needs_emu
-def test_emulated_ops_opcheck_and_errors():
+def test_emulated_ops_reject_bad_args():
+    """(Their opcheck is in test_contract.py.)"""
     x, w, b, s = make(1, d=1)
     cfg = (3, 1, "tanh", "euler", "standard", 0.0, 2)
-    for path in (DIRECT, CUDNN):
-        torch.library.opcheck(emu.cuda_conv_fwd_emulated.default, (x, w, b, s, *cfg, path, 1, 1))
-        states = ops.spline_conv_fwd(x, w, b, s, *cfg)
-        torch.library.opcheck(emu.cuda_conv_bwd_emulated.default,
-                              (torch.randn_like(states), states, w, b, s, *cfg, path, 1, 1))
     with pytest.raises(ValueError, match="antisymmetric"):
         emu.cuda_conv_fwd_emulated(x, w, b, s, 3, 1, "tanh", "euler", "antisymmetric", 0.0, 1, 0, 0, 1)
     with pytest.raises(ValueError, match="odd"):
@@ -172,11 +160,8 @@ def test_emulated_ops_opcheck_and_errors():
 # --------------------------------------------------------------------------- on a GPU
 
 
-def _run(backend, x, w, b, s, **kw):
-    y = sc.spline_ode_conv(x, w, b, s, backend=backend, **kw)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
-    loss = (y.sin() * probe).sum()
-    return [y.detach()] + list(torch.autograd.grad(loss, [t for t in (x, w, b, s) if t is not None]))
+def _run(backend, *args, **kw):
+    return outputs_and_grads(sc.spline_ode_conv, *args, backend=backend, **kw)
 
 
 @needs_gpu
@@ -190,15 +175,11 @@ def test_cuda_matches_reference(C, sd, variant, scheme, activation, degree, bias
 
 
 @needs_gpu
-def test_cuda_gradcheck_and_opcheck():
+def test_cuda_gradcheck():
+    """(The CUDA ops' opcheck is in test_contract.py.)"""
     x, w, b, s = [t.cuda().requires_grad_() for t in make(2, d=2)]
     kw = dict(steps=3, degree=2, activation="tanh", scheme="rk4", variant="symmetric", backend="cuda")
     assert torch.autograd.gradcheck(lambda *a: sc.spline_ode_conv(*a, **kw), (x, w, b, s))
-    cfg = (3, 2, "tanh", "rk4", "symmetric", 0.0, 2)
-    torch.library.opcheck(ops.spline_conv_fwd.default, (x.detach(), w.detach(), b.detach(), s.detach(), *cfg))
-    states = ops.spline_conv_fwd(x.detach(), w.detach(), b.detach(), s.detach(), *cfg)
-    torch.library.opcheck(ops.spline_conv_bwd.default,
-                          (torch.randn_like(states), states, w.detach(), b.detach(), s.detach(), *cfg))
 
 
 @needs_gpu
@@ -208,7 +189,4 @@ def test_cuda_half_precision(dtype):
     args = [t.detach().to(dtype).requires_grad_() for t in ref_args]
     kw = dict(steps=8, degree=3, activation="relu", scheme="euler")
     got, ref = _run("cuda", *args, **kw), _run("reference", *ref_args, **kw)
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
-    for g, r in zip(got, ref):
-        scale = r.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(g.double() / scale, r / scale, **tol)
+    assert_all_close_scaled(got, ref, **HALF_TOL[dtype])

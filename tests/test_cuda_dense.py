@@ -8,28 +8,23 @@ tolerances, bitwise float64) and by the whole of test_fused_dense.py (backend "c
 
 Legend: B batch, m width, n = L + d coefficients, d degree, N steps, K checkpoint interval.
 """
-import itertools
-
 import pytest
 import torch
 
 import splinet_cuda as sc
-from splinet_cuda import _ext
+from helpers import (HALF_TOL, OP_RESULTS, TOL, VARIANTS, assert_all_close, assert_all_close_scaled,
+                     dense_inputs, grid, num_threads, requires, tolerance)
 
 import emulation  # tests/emulation.py: the test-only extension
 
 ops = torch.ops.splinet_cuda
 emu = emulation.ops
-HAS_EMU = emulation.AVAILABLE
-HAS_CUDA = "cuda" in sc.available_backends() and torch.cuda.is_available()
-needs_emu = pytest.mark.skipif(not HAS_EMU, reason=emulation.SKIP_REASON)
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs the CUDA extension and a GPU")
+needs_emu = requires("cuda-emulated")
+needs_gpu = requires("cuda", "spline_dense_fwd")
 
-ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
-SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
-VARIANTS = ["standard", "symmetric", "antisymmetric"]
 SMALL, LARGE, FUSED = 1, 2, 3  # FUSED: the large path through the blended GEMM (blend_gemm.h)
 PATHS = [SMALL, LARGE, FUSED]
+F64, F32 = tolerance(torch.float64, "cuda-emulated"), tolerance(torch.float32, "cuda-emulated")
 
 
 def tile_of(path, rows):
@@ -37,14 +32,9 @@ def tile_of(path, rows):
     return 64 if path == FUSED else rows
 
 
-def make(B, m, L, d, *, dtype=torch.float64, bias=True, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, m, generator=g, dtype=torch.float64)
-    w = torch.randn(L + d, m, m, generator=g, dtype=torch.float64) * (0.8 / m ** 0.5)
-    b = torch.randn(L + d, m, generator=g, dtype=torch.float64) * 0.3 if bias else None
-    s = torch.tensor(1.3, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
-    return cast(x), cast(w), cast(b), cast(s)
+def make(B, m, L, d, **kw):
+    """Inputs without grad: the ops are called directly."""
+    return dense_inputs(B, m, L, d, requires_grad=False, **kw)
 
 
 def cpu_op(x, w, b, s, cfg, grad=None):
@@ -61,12 +51,11 @@ def emulated(x, w, b, s, cfg, grad, path, tile_rows=0, blocks=0, states=None, th
     return got, emu.cuda_dense_bwd_emulated(grad, states, w, b, s, *cfg, path, tile_rows, blocks, threads)
 
 
-def assert_all_close(got, ref, **tol):
-    for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"], got, ref):
-        torch.testing.assert_close(g, r, **tol, msg=lambda msg: f"{name}: {msg}")
+def assert_ops_close(got, ref, **tol):
+    assert_all_close(got, ref, OP_RESULTS, **tol)
 
 
-GRID = [(v, s, a, i % 4, i % 3 != 0) for i, (v, s, a) in enumerate(itertools.product(VARIANTS, SCHEMES, ACTS))]
+GRID = grid(VARIANTS)
 
 
 @needs_emu
@@ -79,7 +68,7 @@ def test_emulated_matches_cpu_kernel(path, variant, scheme, activation, degree, 
     cfg = (8, degree, activation, scheme, variant, 0.25, 3)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=tile_of(path, 3), blocks=2, states=states)
-    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close([got_states, *got], [states, *ref], **F64)
 
 
 @needs_emu
@@ -95,7 +84,7 @@ def test_emulated_small_program_with_thread_teams(variant, scheme, activation, b
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     for threads in (3, 7):
         got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, tile_rows=3, blocks=2, states=states, threads=threads)
-        assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+        assert_ops_close([got_states, *got], [states, *ref], **F64)
 
 
 @needs_emu
@@ -108,7 +97,7 @@ def test_emulated_edge_shapes(path, B, m, N, L, K):
         cfg = (N, degree, "tanh", "rk4", "standard", 0.0, K)
         states, grad, ref = cpu_op(x, w, b, s, cfg)
         got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
-        assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+        assert_ops_close([got_states, *got], [states, *ref], **F64)
 
 
 @needs_emu
@@ -125,8 +114,8 @@ def test_emulated_last_only_gradient(path, checkpoint):
     _, a = emulated(x, w, b, s, cfg, g_last, path, tile_rows=tile_of(path, 4), states=states)
     _, c = emulated(x, w, b, s, cfg, full, path, tile_rows=tile_of(path, 4), states=states)
     _, _, ref = cpu_op(x, w, b, s, cfg, grad=full)
-    assert_all_close(a, c, rtol=0, atol=0)
-    assert_all_close(a, ref, rtol=1e-11, atol=1e-12)
+    assert_ops_close(a, c, rtol=0, atol=0)
+    assert_ops_close(a, ref, **F64)
 
 
 @needs_emu
@@ -136,7 +125,7 @@ def test_emulated_float32(path):
     cfg = (12, 3, "tanh", "rk4", "standard", 0.0, 1)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
-    assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+    assert_ops_close([got_states, *got], [states, *ref], **F32)
 
 
 @needs_emu
@@ -148,12 +137,8 @@ def test_emulated_small_path_bitwise_float64(activation, variant, scheme):
     but the scale's (summed in another order) agree bit for bit."""
     x, w, b, s = make(6, 5, 3, 2)
     cfg = (10, 2, activation, scheme, variant, 0.5, 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one CPU chunk
-    try:
+    with num_threads(1):  # one CPU chunk
         states, grad, ref = cpu_op(x, w, b, s, cfg)
-    finally:
-        torch.set_num_threads(threads)
     got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, tile_rows=6, blocks=1)
     for name, g, r in zip(["states", "grad_x", "grad_weight", "grad_bias"], [got_states, *got[:3]], [states, *ref[:3]]):
         assert torch.equal(g, r), name
@@ -172,7 +157,7 @@ def test_emulated_noncontiguous_inputs(path):
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     got_states, got = emulated(xn, wn, bn, s, cfg, grad.transpose(1, 2).contiguous().transpose(1, 2), path,
                                states=states.transpose(1, 2).contiguous().transpose(1, 2))
-    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close([got_states, *got], [states, *ref], **F64)
 
 
 @needs_emu
@@ -193,7 +178,7 @@ def test_emulated_fused_gemm_ragged_tiles(tile, degree, variant, scheme, activat
     for threads in (1, 3, 8, 11):
         got_states, got = emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=2, states=states,
                                    threads=threads)
-        assert_all_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
+        assert_ops_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
 
 
 @needs_emu
@@ -204,19 +189,14 @@ def test_emulated_large_width_paths_agree():
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     for path in (0, *PATHS):
         got_states, got = emulated(x, w, b, s, cfg, grad, path, states=states)
-        assert_all_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
+        assert_ops_close([got_states, *got], [states, *ref], rtol=1e-10, atol=1e-11)
 
 
 @needs_emu
-def test_emulated_ops_opcheck_and_errors():
+def test_emulated_ops_reject_bad_args():
+    """(Their opcheck is in test_contract.py.)"""
     x, w, b, s = make(3, 4, 2, 1)
     cfg = (4, 1, "tanh", "rk4", "standard", 0.0, 2)
-    torch.library.opcheck(emu.cuda_dense_fwd_emulated.default, (x, w, b, s, *cfg, SMALL, 2, 1, 1))
-    states = ops.spline_dense_fwd(x, w, b, s, *cfg)
-    torch.library.opcheck(emu.cuda_dense_bwd_emulated.default,
-                          (torch.randn_like(states), states, w, b, s, *cfg, LARGE, 0, 0, 1))
-    torch.library.opcheck(emu.cuda_dense_bwd_emulated.default,
-                          (torch.randn_like(states), states, w, b, s, *cfg, FUSED, 64, 0, 1))
     with pytest.raises(ValueError, match="path"):
         emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, 4, 0, 0, 1)
     with pytest.raises(ValueError, match="tile"):
@@ -243,7 +223,7 @@ def test_emulated_accepts_scale_of_another_dtype(path):
         states, grad, ref = cpu_op(x, w, b, s, cfg)
         got_states, got = emulated(x, w, b, s, cfg, grad, path, tile_rows=tile_of(path, 2), states=states)
         assert ref[3].dtype == got[3].dtype == s.dtype
-        assert_all_close([got_states, *got], [states, *ref], rtol=2e-5, atol=2e-5)
+        assert_ops_close([got_states, *got], [states, *ref], **F32)
     for op in (lambda s: ops.spline_dense_fwd(x, w, b, s, *cfg),
                lambda s: emu.cuda_dense_fwd_emulated(x, w, b, s, *cfg, path, tile_of(path, 2), 0, 1)):
         with pytest.raises(TypeError, match="scale"):
@@ -260,7 +240,7 @@ def test_emulated_small_rows_spread_over_multiprocessors(B, blocks, threads):
     cfg = (9, 3, "softplus", "rk4", "symmetric", 0.0, 4)
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     got_states, got = emulated(x, w, b, s, cfg, grad, SMALL, blocks=blocks, states=states, threads=threads)
-    assert_all_close([got_states, *got], [states, *ref], rtol=1e-11, atol=1e-12)
+    assert_ops_close([got_states, *got], [states, *ref], **F64)
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -277,7 +257,7 @@ def test_cuda_matches_cpu_kernel(m, variant, scheme, activation):
     dev = [t.cuda() for t in (x, w, b, s)]
     got_states = ops.spline_dense_fwd(*dev, *cfg)
     got = ops.spline_dense_bwd(grad.cuda(), states.cuda(), *dev[1:], *cfg)
-    assert_all_close([t.cpu() for t in (got_states, *got)], [states, *ref], rtol=1e-10, atol=1e-11)
+    assert_ops_close([t.cpu() for t in (got_states, *got)], [states, *ref], rtol=1e-10, atol=1e-11)
 
 
 @needs_gpu
@@ -303,12 +283,8 @@ def test_cuda_bitwise_float64(activation, degree):
     steps over 7 knot intervals evaluate the basis at 4000 stage times."""
     x, w, b, s = make(6, 5, 7, degree)
     cfg = (1000, degree, activation, "rk4", "standard", 0.0, 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         states, grad, ref = cpu_op(x, w, b, s, cfg)
-    finally:
-        torch.set_num_threads(threads)
     dev = [t.cuda() for t in (x, w, b, s)]
     got_states = ops.spline_dense_fwd(*dev, *cfg)
     got = ops.spline_dense_bwd(grad.cuda(), states.cuda(), *dev[1:], *cfg)
@@ -330,18 +306,10 @@ def test_cuda_half_precision(dtype, m):
     probe = torch.randn_like(y_ref)
     y_ref.backward(probe)
     y.backward(probe.to(dtype))
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    tol = HALF_TOL[dtype]
     torch.testing.assert_close(y.double(), y_ref.detach(), **tol)
-    for a, r in zip(args, ref_args):
-        scale = r.grad.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(a.grad.double() / scale, r.grad / scale, **tol)
-
-
-def assert_close_scaled(got, ref, names, **tol):
-    """Each tensor compared after dividing both by the reference's largest magnitude."""
-    for name, g, r in zip(names, got, ref):
-        scale = r.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(g.double().cpu() / scale, r / scale, **tol, msg=lambda msg: f"{name}: {msg}")
+    assert_all_close_scaled([a.grad for a in args], [r.grad for r in ref_args], ["grad x", "grad weight", "grad bias",
+                                                                                 "grad scale"], **tol)
 
 
 @needs_gpu
@@ -361,10 +329,8 @@ def test_cuda_large_width_gemm_paths(monkeypatch, gemm, dtype, variant, scheme, 
     dev = [t.to(dtype).cuda() for t in (x, w, b, s)]
     got_states = ops.spline_dense_fwd(*dev, *cfg)
     got = ops.spline_dense_bwd(grad.to(dtype).cuda(), states.to(dtype).cuda(), *dev[1:], *cfg)
-    tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
-           torch.bfloat16: dict(rtol=5e-2, atol=5e-2), torch.float16: dict(rtol=1e-2, atol=1e-2)}[dtype]
-    assert_close_scaled([got_states, *got], [states, *ref], ["states", "grad_x", "grad_weight", "grad_bias", "grad_scale"],
-                        **tol)
+    tol = {**TOL, torch.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+    assert_all_close_scaled([got_states, *got], [states, *ref], OP_RESULTS, **tol)
 
 
 @needs_gpu
@@ -390,10 +356,10 @@ def test_emulated_split_k_weight_gradient(tile, variant):
     states, grad, ref = cpu_op(x, w, b, s, cfg)
     runs = [emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=16, states=states, threads=t)[1]
             for t in (1, 1, 8)]
-    assert_all_close([states, *runs[0]], [states, *ref], rtol=1e-10, atol=1e-11)
+    assert_ops_close([states, *runs[0]], [states, *ref], rtol=1e-10, atol=1e-11)
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
             assert torch.equal(a, c)
     unsplit = emulated(x, w, b, s, cfg, grad, FUSED, tile_rows=tile, blocks=1, states=states)[1]
-    assert_all_close([states, *unsplit], [states, *ref], rtol=1e-10, atol=1e-11)
+    assert_ops_close([states, *unsplit], [states, *ref], rtol=1e-10, atol=1e-11)
     assert not torch.equal(unsplit[1], runs[0][1])

@@ -1,58 +1,39 @@
 """The fused CPU Hamiltonian (Verlet) layer against the pure-PyTorch reference: forward and
-every gradient over degrees, activations, bias, checkpointing and edge shapes; gradcheck,
-opcheck, torch.compile; the dispatcher, the layer and argument checks.
+every gradient over degrees, activations, bias, checkpointing and edge shapes; gradcheck; the
+dispatcher, the layer and argument checks. The ops' opcheck and torch.compile checks are in
+test_contract.py.
 
 Legend: B batch, m width of each state (x = [y | z] is (B, 2m)), n = L + d coefficients,
 d degree, N steps, K checkpoint interval.
 """
+import functools
 import itertools
 
 import pytest
 import torch
 
 import splinet_cuda as sc
-from conftest import check_model_compiles  # noqa: E402  (tests/ is on sys.path)
-from splinet_cuda import _autograd, _dispatch, _ext, reference
+from helpers import (ACTS, HAMILTONIAN_RESULTS, TOL, assert_matches_reference,
+                     hamiltonian_inputs, num_threads, outputs_and_grads, requires)
+from splinet_cuda import _autograd, _dispatch, reference
 
-ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
-
-pytestmark = pytest.mark.skipif(not _ext.has_kernel("spline_hamiltonian_fwd", "CPU"),
-                                reason="fused CPU Hamiltonian kernels not built")
+pytestmark = requires("cpu", "spline_hamiltonian_fwd")
 
 OPS = lambda: (torch.ops.splinet_cuda.spline_hamiltonian_fwd, torch.ops.splinet_cuda.spline_hamiltonian_bwd)
 
 
 def make(B, m, L, d, *, dtype=torch.float64, bias=True, seed=0, scale_tensor=True):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randn(B, m, generator=g, dtype=torch.float64)
-    z = torch.randn(B, m, generator=g, dtype=torch.float64)
-    w = torch.randn(L + d, 2, m, m, generator=g, dtype=torch.float64) * (0.8 / m ** 0.5)
-    b = torch.randn(L + d, 2, m, generator=g, dtype=torch.float64) * 0.3 if bias else None
-    s = torch.tensor(1.3, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
-    y, z, w, b, s = cast(y), cast(z), cast(w), cast(b), cast(s)
-    return y, z, w, b, (s if scale_tensor else 1.3)
+    return hamiltonian_inputs(B, m, L, d, dtype=dtype, bias=bias, seed=seed, learn_scale=scale_tensor)
 
 
-def run(backend, y, z, w, b, s, *, trajectory=False, **kw):
-    """(y_N, z_N) (or trajectories) and the gradients of a fixed nonlinear loss wrt every input."""
-    out = sc.spline_ode_hamiltonian(y, z, w, b, s, backend=backend, return_trajectory=trajectory, **kw)
-    loss = 0
-    for k, o in enumerate(out):
-        probe = torch.linspace(-1, 1 + k, o.numel(), dtype=o.dtype).reshape(o.shape)
-        loss = loss + ((o.sin() if k == 0 else o.cos()) * probe).sum()
-    inputs = [t for t in (y, z, w, b, s) if isinstance(t, torch.Tensor) and t.requires_grad]
-    return [o.detach() for o in out] + list(torch.autograd.grad(loss, inputs))
+run = functools.partial(outputs_and_grads, sc.spline_ode_hamiltonian)
 
 
-def assert_match(args, dtype=torch.float64, ref_args=None, **kw):
-    got = run("cpu", *args, **kw)
-    ref = run("reference", *(ref_args or args), **{k: v for k, v in kw.items() if k != "checkpoint"})
-    assert len(got) == len(ref)
-    names = ["y_N", "z_N", "y", "z", "weight", "bias/scale", "scale"]
-    for name, g, r in zip(names, got, ref):
-        torch.testing.assert_close(g, r.to(g.dtype), **TOL[dtype], msg=lambda msg: f"{name}: {msg}")
+def assert_match(args, ref_args=None, **kw):
+    """(y_N, z_N) (or trajectories) and the gradients of a fixed nonlinear loss wrt every input,
+    on the CPU kernel and on the reference."""
+    assert_matches_reference(sc.spline_ode_hamiltonian, args, backend="cpu", ref_args=ref_args,
+                             names=HAMILTONIAN_RESULTS, **kw)
 
 
 # Every activation x degree x bias, checkpoint 1 or 3 alternating.
@@ -71,7 +52,7 @@ def test_matches_reference(activation, degree, bias, checkpoint):
     (7, 3, True), (9, 2, False), (10, 20, False), (5, None, True)])
 def test_steps_checkpoint_trajectory(steps, checkpoint, trajectory):
     args = make(4, 2, 2, 2, seed=steps)
-    assert_match(args, steps=steps, degree=2, activation="tanh", checkpoint=checkpoint, trajectory=trajectory)
+    assert_match(args, steps=steps, degree=2, activation="tanh", checkpoint=checkpoint, return_trajectory=trajectory)
 
 
 @pytest.mark.parametrize("B,m,L,d", [(1, 1, 1, 0), (1, 1, 3, 3), (2, 4, 2, 1), (5, 5, 4, 2), (3, 8, 3, 3),
@@ -110,22 +91,20 @@ def test_empty_batch():
     assert torch.equal(gw, torch.zeros_like(gw))
 
 
-def test_float32():
+def test_dtypes(dtype, tol):
+    """float32 and float64 inputs against the float64 reference on the same values."""
     args64 = make(5, 4, 3, 2)
-    args32 = tuple(t.detach().float().requires_grad_() for t in args64)
-    assert_match(args32, dtype=torch.float32, ref_args=args64, steps=6, degree=2, activation="tanh")
+    args = tuple(t.detach().to(dtype).requires_grad_() for t in args64)
+    assert_matches_reference(sc.spline_ode_hamiltonian, args, backend="cpu", ref_args=args64, tol=tol,
+                             names=HAMILTONIAN_RESULTS, steps=6, degree=2, activation="tanh")
 
 
 def test_thread_count_does_not_change_results():
     args = make(600, 5, 2, 2)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run("cpu", *args, steps=4, degree=2, activation="tanh")
-        torch.set_num_threads(max(2, before))
-        many = run("cpu", *args, steps=4, degree=2, activation="tanh")
-    finally:
-        torch.set_num_threads(before)
+    with num_threads(1):
+        one = run(*args, backend="cpu", steps=4, degree=2, activation="tanh")
+    with num_threads(max(2, torch.get_num_threads())):
+        many = run(*args, backend="cpu", steps=4, degree=2, activation="tanh")
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -145,33 +124,6 @@ def test_gradcheck(checkpoint, fast):
                                          return_trajectory=True)
 
     assert torch.autograd.gradcheck(traj, (y, z, w, b, s), eps=1e-6, atol=1e-7, fast_mode=fast)
-
-
-@pytest.mark.parametrize("bias,checkpoint", [(True, 1), (False, 3)])
-def test_opcheck(bias, checkpoint):
-    fwd, bwd = OPS()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 6, dtype=torch.float64, generator=g)
-    w = 0.4 * torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=g)
-    b = 0.3 * torch.randn(4, 2, 3, dtype=torch.float64, generator=g) if bias else None
-    s = torch.tensor(0.9, dtype=torch.float64)
-    cfg = (7, 2, "tanh", "verlet", "hamiltonian", 0.0, checkpoint)
-    x, w, s = (t.requires_grad_() for t in (x, w, s))
-    if b is not None:
-        b.requires_grad_()
-    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
-    states = fwd(x, w, b, s, *cfg).detach()
-    rest = (w.detach(), None if b is None else b.detach(), s.detach()) + cfg
-    torch.library.opcheck(bwd.default, (torch.randn_like(states), states) + rest)
-    torch.library.opcheck(bwd.default, (torch.randn_like(states[0]), states) + rest)
-
-
-def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    layer = sc.SplineODEHamiltonian(6, knots=3, degree=2, steps=4, activation="tanh", learn_scale=True,
-                                    backend="cpu", dtype=torch.float64)
-    model = torch.nn.Sequential(layer, torch.nn.Linear(6, 2, dtype=torch.float64))
-    check_model_compiles(model, torch.randn(5, 6, dtype=torch.float64))
 
 
 def test_dispatch():

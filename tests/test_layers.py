@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
-from conftest import randomize_layer  # noqa: E402  (tests/ is on sys.path)
+from helpers import randomize_layer
 from splinet_cuda import reference
 
 DT = torch.float64

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy.interpolate import BSpline
 
 import splinet_cuda as sc
+from helpers import conv_inputs, dense_inputs, num_threads
 from splinet_cuda import reference
 
 DT = torch.float64
@@ -203,19 +204,13 @@ def _scale(scale):
 
 
 def make_dense(B, m, n, bias, seed=0, wscale=0.6):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, m, generator=g, dtype=DT)
-    W = wscale * torch.randn(n, m, m, generator=g, dtype=DT)
-    b = 0.5 * torch.randn(n, m, generator=g, dtype=DT) if bias else None
-    return x, W, b
+    """(x, W, b) with n coefficients, float64, without grad."""
+    return dense_inputs(B, m, n, 0, bias=bias, seed=seed, wscale=wscale, bscale=0.5, requires_grad=False)[:3]
 
 
 def make_conv(B, C, spatial, kernel, n, bias, seed=0, wscale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((B, C) + tuple(spatial), generator=g, dtype=DT)
-    W = wscale * torch.randn((n, C, C) + tuple(kernel), generator=g, dtype=DT)
-    b = 0.5 * torch.randn(n, C, generator=g, dtype=DT) if bias else None
-    return x, W, b
+    return conv_inputs(len(spatial), B=B, C=C, spatial=spatial, k=kernel, L=n, d=0, bias=bias, seed=seed,
+                       wscale=wscale, bscale=0.5, requires_grad=False)[:3]
 
 
 TOL = dict(rtol=1e-10, atol=1e-11)
@@ -224,10 +219,8 @@ TOL = dict(rtol=1e-10, atol=1e-11)
 @pytest.fixture
 def one_thread():
     """gradcheck and the loop model make thousands of tiny calls: intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(1):
+        yield
 
 
 
@@ -615,16 +608,11 @@ FUSED_CFGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"], indirect=True)
 @pytest.mark.parametrize("cfg", FUSED_CFGS, ids=["-".join(map(str, c)) for c in FUSED_CFGS])
-def test_named_backend_matches_reference(cfg, backend):
-    if backend not in sc.available_backends():
-        pytest.skip(f"backend {backend!r} is not built here")
+def test_named_backend_matches_reference(cfg, backend, device):
     # CUDA tensors for the GPU backends when there is a GPU (triton runs CPU tensors under
     # its interpreter); the cuda backend takes CUDA tensors only.
-    device = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
-    if backend == "cuda" and device == "cpu":
-        pytest.skip("the cuda backend is built but there is no GPU")
     variant, scheme, act, d, L, N = cfg
     x, W, b = make_dense(3, 5, L + d, True, seed=13)
     kw = dict(steps=N, degree=d, activation=act, scheme=scheme, variant=variant,

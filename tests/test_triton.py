@@ -1,15 +1,16 @@
 """The Triton backend against the pure-PyTorch reference: forward and every gradient over
 variants / schemes / activations / degrees, odd shapes, checkpointing, the dense layer's
-large-width GEMM path (forced on small widths with small tiles), the ops' registration
-(opcheck on the custom ops, eager triton_op, torch.compile) and dispatch.
+large-width GEMM path (forced on small widths with small tiles), the triton_op registration
+run eagerly, dispatch and launch-side state. The ops' opcheck and torch.compile checks are in
+test_contract.py.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1,
 set by conftest.py before triton is imported), with tiny shapes.
 
 Legend: B batch, m width, C channels, n = L + d coefficients, d degree, N steps.
 """
+import functools
 import itertools
-import os
 
 import pytest
 import torch
@@ -17,60 +18,43 @@ import torch
 pytest.importorskip("triton")
 
 import splinet_cuda as sc  # noqa: E402
+from helpers import (ACTS, VARIANTS, assert_equal_results, assert_matches_reference, backend_device,  # noqa: E402
+                     check_dense_op_rejects_bad_args, conv_inputs, dense_inputs, grid, grid_id, outputs_and_grads,
+                     requires)
 from splinet_cuda import _triton  # noqa: E402
-from conftest import check_compile_fullgraph  # noqa: E402  (tests/ is on sys.path)
 
-pytestmark = pytest.mark.skipif("triton" not in sc.available_backends(),
-                                reason=f"triton backend not registered: {_triton.IMPORT_ERROR}")
+pytestmark = requires("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERP = _triton.INTERPRET
-ACTS = ["identity", "relu", "tanh", "sigmoid", "softplus"]
-SCHEMES = ["euler", "midpoint", "rk4", "rk4_38"]
-VARIANTS = ["standard", "symmetric", "antisymmetric"]
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5),
-       torch.bfloat16: dict(rtol=5e-2, atol=5e-2), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+DEVICE = backend_device("triton")
 
 
 def make(B, m, L, d, *, dtype=torch.float64, bias=True, learn_scale=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, m, generator=g, dtype=torch.float64)
-    w = torch.randn(L + d, m, m, generator=g, dtype=torch.float64) * (0.8 / max(m, 1) ** 0.5)
-    b = torch.randn(L + d, m, generator=g, dtype=torch.float64) * 0.3 if bias else None
-    s = torch.tensor(1.3, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype=dtype, device=DEVICE).requires_grad_()
-    x, w, b, s = cast(x), cast(w), cast(b), cast(s)
-    return x, w, b, (s if learn_scale else 1.3)
+    return dense_inputs(B, m, L, d, dtype=dtype, device=DEVICE, bias=bias, learn_scale=learn_scale, seed=seed)
 
 
-def run(fn, x, w, b, s, *, trajectory=False, **kw):
-    """Output and gradients of a fixed nonlinear loss wrt every tensor input."""
-    y = fn(x, w, b, s, return_trajectory=trajectory, **kw)
-    yl = y if y.dtype in (torch.float32, torch.float64) else y.float()  # halves: the loss in float32
-    probe = torch.linspace(-1, 1, y.numel(), dtype=yl.dtype, device=y.device).reshape(y.shape)
-    loss = (yl.sin() * probe).sum()
-    inputs = [t for t in (x, w, b, s) if isinstance(t, torch.Tensor) and t.requires_grad]
-    return [y.detach()] + list(torch.autograd.grad(loss, inputs))
+def make_conv(*, B=2, C=3, HW=(5, 4), L=2, d=2, k=3, dtype=torch.float64, bias=True, seed=0):
+    return conv_inputs(2, B=B, C=C, spatial=HW, L=L, d=d, k=k, dtype=dtype, device=DEVICE, bias=bias, seed=seed)
 
 
-def assert_match(args, dtype=torch.float64, conv=False, **kw):
-    fn = sc.spline_ode_conv if conv else sc.spline_ode
-    got = run(lambda *a, **k: fn(*a, backend="triton", **k), *args, **kw)
+dense = functools.partial(sc.spline_ode, backend="triton")
+conv = functools.partial(sc.spline_ode_conv, backend="triton")
+run = outputs_and_grads
+
+
+def assert_match(args, dtype=None, conv=False, **kw):
+    """The triton backend against the reference computed in float64 on the same values."""
     ref_args = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
-    ref = run(lambda *a, **k: fn(*a, backend="reference", **k), *ref_args,
-              **{k: v for k, v in kw.items() if k != "checkpoint"})
-    for name, g, r in zip(["out", "x", "weight", "bias/scale", "scale"], got, ref):
-        torch.testing.assert_close(g.double(), r, **TOL[dtype], msg=lambda msg: f"{name}: {msg}")
+    assert_matches_reference(sc.spline_ode_conv if conv else sc.spline_ode, args, backend="triton", dtype=dtype,
+                             ref_args=ref_args, **kw)
 
 
 # --- dense ------------------------------------------------------------------------------
 
 # Every variant x scheme x activation, degree and bias cycling through the grid.
-GRID = [(v, s, a, i % 4, i % 3 != 0) for i, (v, s, a) in enumerate(itertools.product(VARIANTS, SCHEMES, ACTS))]
+GRID = grid(VARIANTS)
 
 
-@pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID,
-                         ids=[f"{v}-{s}-{a}-d{d}-{'b' if b else 'nob'}" for v, s, a, d, b in GRID])
+@pytest.mark.parametrize("variant,scheme,activation,degree,bias", GRID, ids=[grid_id(c) for c in GRID])
 def test_dense_matches_reference_float64(variant, scheme, activation, degree, bias):
     args = make(5, 3, 2, degree, bias=bias)
     assert_match(args, steps=3, degree=degree, activation=activation, scheme=scheme, variant=variant, gamma=0.2)
@@ -100,7 +84,7 @@ def test_dense_many_tiles():
 def test_dense_trajectory():
     args = make(3, 4, 2, 3)
     kw = dict(steps=4, degree=3, activation="softplus", scheme="midpoint", variant="symmetric")
-    assert_match(args, trajectory=True, **kw)
+    assert_match(args, return_trajectory=True, **kw)
     traj = sc.spline_ode(*args, backend="triton", return_trajectory=True, **kw)
     assert traj.shape == (5, 3, 4)
     torch.testing.assert_close(traj[0], args[0].detach())
@@ -111,20 +95,18 @@ def test_dense_checkpointing_is_exact(checkpoint):
     """Recomputed segments replay the forward bit for bit: gradients equal those of checkpoint=1."""
     args = make(6, 3, 3, 2)
     kw = dict(steps=5, degree=2, activation="tanh", scheme="rk4", variant="standard")
-    fn = lambda *a, **k: sc.spline_ode(*a, backend="triton", **k)
+    fn = dense
     full = run(fn, *args, checkpoint=1, **kw)
     ckpt = run(fn, *args, checkpoint=checkpoint, **kw)
-    for a, b in zip(full, ckpt):
-        assert torch.equal(a, b)
+    assert_equal_results(full, ckpt)
 
 
 def test_dense_deterministic():
     args = make(70, 3, 4, 3, dtype=torch.float32)
     kw = dict(steps=3, degree=3, activation="tanh", scheme="euler", variant="standard")
-    fn = lambda *a, **k: sc.spline_ode(*a, backend="triton", **k)
+    fn = dense
     first, second = run(fn, *args, **kw), run(fn, *args, **kw)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_equal_results(first, second)
 
 
 def test_dense_gradcheck():
@@ -183,7 +165,7 @@ def test_dense_gemm_path_float32(gemm_path, variant, scheme, activation, degree,
 def test_dense_gemm_path_float64_trajectory(gemm_path, variant, scheme):
     """Tight float64 check, with the whole trajectory (dL/d every saved state) as the output."""
     args = make(7, 20, 3, 2)
-    assert_match(args, trajectory=True, steps=3, degree=2, activation="softplus", scheme=scheme, variant=variant,
+    assert_match(args, return_trajectory=True, steps=3, degree=2, activation="softplus", scheme=scheme, variant=variant,
                  gamma=0.3)
 
 
@@ -198,7 +180,7 @@ def test_dense_gemm_path_split_batch_reduction(gemm_path):
 def test_dense_gemm_path_checkpointing_is_exact_and_deterministic(gemm_path):
     args = make(19, 20, 3, 2, dtype=torch.float32)
     kw = dict(steps=4, degree=2, activation="tanh", scheme="midpoint", variant="symmetric")
-    fn = lambda *a, **k: sc.spline_ode(*a, backend="triton", **k)
+    fn = dense
     full, ckpt, again = run(fn, *args, checkpoint=1, **kw), run(fn, *args, checkpoint=3, **kw), \
         run(fn, *args, checkpoint=3, **kw)
     for a, b, c in zip(full, ckpt, again):
@@ -237,35 +219,16 @@ def test_dense_auto_selects_gemm_path_above_threshold(monkeypatch):
 
 # --- registration, dispatch ---------------------------------------------------------------
 
-def _dense_cfg(checkpoint):
-    return (3, 2, "tanh", "rk4", "symmetric", 0.1, checkpoint)
-
-
-@pytest.mark.parametrize("bias,checkpoint", [(True, 1), (False, 2)])
-def test_dense_opcheck(bias, checkpoint):
-    x, w, b, s = make(3, 3, 2, 2, bias=bias)
-    fwd, bwd = _triton.OPS["dense"]["interp"]
-    cfg = _dense_cfg(checkpoint)
-    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
-    det = lambda t: None if t is None else t.detach()
-    states = fwd(x.detach(), w.detach(), det(b), s.detach(), *cfg)
-    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, w.detach(), det(b), s.detach()) + cfg)
-
-
 def test_dense_triton_op_eager_matches_custom_op():
     """The triton_op registration (used on CUDA) runs the same launchers eagerly."""
     x, w, b, s = [t.detach() for t in make(4, 3, 2, 2)]
-    cfg = _dense_cfg(2)
+    cfg = (3, 2, "tanh", "rk4", "symmetric", 0.1, 2)
     (nf, nb), (cf, cb) = _triton.OPS["dense"]["native"], _triton.OPS["dense"]["interp"]
     st_n, st_c = nf(x, w, b, s, *cfg), cf(x, w, b, s, *cfg)
     assert torch.equal(st_n, st_c)
     g = torch.randn_like(st_n)
     for a, c in zip(nb(g, st_n, w, b, s, *cfg), cb(g, st_c, w, b, s, *cfg)):
         assert torch.equal(a, c)
-
-
-def test_dense_torch_compile_fullgraph():
-    check_compile_fullgraph("triton", DEVICE, width=5)
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
@@ -281,8 +244,8 @@ def test_conv_other_than_2d_is_rejected_not_rerouted():
         sc.spline_ode_conv(x, w, None, 1.0, steps=2, degree=1, backend="triton")
 
 
-def test_raw_ops_reject_bad_input(dense_op_rejects_bad_args):
-    dense_op_rejects_bad_args(_triton.OPS["dense"]["interp"][0])
+def test_raw_ops_reject_bad_input():
+    check_dense_op_rejects_bad_args(_triton.OPS["dense"]["interp"][0])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run only in the interpreter")
@@ -293,16 +256,6 @@ def test_half_on_cpu_rejected():
 
 
 # --- conv2d -------------------------------------------------------------------------------
-
-def make_conv(*, B=2, C=3, HW=(5, 4), L=2, d=2, k=3, dtype=torch.float64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, *HW, generator=g, dtype=torch.float64)
-    w = torch.randn(L + d, C, C, k, k, generator=g, dtype=torch.float64) * (0.9 / (C * k * k) ** 0.5)
-    b = torch.randn(L + d, C, generator=g, dtype=torch.float64) * 0.3 if bias else None
-    s = torch.tensor(1.3, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(dtype=dtype, device=DEVICE).requires_grad_()
-    return cast(x), cast(w), cast(b), cast(s)
-
 
 CONV_GRID = [("standard", "euler", "relu", 2, True), ("standard", "euler", "tanh", 0, False),
              ("standard", "rk4", "softplus", 3, True), ("symmetric", "euler", "sigmoid", 1, True),
@@ -326,43 +279,15 @@ def test_conv_odd_shapes_float32(B, C, HW, k):
 def test_conv_checkpointing_and_trajectory():
     args = make_conv(d=2)
     kw = dict(steps=3, degree=2, activation="tanh", scheme="euler", variant="standard")
-    fn = lambda *a, **k: sc.spline_ode_conv(*a, backend="triton", **k)
+    fn = conv
     full, ckpt = run(fn, *args, checkpoint=1, **kw), run(fn, *args, checkpoint=2, **kw)
     for a, b in zip(full, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert_match(args, conv=True, trajectory=True, **kw)
-
-
-def test_conv_opcheck():
-    x, w, b, s = make_conv(B=1, C=2, HW=(3, 3), d=1)
-    fwd, bwd = _triton.OPS["conv"]["interp"]
-    cfg = (2, 1, "tanh", "euler", "symmetric", 0.0, 1)
-    torch.library.opcheck(fwd.default, (x, w, b, s) + cfg)
-    states = fwd(x.detach(), w.detach(), b.detach(), s.detach(), *cfg)
-    torch.library.opcheck(bwd.default, (torch.randn_like(states), states, w.detach(), b.detach(), s.detach()) + cfg)
-
-
-def test_conv_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    layer = sc.SplineODEConv2d(2, 3, knots=2, degree=1, steps=2, activation="relu", learn_scale=True,
-                               backend="triton", dtype=torch.float64, device=DEVICE)
-    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, device=DEVICE)
-
-    def loss_and_grads(m):
-        layer.zero_grad()
-        loss = m(x).square().sum()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in layer.parameters()]
-
-    eager = loss_and_grads(layer)
-    compiled = loss_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    assert_match(args, conv=True, return_trajectory=True, **kw)
 
 
 # --- launch-side state: cached device tables, specialisation, compute dtype ------------------
 
-from splinet_cuda import _triton  # noqa: E402
 from splinet_cuda.triton_kernels import _common as tk_common, conv as tk_conv  # noqa: E402
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
+from helpers import conv_inputs, dense_inputs
 from splinet_cuda import reference
 
 DT = torch.float64
@@ -14,19 +15,12 @@ C = 2
 
 
 def dense_args():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, M, generator=g, dtype=DT)
-    W = torch.randn(NCOEF, M, M, generator=g, dtype=DT)
-    b = torch.randn(NCOEF, M, generator=g, dtype=DT)
-    return x, W, b
+    return dense_inputs(B, M, NCOEF, 0, wscale=1.0, bscale=1.0, requires_grad=False)[:3]
 
 
 def conv_args(dims=2, k=3):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((B, C) + (5,) * dims, generator=g, dtype=DT)
-    W = 0.3 * torch.randn((NCOEF, C, C) + (k,) * dims, generator=g, dtype=DT)
-    b = torch.randn(NCOEF, C, generator=g, dtype=DT)
-    return x, W, b
+    return conv_inputs(dims, B=B, C=C, spatial=(5,) * dims, k=k, L=NCOEF, d=0, wscale=0.3, bscale=1.0,
+                       requires_grad=False)[:3]
 
 
 DENSE_FNS = {"public": sc.spline_ode, "reference": reference.spline_ode}
