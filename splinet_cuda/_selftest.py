@@ -89,7 +89,7 @@ DENSE = [_dense(5, 6, L=2, d=1, N=3),
          _dense(4, 6, L=1, d=0, N=2, scheme="rk4_38", activation="softplus", bias=False)]
 CONV = {1: [_conv(2, 3, (7,), L=2, d=1, N=2, activation="relu")],
         2: [_conv(2, 3, (5, 5), L=2, d=1, N=2, activation="relu"),
-            _conv(2, 2, (4, 6), k=5, L=2, d=2, N=2, scheme="rk4", variant="symmetric")],
+            _conv(2, 2, (4, 6), k=5, L=2, d=2, N=2, variant="symmetric", activation="softplus")],
         3: [_conv(1, 2, (4, 3, 4), L=1, d=1, N=2, activation="relu")]}
 HAMILTONIAN = [Case("hamiltonian", 4, 5, L=2, d=2, N=3),
                Case("hamiltonian", 3, 4, L=3, d=3, N=2, activation="relu", bias=False)]
