@@ -323,14 +323,15 @@ def devices(which: str) -> List[torch.device]:
     return out
 
 
-def plan_rows(device: torch.device, quick: bool = False, tiny: bool = False) -> List[Tuple[str, Case, torch.dtype]]:
+def plan_rows(device: torch.device, quick: bool = False, tiny: bool = False,
+              backends: Sequence[str] = FUSED) -> List[Tuple[str, Case, torch.dtype]]:
     """(backend, case, dtype) of every row on ``device``, or the reason none runs there: a
     (backend, None, reason) entry per fused backend that will not run on it."""
     from . import _dispatch
     from ._info import backend_unavailable
 
     out = []
-    for backend in FUSED:
+    for backend in backends:
         if device.type == "cuda" and not torch.cuda.is_available():
             why = "torch is a CPU-only build" if torch.version.cuda is None else "torch.cuda.is_available() is False"
             if backend != "cpu":
@@ -343,9 +344,13 @@ def plan_rows(device: torch.device, quick: bool = False, tiny: bool = False) -> 
                 out.append((backend, None, why))
             continue
         impl = _dispatch._REGISTRY[backend]
+        firsts = [DENSE[0]] + [c[0] for c in CONV.values()] + HAMILTONIAN[:1]
         for case in cases(backend, device, quick, tiny):
             for dtype in impl.dtypes:
-                if case.dtypes is None or dtype in case.dtypes:
+                # 16-bit dtypes on the first case of each layer and where a case names them: each
+                # new configuration of the Triton kernels is a JIT compile of its own.
+                wide = dtype in (torch.float32, torch.float64) or case in firsts
+                if dtype in case.dtypes if case.dtypes is not None else wide:
                     out.append((backend, case, dtype))
     return out
 
@@ -359,12 +364,13 @@ def format_row(r: Row) -> str:
 HEADER = f"{'':<4}  {'device':<6} {'backend':<6} {'layer':<11} {'dtype':<8} {'error':>7}  {'time':>6}  case"
 
 
-def run(which: str = "all", quick: bool = False, tiny: bool = False, echo=print) -> List[Row]:
-    """Every row on the devices of ``which``, printed (``echo``) as each ends."""
+def run(which: str = "all", quick: bool = False, tiny: bool = False, backends: Sequence[str] = FUSED,
+        echo=print) -> List[Row]:
+    """Every row of ``backends`` on the devices of ``which``, printed (``echo``) as each ends."""
     echo(HEADER)
     rows = []
     for device in devices(which):
-        for backend, case, dtype in plan_rows(device, quick, tiny):
+        for backend, case, dtype in plan_rows(device, quick, tiny, backends):
             if case is None:
                 rows.append(Row(SKIP, str(device), backend, "all", "-", "-", note=dtype, missing=True))
             else:
@@ -384,7 +390,7 @@ BENCH_SIZES = {"cpu": [("dense B=64 m=16 N=10", _dense(64, 16, L=4, N=10)),
                         ("dense B=4096 m=256 N=10", _dense(4096, 256, L=4, N=10))]}
 
 
-def bench(which: str = "all", seconds: float = 20.0, echo=print) -> List[dict]:
+def bench(which: str = "all", seconds: float = 20.0, backends: Sequence[str] = FUSED, echo=print) -> List[dict]:
     """The time of a forward and backward pass of each backend against the eager reference
     on the same device, float32, at two sizes (torch.utils.benchmark, ``seconds`` in all)."""
     from torch.utils import benchmark
@@ -393,7 +399,7 @@ def bench(which: str = "all", seconds: float = 20.0, echo=print) -> List[dict]:
 
     jobs = [(device, backend, label, case) for device in devices(which)
             if device.type != "cuda" or torch.cuda.is_available()
-            for backend in FUSED if backend_unavailable(backend, device) is None
+            for backend in backends if backend_unavailable(backend, device) is None
             for label, case in BENCH_SIZES[device.type]]
     out = []
     if not jobs:
@@ -430,6 +436,8 @@ def bench(which: str = "all", seconds: float = 20.0, echo=print) -> List[dict]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                    help="the devices to check (default all: the CPU and every visible GPU)")
+    p.add_argument("--backends", default=",".join(FUSED),
+                   help=f"comma list of the fused backends to check (default {','.join(FUSED)})")
     p.add_argument("--quick", action="store_true", help="fewer cases per backend")
     p.add_argument("--tiny", action="store_true",
                    help="one tiny call per CUDA kernel family only (for runs under compute-sanitizer)")
@@ -447,8 +455,12 @@ def main(args: argparse.Namespace) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - set(FUSED))
+    if unknown:
+        raise SystemExit(f"--backends: unknown {unknown}; expected some of {list(FUSED)}")
     start = time.perf_counter()
-    rows = run(args.device, args.quick, args.tiny)
+    rows = run(args.device, args.quick, args.tiny, backends)
     if args.strict:
         for r in rows:
             if r.missing:
@@ -461,5 +473,5 @@ def main(args: argparse.Namespace) -> int:
             print("FAILED: " + format_row(r))
     if args.bench:
         print()
-        bench(args.device)
+        bench(args.device, backends=backends)
     return 1 if counts[FAIL] else 0
