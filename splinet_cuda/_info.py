@@ -113,6 +113,33 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype = to
     return None if err is None else str(err)
 
 
+def cache_dirs() -> List[str]:
+    """Where compiled kernels are cached: Triton's JIT (the triton backend's first call per
+    configuration compiles) and torch.compile's (Inductor's default, not imported here: it
+    takes seconds)."""
+    out = []
+    try:
+        import triton
+
+        out.append(f"triton: {triton.knobs.cache.dir}")
+    except ImportError:
+        out.append("triton: not installed")
+    except AttributeError:  # a Triton before its knobs module
+        out.append("triton: " + os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache (default)"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        out.append(f"torch.compile: {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+    else:
+        import getpass
+        import tempfile
+
+        try:
+            user = getpass.getuser()
+        except Exception:  # no user name in a container
+            user = "unknown"
+        out.append(f"torch.compile: {os.path.join(tempfile.gettempdir(), 'torchinductor_' + user)} (default)")
+    return out
+
+
 def _device_lines(device: torch.device, title: str) -> List[str]:
     """The backends that run on ``device`` and why each other one does not."""
     from . import _dispatch
@@ -181,6 +208,10 @@ def info_text() -> str:
     lines.append(f"    torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     lines.append(f"    threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
                  f"{os.cpu_count()} logical CPUs")
+    lines.append("")
+
+    lines.append("caches:")
+    lines += [f"    {c}" for c in cache_dirs()]
     lines.append("")
 
     set_vars = [(k, os.environ[k], what) for k, what in ENV_VARS if k in os.environ]
