@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -122,18 +121,17 @@ def cases(backend: str, device: torch.device, quick: bool = False, tiny: bool = 
     from . import _dispatch
 
     impl = _dispatch._REGISTRY[backend]
-    if tiny:
-        return list(TINY)
     n = 1 if quick else None
-    out = DENSE[:2] if quick else list(DENSE)
-    if impl.spline_ode_conv is not None:
-        out += [c for dim in impl.conv_dims for c in CONV.get(dim, [])[:n]]
-    if impl.spline_ode_hamiltonian is not None:
-        out += HAMILTONIAN[:n]
-    out += [c for c in LAYOUT + COMPILE[: 1 if quick else None] + (GPU_ONLY if device.type == "cuda" and not quick
-                                                                     else [])
-            if c.kind != "conv" or 2 in impl.conv_dims]
-    return [c for c in out if c.kind != "hamiltonian" or impl.spline_ode_hamiltonian is not None]
+    if tiny:
+        out = list(TINY)
+    else:
+        out = DENSE[:2] if quick else list(DENSE)
+        out += [c for dim in (1, 2, 3) for c in CONV[dim][:n]] + HAMILTONIAN[:n] + LAYOUT + COMPILE[:n]
+        out += GPU_ONLY if device.type == "cuda" and not quick else []
+    runs = {"dense": lambda c: True,
+            "conv": lambda c: impl.spline_ode_conv is not None and len(c.spatial) in impl.conv_dims,
+            "hamiltonian": lambda c: impl.spline_ode_hamiltonian is not None}
+    return [c for c in out if runs[c.kind](c)]
 
 
 @dataclass
@@ -286,7 +284,7 @@ def run_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype)
     inputs = [None if t is None else t.to(dtype).double() for t in make_inputs(case)]
     try:
         with _environment(case.env):
-            ref = call(case, "reference", inputs, torch.device("cpu"), torch.float64)
+            ref = call(replace(case, compile=False), "reference", inputs, torch.device("cpu"), torch.float64)
             if case.stream:
                 got = again = _on_busy_stream(case, backend, inputs, device, dtype)
             else:
@@ -344,7 +342,7 @@ def plan_rows(device: torch.device, quick: bool = False, tiny: bool = False,
                 out.append((backend, None, why))
             continue
         impl = _dispatch._REGISTRY[backend]
-        firsts = [DENSE[0]] + [c[0] for c in CONV.values()] + HAMILTONIAN[:1]
+        firsts = DENSE[:1] + [c for cs in CONV.values() for c in cs[:1]] + HAMILTONIAN[:1]
         for case in cases(backend, device, quick, tiny):
             for dtype in impl.dtypes:
                 # 16-bit dtypes on the first case of each layer and where a case names them: each

@@ -97,7 +97,7 @@ def test_selftest_gpu_rows_are_skipped_with_the_reason():
 def test_selftest_fails_on_a_wrong_result(monkeypatch, capsys):
     monkeypatch.setitem(_selftest.TOLERANCE, torch.float64, 0.0)  # float64 rounding now fails
     monkeypatch.setattr(_selftest, "DENSE", _selftest.DENSE[:1])
-    monkeypatch.setattr(_selftest, "CONV", {})
+    monkeypatch.setattr(_selftest, "CONV", {1: [], 2: [], 3: []})
     monkeypatch.setattr(_selftest, "HAMILTONIAN", [])
     monkeypatch.setattr(_selftest, "COMPILE", [])
     assert cli.main(["selftest", "--device", "cpu", "--quick"]) == 1
