@@ -189,3 +189,11 @@ def test_selftest_runs_outside_the_checkout(tmp_path):
     proc = _run_outside_the_checkout(["selftest", "--device", "cpu", "--quick"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " 0 failed" in proc.stdout
+
+
+@needs_cpu
+def test_bench_times_each_backend_against_the_reference():
+    lines = []
+    rows = _selftest.bench("cpu", seconds=0.4, echo=lines.append)
+    assert [(r["backend"], r["case"]) for r in rows] == [("cpu", label) for label, _ in _selftest.BENCH_SIZES["cpu"]]
+    assert all(r["ms"] > 0 and r["reference_ms"] > 0 for r in rows) and len(lines) == 1 + len(rows)
