@@ -103,7 +103,8 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype = to
         if name == "cpu":
             return "the C++ library has no CPU kernels"
         if _triton.IMPORT_ERROR is not None:
-            return f"triton does not import ({type(_triton.IMPORT_ERROR).__name__}: {_triton.IMPORT_ERROR})"
+            first = (str(_triton.IMPORT_ERROR).splitlines() or [""])[0]
+            return f"triton does not import ({type(_triton.IMPORT_ERROR).__name__}: {first})"
         return "compiled Triton needs a GPU; TRITON_INTERPRET=1 runs its CPU interpreter"
     if device.type not in impl.device_types:
         return f"runs on {'/'.join(impl.device_types)} tensors"
