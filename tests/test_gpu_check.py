@@ -133,6 +133,13 @@ def test_tests_step_fails_when_no_test_carries_the_marker():
     assert gc.tests_classify(1, "") == (gc.FAIL, "exit status 1")
 
 
+def test_make_test_runs_the_dry_run():
+    text = (REPO / "Makefile").read_text()
+    recipe = text.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "gpu-check DRY_RUN=1" in recipe
+    assert "\ngpu-check:" in text and "tools/gpu_check.py" in text
+
+
 # ------------------------------------------------------------------------------ executor
 
 def _py(code):
