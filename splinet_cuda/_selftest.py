@@ -367,13 +367,24 @@ def run(which: str = "all", quick: bool = False, tiny: bool = False, backends: S
     """Every row of ``backends`` on the devices of ``which``, printed (``echo``) as each ends."""
     echo(HEADER)
     rows = []
-    for device in devices(which):
-        for backend, case, dtype in plan_rows(device, quick, tiny, backends):
-            if case is None:
-                rows.append(Row(SKIP, str(device), backend, "all", "-", "-", note=dtype, missing=True))
-            else:
-                rows.append(run_case(case, backend, device, dtype))
-            echo(format_row(rows[-1]))
+    # float32 means float32: no TF32 in cuBLAS / cuDNN, and deterministic cuDNN algorithms for
+    # the bitwise run-to-run comparison; the caller's settings come back afterwards.
+    flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False),
+             (torch.backends.cudnn, "deterministic", True), (torch.backends.cudnn, "benchmark", False)]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        for device in devices(which):
+            for backend, case, dtype in plan_rows(device, quick, tiny, backends):
+                if case is None:
+                    rows.append(Row(SKIP, str(device), backend, "all", "-", "-", note=dtype, missing=True))
+                else:
+                    rows.append(run_case(case, backend, device, dtype))
+                echo(format_row(rows[-1]))
+    finally:
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
     return rows
 
 
@@ -447,12 +458,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # float32 means float32: no TF32 in cuBLAS / cuDNN, and deterministic cuDNN algorithms for
-    # the bitwise run-to-run comparison.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - set(FUSED))
     if unknown:

@@ -199,3 +199,11 @@ def test_bench_times_each_backend_against_the_reference():
     rows = _selftest.bench("cpu", seconds=0.4, backends=("cpu",), echo=lines.append)
     assert [(r["backend"], r["case"]) for r in rows] == [("cpu", label) for label, _ in _selftest.BENCH_SIZES["cpu"]]
     assert all(r["ms"] > 0 and r["reference_ms"] > 0 for r in rows) and len(lines) == 1 + len(rows)
+
+
+def test_selftest_restores_the_callers_backend_flags(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen = []
+    monkeypatch.setattr(_selftest, "plan_rows", lambda *a: seen.append(torch.backends.cudnn.allow_tf32) or [])
+    _selftest.run("cpu", echo=lambda _: None)
+    assert seen == [False] and torch.backends.cudnn.allow_tf32 is True
