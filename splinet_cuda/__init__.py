@@ -70,7 +70,7 @@ def selftest(device: str = "all", quick: bool = False) -> bool:
     takes) and Hamiltonian layers in every dtype the backend takes, a few schemes, variants
     and degrees on small shapes, forward and every gradient, a non-contiguous input and
     ``torch.compile``; a row is PASS, FAIL (with the error) or SKIP (with the reason, e.g.
-    no GPU visible).
+    no GPU visible). The ``torch.compile`` rows reset torch._dynamo's caches.
 
     Args:
         device: "cpu", "cuda" (every visible GPU) or "all" (both).
