@@ -207,3 +207,17 @@ def test_selftest_restores_the_callers_backend_flags(monkeypatch):
     monkeypatch.setattr(_selftest, "plan_rows", lambda *a: seen.append(torch.backends.cudnn.allow_tf32) or [])
     _selftest.run("cpu", echo=lambda _: None)
     assert seen == [False] and torch.backends.cudnn.allow_tf32 is True
+
+
+def test_info_without_the_compiled_library(monkeypatch):
+    """A library that failed to load (not built, or built against another torch) is named,
+    with the loader's error, and every fused backend says so."""
+    from splinet_cuda import _dispatch, _ext
+
+    monkeypatch.setattr(_ext, "LOAD_ERROR", ImportError("undefined symbol: _ZN3c10"))
+    for name in ("cpu", "cuda"):
+        monkeypatch.delitem(_dispatch._REGISTRY, name, raising=False)
+    text = _info.info_text()
+    assert "extension: not loaded (undefined symbol: _ZN3c10); only the reference backend runs" in text
+    assert "    cpu: no (the C++ library did not load (undefined symbol: _ZN3c10))" in text
+    assert "backend='auto' takes 'reference' for float32" in text
