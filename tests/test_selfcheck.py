@@ -181,8 +181,12 @@ def test_info_runs_outside_the_checkout(tmp_path):
     proc = _run_outside_the_checkout(["info"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("splinet_cuda ") and "device cpu:" in proc.stdout
-    bad = _run_outside_the_checkout(["frobnicate"], tmp_path)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_an_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["frobnicate"])
+    assert exit_.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
 @needs_cpu
