@@ -5,8 +5,9 @@
 #   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
 #   make docs        the Sphinx documentation into build/docs/ (warnings are errors, nitpicky)
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
-#                    then GPU tests, smoke, compute-sanitizer, torch.compile and bench steps
-#                    (tools/gpu_check.py; DRY_RUN=1 plans and checks the setup without a GPU)
+#                    `python -m splinet_cuda info` and `selftest --device cuda`, pytest -m gpu,
+#                    compute-sanitizer, the GPU bench, a summary (tools/gpu_check.py;
+#                    DRY_RUN=1 plans and checks the setup without a GPU)
 # On a machine whose python already has a CUDA torch with a visible GPU, the venv reuses
 # it (SYSTEM_TORCH=1, detected); otherwise it installs the CPU torch 2.13.0.
 PYTHON      ?= python3
@@ -73,7 +74,7 @@ test: build-test cuda-check triton-check docs
 	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
 
 # No venv and no pip: the GPU machine's python3 already has a CUDA torch and the tools.
-# GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--only build,tests".
+# GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--only build,selftest --out DIR".
 GPU_CHECK_PYTHON ?= $(PYTHON)
 .PHONY: gpu-check
 gpu-check:

@@ -40,6 +40,53 @@ from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d
 
 __version__ = "0.1.0"
 
+
+def info(file=None) -> str:
+    """Prints and returns what this installation is: the package, torch, CUDA / cuDNN, Triton
+    and Python versions; how the extension was built (CPU only or CUDA, its architecture
+    list, release or debug); per visible device, the backends that run there and why each
+    other one does not; the instruction-set path and GEMM the CPU kernels take; threads;
+    the environment variables that change what the package does.
+
+    The same text as ``python -m splinet_cuda info``, to paste into a bug report. It reads
+    properties only (no tensor is created, no kernel runs).
+
+    Args:
+        file: where to print (default sys.stdout).
+
+    Returns:
+        The text printed.
+    """
+    from . import _info
+
+    text = _info.info_text()
+    print(text, end="", file=file if file is not None else _sys.stdout)
+    return text
+
+
+def selftest(device: str = "all", quick: bool = False) -> bool:
+    """Runs every usable fused backend against the float64 reference and prints the table
+    of ``python -m splinet_cuda selftest``: dense, conv (the spatial dims each backend
+    takes) and Hamiltonian layers in every dtype the backend takes, a few schemes, variants
+    and degrees on small shapes, forward and every gradient, a non-contiguous input and
+    ``torch.compile``; a row is PASS, FAIL (with the error) or SKIP (with the reason, e.g.
+    no GPU visible). The ``torch.compile`` rows reset torch._dynamo's caches.
+
+    Args:
+        device: "cpu", "cuda" (every visible GPU) or "all" (both).
+        quick: fewer cases per backend.
+
+    Returns:
+        True when no row failed.
+    """
+    from . import _selftest
+
+    rows = _selftest.run(device, quick)
+    failed = [r for r in rows if r.status == _selftest.FAIL]
+    print(f"\n{len(rows) - len(failed)} rows passed or skipped, {len(failed)} failed")
+    return not failed
+
+
 __all__ = [
     "spline_ode",
     "spline_ode_conv",
@@ -59,4 +106,6 @@ __all__ = [
     "plot_spectra",
     "tikhonov",
     "smoothness_in_time",
+    "info",
+    "selftest",
 ]

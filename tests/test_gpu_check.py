@@ -1,8 +1,7 @@
-"""`make gpu-check` (tools/gpu_check.py, tools/gpu_smoke.py, the bench's GPU mode) without a GPU:
-the plan for a faked H200 machine (steps, arch list, timeouts within the budget, nothing
-fetched), the output directory, the executor (a failing or timed-out step does not stop the
-next; a timed-out step's processes are ended), the summary, and the smoke harness on the CPU
-backend.
+"""`make gpu-check` (tools/gpu_check.py and the bench's GPU mode) without a GPU: the plan for a
+faked H200 machine (steps, arch list, timeouts within the budget, nothing fetched), the
+executor (a failing or timed-out step does not stop the next; a timed-out step's processes
+are ended), the summary, and the dry run end to end.
 
 Legend: B batch, m width, C channels, N steps.
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,12 +23,11 @@ for p in (REPO, REPO / "tools"):
         sys.path.insert(0, str(p))
 
 import gpu_check as gc  # noqa: E402
-import gpu_smoke as gs  # noqa: E402
 
 PY = sys.executable
 H200 = {"python": "3.12.3", "torch": "2.11.0+cu130", "torch_cuda": "13.0", "ninja_binary": "/usr/bin/ninja",
-        "devices": [{"name": "NVIDIA H200", "capability": [9, 0], "multiprocessors": 132, "memory_gib": 139.8}],
-        "modules": {m: "1.0" for m in (*gc.REQUIRED_MODULES, *gc.OPTIONAL_MODULES)}}
+        "devices": [{"name": "NVIDIA H200", "capability": [9, 0]}],
+        "modules": {m: True for m in (*gc.REQUIRED_MODULES, *gc.OPTIONAL_MODULES)}}
 NVCC, SANITIZER = "/usr/local/cuda/bin/nvcc", "/usr/local/cuda/bin/compute-sanitizer"
 
 
@@ -55,29 +52,27 @@ def test_arch_list_is_the_local_gpus_only():
 
 def test_plan_for_an_h200(tmp_path):
     steps = h200_plan(tmp_path)
-    assert [s.name for s in steps] == ["build", "import", "tests", "smoke", "racecheck", "synccheck", "compile",
-                                       "ddp", "bench"]
+    assert [s.name for s in steps] == ["build", "info", "selftest", "tests", "racecheck", "synccheck", "bench"]
     by = {s.name: s for s in steps}
     build = by["build"]
     assert build.argv[1:] == ["setup.py", "build_ext", "--inplace"]
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0" and build.env["MAX_JOBS"] == "16"
     assert build.env["FORCE_CUDA"] == "1" and build.env["PIP_NO_INDEX"] == "1"
+    assert by["info"].argv[1:] == ["-m", "splinet_cuda", "info"] == by["info"].dry_argv[1:]
+    assert by["selftest"].argv[1:] == ["-m", "splinet_cuda", "selftest", "--device", "cuda", "--strict"]
     tests = by["tests"].argv
-    assert tests[1:3] == ["-m", "pytest"] and "--timeout=60" in tests and "-v" in tests
+    assert tests[1:6] == ["-m", "pytest", "-m", "gpu", "tests"] and "--timeout=60" in tests and "-v" in tests
     assert tests[tests.index("-n") + 1] == "8"
-    assert {"tests/test_cuda_dense.py", "tests/test_fused_dense.py", "tests/test_triton.py"} <= set(tests)
-    assert tests[tests.index("-k") + 1] == "not emulated"
     assert any(a.startswith("--junitxml=" + str(tmp_path)) for a in tests)
+    assert by["tests"].dry_argv[-2:] == ["--collect-only", "-q"]
     for tool in ("racecheck", "synccheck"):
         argv = by[tool].argv
         assert argv[0] == SANITIZER and argv[argv.index("--tool") + 1] == tool and by[tool].skip is None
         assert argv[argv.index("--kernel-name") + 1] == "kns=" + gc.SANITIZER_KERNEL
-        assert argv[argv.index("--group") + 1] == "sanitizer"
-    ddp = by["ddp"].argv
-    assert ddp[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in ddp and "examples/ddp.py" in ddp
-    assert by["ddp"].group == by["smoke"].group
+        assert argv[argv.index("selftest"):] == ["selftest", "--device", "cuda", "--tiny", "--backends", "cuda"]
     bench = by["bench"].argv
     assert bench[bench.index("--device") + 1] == "cuda" and bench[bench.index("--sizes") + 1] == "gpu"
+    assert bench[bench.index("--out") + 1] == str(tmp_path / "bench")
     assert "compiled+cudagraphs" in bench[bench.index("--backends") + 1]
     assert float(bench[bench.index("--budget") + 1]) < by["bench"].timeout  # results written before the kill
     for s in steps[1:]:  # compiled Triton kernels on the GPU, whatever the caller's environment
@@ -85,20 +80,19 @@ def test_plan_for_an_h200(tmp_path):
     assert gc.offline_problems(steps) == []
 
 
-def test_timeouts_fit_the_budget_and_the_call():
-    assert set(gc.STEP_BUDGET) == {"build", "import", "tests", "smoke", "racecheck", "synccheck", "compile", "ddp",
-                                   "bench"}
-    assert all(t > 0 for t in gc.STEP_BUDGET.values()) and gc.BUDGET_S <= gc.CALL_LIMIT_S - 20
+def test_timeouts_fit_the_budget():
+    assert set(gc.STEP_BUDGET) == {"build", "info", "selftest", "tests", "racecheck", "synccheck", "bench"}
+    assert all(t > 0 for t in gc.STEP_BUDGET.values()) and gc.BUDGET_S <= 600 - 20
     steps = h200_plan(Path("/tmp/unused"))
     assert [[s.name for s in b] for b in gc.batches(steps)] == [
-        ["build"], ["import"], ["tests"], ["smoke", "racecheck", "synccheck", "compile", "ddp"], ["bench"]]
-    assert gc.planned_seconds(steps) == sum(gc.STEP_BUDGET[n] for n in ("build", "import", "tests", "bench")) + \
-        max(gc.STEP_BUDGET[n] for n in ("smoke", "racecheck", "synccheck", "compile", "ddp"))
+        ["build"], ["info"], ["selftest"], ["tests"], ["racecheck", "synccheck"], ["bench"]]
+    assert gc.planned_seconds(steps) == sum(gc.STEP_BUDGET[n] for n in ("build", "info", "selftest", "tests",
+                                                                        "racecheck", "bench"))
     assert gc.planned_seconds(steps) <= gc.BUDGET_S
 
 
 def test_plan_without_optional_tools(tmp_path):
-    info = {**H200, "modules": {m: "1.0" for m in gc.REQUIRED_MODULES}}
+    info = {**H200, "modules": {m: True for m in gc.REQUIRED_MODULES}}
     by = {s.name: s for s in h200_plan(tmp_path, info, sanitizer=None, cores=2)}
     assert not any(a.startswith("--timeout") for a in by["tests"].argv) and "-n" not in by["tests"].argv
     assert by["build"].env["MAX_JOBS"] == "2"
@@ -117,7 +111,7 @@ def test_network_and_installers_are_flagged():
 def test_setup_problems():
     errors, notes = gc.setup_problems(H200, NVCC, dry_run=False)
     assert errors == [] and notes == []
-    cpu = {**H200, "torch_cuda": None, "devices": [], "modules": {**H200["modules"], "ninja": None}}
+    cpu = {**H200, "torch_cuda": None, "devices": [], "ninja_binary": None}
     errors, notes = gc.setup_problems(cpu, None, dry_run=False)
     assert any("ninja" in e for e in errors) and any("nvcc" in e for e in errors)
     assert any("CUDA build" in e for e in errors) and any("no GPU" in e for e in errors)
@@ -125,19 +119,18 @@ def test_setup_problems():
     assert [e for e in errors if "ninja" not in e] == [] and any("no GPU" in n for n in notes)
 
 
-def test_test_selection_and_sanitizer_filter_are_checked_statically(monkeypatch):
-    assert gc.selection_problems(gc.test_files()) == []
-    assert gc.selection_problems([]) != []
+def test_the_sanitizer_filter_is_checked(monkeypatch):
     assert gc.sanitizer_filter_problems() == []
     monkeypatch.setattr(gc, "SANITIZER_KERNEL", "renamed_kernel")
     assert "renamed_kernel" in gc.sanitizer_filter_problems()[0]
 
 
-def test_out_dir_choice():
-    assert gc.out_dir("/tmp/x", {"OUT": "/tmp/o"}, False) == Path("/tmp/x")
-    assert gc.out_dir(None, {"OUT": "/tmp/o"}, False) == Path("/tmp/o")
-    assert gc.out_dir(None, {}, False) == REPO / "build" / "gpu-check"
-    assert gc.out_dir(None, {"OUT": ""}, True) == REPO / "build" / "gpu-check-dry-run"
+def test_tests_step_fails_when_no_test_carries_the_marker():
+    assert gc.tests_classify(5, "no tests ran", dry_run=False)[0] == gc.FAIL
+    status, note = gc.tests_classify(5, "", dry_run=True)
+    assert status == gc.SKIP and "gpu marker" in note
+    assert gc.tests_classify(0, "12 tests collected in 3.1s") == (gc.PASS, "12 gpu tests collected")
+    assert gc.tests_classify(1, "") == (gc.FAIL, "exit status 1")
 
 
 def test_make_test_runs_the_dry_run():
@@ -147,16 +140,16 @@ def test_make_test_runs_the_dry_run():
     assert "\ngpu-check:" in text and "tools/gpu_check.py" in text
 
 
-# ----------------------------------------------------------------------------- executor
+# ------------------------------------------------------------------------------ executor
 
-def _py(code: str):
+def _py(code):
     return [PY, "-c", code]
 
 
-def test_a_failing_or_timed_out_step_does_not_stop_the_next(tmp_path):
+def test_failures_and_timeouts_do_not_stop_the_run(tmp_path):
     pidfile = tmp_path / "child.pid"
     steps = [
-        gc.Step("fails", "", _py("import sys; print('boom'); sys.exit(3)"), 30),
+        gc.Step("fails", "", _py("print('boom'); raise SystemExit(3)"), 30),
         gc.Step("hangs", "", _py("import subprocess, sys, time; "
                                  "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
                                  f"open({str(pidfile)!r}, 'w').write(str(c.pid)); print('started', flush=True); "
@@ -232,117 +225,31 @@ def test_sanitizer_classify():
     assert gc.sanitizer_classify(1, "Traceback ...\nRuntimeError: x")[0] == gc.FAIL
 
 
-def test_summary_junit_and_pack(tmp_path):
+def test_summary_and_junit(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "tests-junit.xml").write_text('<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/>'
                                           '</testsuites>')
     assert gc.junit_counts(logs / "tests-junit.xml") == "7 passed, 1 failed, 0 errors, 2 skipped"
     assert gc.junit_counts(logs / "absent.xml") is None
-    results = [gc.Result("build", gc.PASS, 12.5, 195, 0, "", str(logs / "build.log"), ["ok"]),
-               gc.Result("tests", gc.FAIL, 80.0, 115, 1, "exit status 1", str(logs / "tests.log"), ["1 failed"])]
+    results = [gc.Result("build", gc.PASS, 12.5, 170, 0, "", str(logs / "build.log"), ["ok"]),
+               gc.Result("tests", gc.FAIL, 80.0, 140, 1, "exit status 1", str(logs / "tests.log"), ["1 failed"])]
     text = gc.write_summary(results, {"gpus": "NVIDIA H200", "budget": 570, "errors": [], "notes": ["n"]}, tmp_path)
-    assert "| build | PASS | 12.5 | 195 |" in text and "| tests | FAIL |" in text and "1 failed" in text
+    assert "| build | PASS | 12.5 | 170 |" in text and "| tests | FAIL |" in text and "1 failed" in text
     data = json.loads((tmp_path / "summary.json").read_text())
     assert [s["name"] for s in data["steps"]] == ["build", "tests"]
-    (tmp_path / "bench").mkdir()
-    for name in ("gpu.json", "gpu.csv", "gpu.png"):
-        (tmp_path / "bench" / name).write_text("x")
-    archive = gc.pack(tmp_path)
-    with tarfile.open(archive) as tar:
-        names = tar.getnames()
-    assert "logs/tests-junit.xml" in names and "bench/gpu.png" in names
-    kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert kept == ["bench/gpu.csv", "bench/gpu.json", "logs.tar.gz", "summary.json", "summary.md"]
 
 
-def test_pytest_progress_of_a_cut_run():
-    log = ("[gw0] [  1%] PASSED tests/test_cuda_dense.py::test_a[4]\n"
-           "[gw1] [  2%] FAILED tests/test_triton.py::test_b\n"
-           "tests/test_fused_dense.py::test_c[cuda-cuda] SKIPPED (no)\n"
-           "tests/test_fused_dense.py::test_d[cuda-cuda] ERROR\n")
-    assert gc.pytest_progress(log) == ("so far 1 passed, 1 failed, 1 errors, 1 skipped: "
-                                       "tests/test_fused_dense.py::test_d[cuda-cuda], tests/test_triton.py::test_b")
-    assert gc.pytest_progress("collecting ...") is None
-
-
-def test_dry_run_end_to_end(tmp_path):
-    """The planning run itself (probe, plan, offline checks, dry commands, summary): what
-    `make gpu-check DRY_RUN=1` does, limited to the steps that need no build."""
-    code = gc.main(["--dry-run", "--only", "smoke,compile", "--out", str(tmp_path)])
-    assert code == 0
+def test_dry_run_end_to_end(tmp_path, capsys):
+    """What `make gpu-check DRY_RUN=1` does (probe, plan, offline checks, dry commands,
+    summary), limited to the steps that need no build: info and the selftest's GPU rows."""
+    code = gc.main(["--dry-run", "--only", "info,selftest", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
     summary = (tmp_path / "summary.md").read_text()
-    assert "| smoke | PASS |" in summary and "| compile | PASS |" in summary
-    assert "arch_list: 9.0 (assumed" in summary or "arch_list: " in summary
-
-
-# ------------------------------------------------------------------------- smoke harness
-
-def small(check: gs.Check) -> gs.Check:
-    """The check at CPU sizes, in a dtype the CPU backend takes."""
-    lay = check.layer
-    dtype = lay.dtype if lay.dtype in ("float32", "float64") else "float64"
-    return replace(check, layer=replace(lay, B=min(lay.B, 4), m=min(lay.m, 5), spatial=tuple(min(s, 5) for s in
-                                                                                             lay.spatial),
-                                          N=min(lay.N, 2), dtype=dtype))
-
-
-def test_smoke_checks_are_well_formed():
-    names = [c.name for g in gs.GROUPS.values() for c in g]
-    assert len(names) == len(set(names))
-    assert {c.mode for c in gs.SMOKE} == {"match", "stream", "device2"}
-    assert any(c.layer.B == 0 and c.layer.spatial for c in gs.SMOKE) and any(c.layer.B == 0 for c in gs.SMOKE)
-    big = next(c for c in gs.SMOKE if c.name == "dense-gemm128-bf16").layer
-    assert (big.B, big.m, big.dtype) == (4096, 1024, "bfloat16") and (big.B // 128) * (big.m // 128) > 132
-    with pytest.raises(ValueError, match="--checks"):
-        gs.select(["smoke"], ["no-such-check"])
-
-
-@pytest.mark.skipif("cpu" not in __import__("splinet_cuda").available_backends(), reason="CPU kernels not built")
-def test_smoke_harness_on_the_cpu_backend():
-    names = ["dense-small-m64-rk4-f32", "dense-small-m32-rk438-f64", "conv-direct-C24-slots-f32", "zero-dense-small",
-             "zero-conv", "stream-dense-small", "device2-dense"]
-    checks = [small(c) for c in gs.select(["smoke"], names)]
-    results = gs.run_checks(checks, "cpu", ["cpu"], echo=lambda _: None)
-    status = {r.check: r.status for r in results}
-    assert status == {**{n: gs.PASS for n in names[:5]}, "stream-dense-small": gs.SKIP, "device2-dense": gs.SKIP}
-    assert all(r.error is not None and r.error < 1e-5 for r in results if r.status == gs.PASS)
-
-
-def test_smoke_catches_wrong_and_nondeterministic_results(monkeypatch):
-    check = small(gs.select(["smoke"], ["dense-small-m64-euler-f64"])[0])
-    real = gs.call
-    calls = []
-
-    def noisy(layer, backend, inputs, device, dtype=None):
-        out = real(layer, backend, inputs, device, dtype)
-        if backend != "reference":
-            calls.append(1)
-            out[2] = out[2] * (1 + 1e-12 * len(calls))  # grad weight differs between runs
-        return out
-
-    monkeypatch.setattr(gs, "call", noisy)
-    result = gs.run_check(check, "cpu", "cpu")
-    assert result.status == gs.FAIL and "not bitwise equal" in result.note and "grad x" not in result.note
-
-    ref = [torch.ones(3, dtype=torch.float64), None]
-    assert gs.compare([torch.ones(3), None], ref, "float32")[0]
-    ok, err, note = gs.compare([torch.full((3,), 1.001), None], ref, "float32")
-    assert not ok and "out: relative error" in note
-    assert not gs.compare([torch.tensor([1.0, float("nan"), 1.0]), None], ref, "float64")[0]
-    assert "shape" in gs.compare([torch.ones(2), None], ref, "float32")[2]
-
-
-def test_smoke_rejection_is_a_failure_unless_optional(monkeypatch):
-    def reject(*args, **kwargs):
-        raise ValueError("x: unsupported here")
-
-    check = small(gs.select(["smoke"], ["dense-small-m64-euler-f64"])[0])
-    real = gs.call
-    monkeypatch.setattr(gs, "call", lambda layer, backend, *a: (real if backend == "reference" else reject)(
-        layer, backend, *a))
-    assert gs.run_check(check, "cpu", "cpu").status == gs.FAIL
-    assert gs.run_check(replace(check, optional=True), "cpu", "cpu").status == gs.REJECTED
+    assert "| info | PASS |" in summary and "| selftest | PASS |" in summary
+    assert "arch_list: " in summary
+    if not torch.cuda.is_available():
+        assert "no GPU visible" in (tmp_path / "logs" / "selftest.log").read_text()
 
 
 # ---------------------------------------------------------------------- bench GPU mode
