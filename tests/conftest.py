@@ -29,6 +29,29 @@ def pytest_configure(config):
         "markers", "backend_op(name): the `backend` fixture skips backends with no kernel of splinet_cuda::<name>")
 
 
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def _runs_on_gpu(item) -> bool:
+    """Whether a test uses the GPU where there is one: a parameter (the backend / device axis,
+    or an op table entry's ``backend``) names the cuda or triton backend or the cuda device.
+    Triton tests run their CPU interpreter where no GPU is visible, on the GPU elsewhere."""
+    callspec = getattr(item, "callspec", None)
+    for value in (callspec.params.values() if callspec is not None else ()):
+        name = getattr(value, "backend", value)
+        if isinstance(name, str) and name in GPU_BACKENDS:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker (``pytest -m gpu``, what ``make gpu-check`` runs) on every test that
+    uses the GPU: those parametrized over a GPU backend here, and those marked by hand."""
+    for item in items:
+        if _runs_on_gpu(item):
+            item.add_marker(pytest.mark.gpu)
+
+
 def pytest_make_parametrize_id(config, val, argname):
     """Readable ids for dtypes wherever a test parametrizes over them ("f32", not "dtype0")."""
     if isinstance(val, torch.dtype):

@@ -87,6 +87,13 @@ def requires(backend: str, op: str | None = None):
     return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
+def gpu_test(backend: str, op: str | None = None):
+    """A decorator for a test that runs on a GPU backend alone: the ``gpu`` marker (``pytest -m
+    gpu``) and the skip of :func:`requires`."""
+    skip = requires(backend, op)
+    return lambda fn: pytest.mark.gpu(skip(fn))
+
+
 def skip_unless(backend: str, op: str | None = None) -> None:
     reason = backend_skip_reason(backend, op)
     if reason is not None:

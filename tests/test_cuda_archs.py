@@ -138,6 +138,7 @@ def test_bfloat16_on_turing(fake_gpu):
     assert calls == [torch.float16, torch.float32]
 
 
+@pytest.mark.gpu
 def test_real_gpus_against_this_build():
     """Where a GPU and a CUDA build are present: every visible GPU is either covered (cuda among
     its backends) or named in the error, never a failed launch."""

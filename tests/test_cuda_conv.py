@@ -16,14 +16,14 @@ import torch
 
 import splinet_cuda as sc
 from helpers import (ACTS, CONV_VARIANTS, HALF_TOL, OP_RESULTS, assert_all_close,
-                     assert_all_close_scaled, conv_inputs, outputs_and_grads, requires, tolerance)
+                     assert_all_close_scaled, conv_inputs, gpu_test, outputs_and_grads, requires, tolerance)
 
 import emulation  # tests/emulation.py: the test-only extension
 
 ops = torch.ops.splinet_cuda
 emu = emulation.ops
 needs_emu = requires("cuda-emulated")
-needs_gpu = requires("cuda", "spline_conv_fwd")
+needs_gpu = gpu_test("cuda", "spline_conv_fwd")
 F64, F32 = tolerance(torch.float64, "cuda-emulated"), tolerance(torch.float32, "cuda-emulated")
 
 SPATIAL = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}

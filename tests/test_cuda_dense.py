@@ -13,14 +13,14 @@ import torch
 
 import splinet_cuda as sc
 from helpers import (HALF_TOL, OP_RESULTS, TOL, VARIANTS, assert_all_close, assert_all_close_scaled,
-                     dense_inputs, grid, num_threads, requires, tolerance)
+                     dense_inputs, gpu_test, grid, num_threads, requires, tolerance)
 
 import emulation  # tests/emulation.py: the test-only extension
 
 ops = torch.ops.splinet_cuda
 emu = emulation.ops
 needs_emu = requires("cuda-emulated")
-needs_gpu = requires("cuda", "spline_dense_fwd")
+needs_gpu = gpu_test("cuda", "spline_dense_fwd")
 
 SMALL, LARGE, FUSED = 1, 2, 3  # FUSED: the large path through the blended GEMM (blend_gemm.h)
 PATHS = [SMALL, LARGE, FUSED]

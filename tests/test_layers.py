@@ -389,6 +389,7 @@ def test_autocast_direct_op_call_runs_float32():
     assert want.shape == got.shape
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_autocast_cuda_runs_float32():
     layer = sc.SplineODE(8, 2, 1, 4).cuda()

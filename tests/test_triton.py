@@ -23,7 +23,7 @@ from helpers import (ACTS, VARIANTS, assert_equal_results, assert_matches_refere
                      requires)
 from splinet_cuda import _triton  # noqa: E402
 
-pytestmark = requires("triton")
+pytestmark = [requires("triton"), pytest.mark.gpu]
 
 DEVICE = backend_device("triton")
 
