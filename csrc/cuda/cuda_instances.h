@@ -19,12 +19,12 @@
 // `SPLINET_X(T);` (definition, in the unit that compiles it).
 #define SPLINET_DENSE_FWD(T)                                                                                    \
   template at::Tensor dense_forward_typed<T, CudaExec>(CudaExec&, Act, const at::Tensor&, const at::Tensor&,  \
-                                                       const at::Tensor&, const at::Tensor&, const DenseParams&, \
+                                                       const at::Tensor&, const at::Tensor&, const LayerParams&, \
                                                        int64_t, int64_t)
 #define SPLINET_DENSE_BWD(T)                                                                                    \
   template std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward_typed<T, CudaExec>(      \
       CudaExec&, Act, const at::Tensor&, bool, const at::Tensor&, const at::Tensor&, const at::Tensor&,         \
-      const at::Tensor&, const DenseParams&, int64_t, int64_t)
+      const at::Tensor&, const LayerParams&, int64_t, int64_t)
 #define SPLINET_CONV_FWD(T)                                                                                   \
   template at::Tensor conv_forward_typed<T, CudaExec>(CudaExec&, Act, const at::Tensor&, const at::Tensor&,  \
                                                       const at::Tensor&, const at::Tensor&, const ConvSetup&, \
