@@ -4,7 +4,7 @@ toolkit and a CUDA build of PyTorch are present.
     pip install --no-build-isolation .          # or -e . for development
     FORCE_CUDA=1 pip install --no-build-isolation .     # CUDA even without a visible GPU
     FORCE_ONLY_CPU=1 pip install --no-build-isolation . # skip CUDA
-    SPLINET_EMULATION=1 pip install ...   # also the test-only extension (make test does this)
+    SPLINET_EMULATION=1 pip install ...   # also the test-only extension (make build-test; a checkout only)
     SPLINET_DEBUG=1 pip install ...       # keep debug info and symbols (a release build strips them)
 
 TORCH_CUDA_ARCH_LIST picks the GPU architectures. Unset, the build covers the visible GPUs
@@ -133,14 +133,24 @@ def _extension():
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+# The emulation's one source: test code, so it lives beside the tests, not in csrc/ with
+# what ships; it includes the CUDA drivers through csrc/ on the include path.
+EMULATION_SOURCE = "tests/cpp/cuda_emulated.cpp"
+
+
 def _emulation_extension():
     """splinet_cuda._emulation, test-only: the CUDA drivers and block programs run on the CPU
-    (csrc/emulation/), how the tests reach the CUDA kernels' arithmetic without a GPU. Built
-    only with SPLINET_EMULATION=1 (make test); never part of a user's install."""
+    (tests/cpp/cuda_emulated.cpp), how the tests reach the CUDA kernels' arithmetic without a
+    GPU. Built only with SPLINET_EMULATION=1 (make build-test, which make test runs); never
+    part of a user's install. It needs a repository checkout: the source distribution holds
+    no tests."""
+    if not os.path.isfile(os.path.join(ROOT, EMULATION_SOURCE)):
+        raise RuntimeError(f"SPLINET_EMULATION=1 builds {EMULATION_SOURCE}, which is not here: the test-only "
+                           "emulation is built from a repository checkout (the source distribution holds no tests)")
     release_cxx, release_link = _release_flags()
     return CppExtension(
         name="splinet_cuda._emulation",
-        sources=_rel("csrc/emulation/*.cpp"),
+        sources=[EMULATION_SOURCE],
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": _cxx_flags() + release_cxx},
         extra_link_args=([] if sys.platform == "darwin" else ["-fopenmp"]) + release_link,

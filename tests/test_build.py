@@ -196,7 +196,18 @@ def test_emulation_extension_only_on_request(monkeypatch):
     mod = load_setup(monkeypatch, FORCE_ONLY_CPU="1", SPLINET_EMULATION="1")
     names = [e.name for e in mod.extensions()]
     assert names == ["splinet_cuda._C", "splinet_cuda._emulation"]
-    assert mod.extensions()[1].sources == ["csrc/emulation/cuda_emulated.cpp"]
+    assert mod.extensions()[1].sources == ["tests/cpp/cuda_emulated.cpp"]
+    # It includes the drivers as cuda/*_driver.h, through csrc/ on the include path.
+    assert REPO / "csrc" in [Path(d).resolve() for d in mod.extensions()[1].include_dirs]
+
+
+def test_emulation_needs_a_checkout(monkeypatch, tmp_path):
+    """The emulation's source is test code (tests/cpp/), which the source distribution leaves
+    out: SPLINET_EMULATION=1 there fails with a clear message, not a compiler error."""
+    mod = load_setup(monkeypatch, FORCE_ONLY_CPU="1", SPLINET_EMULATION="1")
+    monkeypatch.setattr(mod, "ROOT", str(tmp_path))
+    with pytest.raises(RuntimeError, match="repository checkout"):
+        mod.extensions()
 
 
 def test_public_op_namespace_holds_no_test_ops():

@@ -41,6 +41,18 @@ def test_sdist_holds_every_source_and_included_header(sdist_files):
             assert target in sdist_files, f"{rel} includes {inc}, not in the sdist"
 
 
+def test_sdist_leaves_out_the_test_only_emulation(sdist_files):
+    """The CPU emulation of the CUDA programs is test code (tests/cpp/cuda_emulated.cpp, built
+    only from a checkout with SPLINET_EMULATION=1): not shipped, while the drivers it includes
+    through csrc/ are."""
+    assert "tests/cpp/cuda_emulated.cpp" not in sdist_files
+    src = (REPO / "tests" / "cpp" / "cuda_emulated.cpp").read_text()
+    includes = re.findall(r'^\s*#\s*include\s+"([^"]+)"', src, re.M)
+    assert includes
+    for inc in includes:
+        assert os.path.normpath(os.path.join("csrc", inc)) in sdist_files, f"{inc} not in the sdist"
+
+
 def test_sdist_holds_packages_and_build_files(sdist_files):
     for f in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CMakeLists.txt"):
         assert f in sdist_files

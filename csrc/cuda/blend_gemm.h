@@ -1,10 +1,12 @@
-// The large-width dense path's fused GEMM: a tiled block program for
+// The dense layer's fused GEMM for large widths, with the blend of W(t) and the epilogue fused.
+//
+// It computes
 //   C[M x N] = sum_k A(i, k) B(k, j),   then  epi(i, j, C[i, j])  for every entry,
 // where either operand may be read transposed and B may be the blended weight of one stage,
 // W(t) = sum_r w_r weight[k + r] (eq. 14; A(t) = W - W^T - gamma I for the antisymmetric
 // variant), formed from the d + 1 coefficient tiles while the B tile is loaded into shared
-// memory. The epilogue functor gets the float32 (float64) accumulator, so bias, activation,
-// slope and the Runge-Kutta combinations (dense_driver.h), or the eq. 23 scatter of G^T X
+// memory. The epilogue functor (step_functors.h) gets the float32 (float64) accumulator, so
+// bias, activation, slope and the Runge-Kutta combinations, or the eq. 23 scatter of G^T X
 // into the d + 1 coefficient-gradient slots, run on it without a round trip through memory.
 //
 // A block owns BM x BN output tiles (a persistent loop over them); its 8 warps are arranged
@@ -16,7 +18,7 @@
 //     accumulators), the fragments going through a per-warp shared scratch for the epilogue;
 //   - otherwise (float32 / float64 on the GPU, and every dtype in the CPU emulation) with
 //     scalar multiply-adds, each of a warp's 32 lanes owning 1 / 32 of the warp tile.
-// The emulation (csrc/cpu/cuda_emulated.cpp) thus tests the tiling, loaders, blend, padding
+// The emulation (tests/cpp/cuda_emulated.cpp) thus tests the tiling, loaders, blend, padding
 // of ragged edges and epilogues on the CPU; the wmma calls themselves only run on a GPU.
 #pragma once
 
@@ -53,7 +55,7 @@ struct GemmArgs {
   int64_t ldb;
   int b_mode;
   // kBlend / kBlendT: the layer's coefficients (n, m, m), the first nonzero one and the weights.
-  DenseParams p;
+  LayerParams p;
   const scalar_t* weight;
   int64_t kc;
   acc_t w[kMaxDegree + 1];

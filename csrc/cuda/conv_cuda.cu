@@ -1,8 +1,9 @@
-// CUDA implementations of splinet_cuda::spline_conv_fwd / spline_conv_bwd (schemas in
-// csrc/splinet_ops.cpp): for few channels the single-launch direct program of
-// conv_program.h, otherwise cuDNN convolutions through ATen around the blend, epilogue and
-// eq. 23 scatter kernels; the host driver is conv_driver.h, the launches cuda_exec.cuh;
-// the per-dtype bodies are compiled in their own units (cuda_instances.h).
+// The CUDA ops splinet_cuda::spline_conv_fwd / spline_conv_bwd (schemas in csrc/splinet_ops.cpp).
+//
+// For few channels the single-launch direct program of conv_program.h, otherwise cuDNN
+// convolutions through ATen around the blend, epilogue and eq. 23 scatter kernels
+// (step_functors.h); the host driver is conv_driver.h (with driver_common.h), the launches
+// cuda_exec.cuh; the per-dtype bodies are compiled in their own units (cuda_instances.h).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

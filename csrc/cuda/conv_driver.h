@@ -1,8 +1,9 @@
-// Host side of the CUDA convolutional SpliNet layer (1-3 spatial dims, "same" zero padding,
-// stride 1; standard and symmetric variants), templated on an executor like dense_driver.h
-// (CudaExec on the GPU, HostExec in the CPU emulation used by the tests).
+// Host side of the CUDA convolutional SpliNet layer: path choice, buffers, launches, cuDNN runs.
 //
-// Per stage a blend kernel writes the filter K(t) and bias b(t) from the d + 1 nonzero
+// 1-3 spatial dims, "same" zero padding, stride 1; standard and symmetric variants. Templated
+// on an executor (driver_common.h) like dense_driver.h: CudaExec on the GPU, HostExec in the
+// CPU emulation used by the tests. Few channels run the direct single-launch program
+// (conv_program.h); otherwise (the cuDNN path) per stage a blend kernel writes the filter K(t) and bias b(t) from the d + 1 nonzero
 // coefficients (eq. 14; never a per-step filter tensor), the convolution is ATen's (cuDNN on
 // the GPU, float32 accumulation for bfloat16/float16), and bias, activation, slope and the
 // Runge-Kutta combinations are single elementwise kernels (step_functors.h). The adjoint walks
@@ -32,13 +33,13 @@
 #include "../common/checks.h"
 #include "../common/layer_config.h"
 #include "conv_program.h"
-#include "dense_driver.h"
+#include "driver_common.h"
 #include "step_functors.h"
 
 namespace splinet {
 
 struct ConvSetup {
-  DenseParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias (gamma, TB unused)
+  LayerParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias (gamma, TB unused)
   ConvGeom geo;
   int64_t P, fw;
   std::vector<int64_t> state_shape, ones, zeros, padding, sum_dims;
@@ -47,7 +48,7 @@ struct ConvSetup {
 inline ConvSetup conv_setup(const at::Tensor& x, const at::Tensor& weight, bool has_bias, int64_t steps,
                             int64_t degree, c10::string_view scheme, c10::string_view variant, int64_t checkpoint) {
   ConvSetup c;
-  c.p = dense_params(x.size(0), x.size(1), weight.size(0), has_bias, steps, degree, scheme, variant, 0.0, checkpoint);
+  c.p = layer_params(x.size(0), x.size(1), weight.size(0), has_bias, steps, degree, scheme, variant, 0.0, checkpoint);
   TORCH_CHECK_VALUE(c.p.variant != kAntisymmetric,
                     "spline_conv: variant 'antisymmetric' is defined for dense layers only; expected standard or "
                     "symmetric");
@@ -164,12 +165,10 @@ class ConvLarge {
   }
 
  private:
-  // A Runge-Kutta combination (dense_program.h) over the stage buffers K_.
+  // A Runge-Kutta combination over the stage buffers K_.
   CombineFn<scalar_t, acc_t> combination(Rk kind, int s, const at::Tensor& base, acc_t* out_acc,
                                          scalar_t* out_st) const {
-    const acc_t* ks[4] = {};
-    for (int j = 0; j < p_.S; ++j) ks[j] = K_[j].data_ptr<acc_t>();
-    return rk_combination<scalar_t, acc_t>(p_, kind, s, base.data_ptr<acc_t>(), ks, out_acc, out_st);
+    return stage_combination(p_, K_, kind, s, base, out_acc, out_st);
   }
 
   at::Tensor conv(const at::Tensor& in, int s, bool transposed) const {
@@ -187,17 +186,10 @@ class ConvLarge {
 
   Exec& ex_;
   ConvSetup c_;
-  DenseParams p_;
+  LayerParams p_;
   at::Tensor weight_, bias_, scale_;
   at::Tensor cur_, X_, A_, K_, filt_, bv_, Y_, kbar_st_, G_, P_;
 };
-
-inline void check_conv_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
-                               int64_t degree, int64_t checkpoint, bool half_types) {
-  check_conv_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
-  check_driver_args(op, x, scale, degree);
-}
 
 // Paths: 0 chooses (direct when C <= kConvDirectMaxChannels, C P <= kConvDirectMaxSample and
 // the filter fits in shared memory), 1 the direct single-launch program, 2 the cuDNN path.
@@ -228,7 +220,7 @@ template <typename scalar_t, Act ACT, typename Exec>
 at::Tensor conv_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         const at::Tensor& scale, const ConvSetup& c, int64_t path) {
   using acc_t = at::opmath_type<scalar_t>;
-  const DenseParams& p = c.p;
+  const LayerParams& p = c.p;
   std::vector<int64_t> shape{num_saved_states(p.N, p.K)};
   shape.insert(shape.end(), c.state_shape.begin(), c.state_shape.end());
   at::Tensor states = at::empty(shape, x.options());
@@ -260,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     Exec& ex, const at::Tensor& grad_states, bool last_only, const at::Tensor& states, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& scale, const ConvSetup& c, int64_t path) {
   using acc_t = at::opmath_type<scalar_t>;
-  const DenseParams& p = c.p;
+  const LayerParams& p = c.p;
   const auto acc_opts = states.options().dtype(acc_type_of<acc_t>());
   const int64_t Ns = num_saved_states(p.N, p.K);
   at::Tensor z = at::empty(c.state_shape, acc_opts);  // dL/dx_i, from i = N down
@@ -327,21 +319,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward_typed(
   return out;
 }
 
-// Op entry points (see dense_fwd_entry).
+// Op entry points shared by the CUDA ops (conv_cuda.cu) and the emulation ops (see
+// dense_fwd_entry).
 template <typename Exec>
 at::Tensor conv_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
                           const c10::optional<at::Tensor>& bias_in, const at::Tensor& scale_in, int64_t steps,
                           int64_t degree, c10::string_view activation, c10::string_view scheme,
                           c10::string_view variant, int64_t checkpoint, int64_t path) {
-  check_conv_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor scale = scale_in.to(x.scalar_type()).contiguous();  // lam in x's dtype, as on the CPU
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const ConvSetup c = conv_setup(x, weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
+  check_conv_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  check_driver_args(op, x_in, scale_in, degree);
+  const OpInputs in = fwd_inputs(x_in, weight_in, bias_in, scale_in);
+  const ConvSetup c = conv_setup(in.x, in.weight, in.bias.defined(), steps, degree, scheme, variant, checkpoint);
   const Act act = parse_activation(std::string(activation));
   at::Tensor out;
-  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
-    out = conv_forward_typed<scalar_t>(ex, act, x, weight, bias, scale, c, path);
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, in.x.scalar_type(), "splinet_layer_fwd", [&] {
+    out = conv_forward_typed<scalar_t>(ex, act, in.x, in.weight, in.bias, in.scale, c, path);
   });
   return out;
 }
@@ -354,20 +346,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_entry(
     int64_t checkpoint, int64_t path) {
   TORCH_CHECK_VALUE(states_in.dim() >= 4 && states_in.dim() <= 6, op,
                     ": states must have shape (saved, B, C, *spatial), got ", states_in.sizes());
-  check_conv_op_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint), op, ": states holds ",
-                    states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
-                    steps, ", checkpoint = ", checkpoint);
-  const bool last_only = check_state_grad(op, grad_states_in, states_in);
-  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor scale = scale_in.to(states.scalar_type()).contiguous();
-  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const ConvSetup c = conv_setup(states[0], weight, bias.defined(), steps, degree, scheme, variant, checkpoint);
+  check_conv_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  check_driver_args(op, states_in[0], scale_in, degree);
+  const OpInputs in = bwd_inputs(op, grad_states_in, states_in, weight_in, bias_in, scale_in, steps, checkpoint);
+  const ConvSetup c = conv_setup(in.x[0], in.weight, in.bias.defined(), steps, degree, scheme, variant, checkpoint);
   const Act act = parse_activation(std::string(activation));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
-    out = conv_backward_typed<scalar_t>(ex, act, grad_states, last_only, states, weight, bias, scale, c, path);
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, in.x.scalar_type(), "splinet_layer_bwd", [&] {
+    out = conv_backward_typed<scalar_t>(ex, act, in.grad_states, in.last_only, in.x, in.weight, in.bias, in.scale, c,
+                                        path);
   });
   std::get<3>(out) = std::get<3>(out).to(scale_in.scalar_type());  // in the scale's dtype
   return out;

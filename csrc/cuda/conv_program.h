@@ -1,5 +1,8 @@
-// Device code of the CUDA conv layer's small-channel path, written as a __host__ __device__
-// block program like dense_program.h (so the CPU emulation ops run the same code).
+// Device code of the CUDA conv layer's small-channel path: the direct single-launch program.
+//
+// Written as a __host__ __device__ block program on the runtime of block_runtime.h, like
+// dense_program.h, so that the CPU emulation ops (tests/cpp/cuda_emulated.cpp) run the same
+// code.
 //
 // Legend: B batch, C channels, P points of one sample's plane (product of the spatial sizes),
 // fw = C^2 prod(kernel) entries of one filter, n = L + d coefficients, d degree, N steps,
@@ -22,7 +25,7 @@
 
 #include <cstdint>
 
-#include "dense_program.h"
+#include "block_runtime.h"
 
 namespace splinet {
 
@@ -39,7 +42,7 @@ struct ConvGeom {
 
 template <typename scalar_t, typename acc_t>
 struct ConvSmallArgs {
-  DenseParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias
+  LayerParams p;  // B, m = C, n, d, L, N, K, tableau, variant, h, has_bias
   ConvGeom geo;
   const scalar_t* x;
   const scalar_t* weight;  // (n, C, C, *kernel)
@@ -57,18 +60,18 @@ struct ConvSmallArgs {
 
 // Global workspace of one block, in samples' worth (C x P): cur, Z, kbar, G, Y, then S each
 // of X_s, A_s, K_s (K_s reused as dL/dX_s), then min(K, N) - 1 recomputed segment states.
-SPLINET_HD int64_t conv_small_work_samples(const DenseParams& p) { return 5 + 3 * p.S + segment_states(p); }
+SPLINET_HD int64_t conv_small_work_samples(const LayerParams& p) { return 5 + 3 * p.S + segment_states(p); }
 // Shared memory: the blended filter (fw) and bias (C); in the backward with cache_slots also
 // the d + 1 filter- and bias-gradient slots of the current knot interval (SlotCache).
-SPLINET_HD int64_t conv_slot_cache_elems(const DenseParams& p, const ConvGeom& g) { return (p.d + 1) * (g.fw + g.C); }
-SPLINET_HD int64_t conv_small_smem_elems(const DenseParams& p, const ConvGeom& g, bool backward) {
+SPLINET_HD int64_t conv_slot_cache_elems(const LayerParams& p, const ConvGeom& g) { return (p.d + 1) * (g.fw + g.C); }
+SPLINET_HD int64_t conv_small_smem_elems(const LayerParams& p, const ConvGeom& g, bool backward) {
   return g.fw + g.C + (backward && p.cache_slots ? conv_slot_cache_elems(p, g) : 0);
 }
 
 template <typename scalar_t, typename acc_t, Act ACT>
 struct ConvSample {
   const ConvSmallArgs<scalar_t, acc_t>& g;
-  const DenseParams& p;
+  const LayerParams& p;
   const ConvGeom& geo;
   BlockCtx ctx;
   acc_t lam;
@@ -98,7 +101,7 @@ struct ConvSample {
   SPLINET_HD acc_t* A_of(int s) const { return As + s * CP; }
   SPLINET_HD acc_t* K_of(int s) const { return Ks + s * CP; }
 
-  // out = a Runge-Kutta combination over the stage buffers (dense_program.h), this thread's share.
+  // out = a Runge-Kutta combination over the stage buffers (block_runtime.h), this thread's share.
   SPLINET_HD void combine(Rk kind, int s, const acc_t* base, acc_t* out) const {
     const acc_t* ks[4] = {K_of(0), K_of(1), K_of(2), K_of(3)};
     const auto f = rk_combination<scalar_t, acc_t>(p, kind, s, base, ks, out, nullptr);
@@ -261,7 +264,7 @@ struct ConvSample {
     ctx.sync();
   }
 
-  // Hooks of adjoint_sweep (dense_program.h) for sample b (set by backward_sample).
+  // Hooks of adjoint_sweep (block_runtime.h) for sample b (set by backward_sample).
   int64_t b = 0;
   acc_t *pW = nullptr, *pb = nullptr;
   double* glam = nullptr;
@@ -297,6 +300,8 @@ struct ConvSample {
   }
 };
 
+// The program's entry points, launched as block_kernel<Body> (cuda_exec.cuh): block `block`
+// of `grid` walks the samples block, block + grid, ...
 template <typename scalar_t, typename acc_t, Act ACT>
 struct ConvFwdBody {
   using acc_type = acc_t;

@@ -1,7 +1,9 @@
-// The GPU executor of the layer drivers (dense_driver.h, conv_driver.h): launches the block
-// programs and elementwise functors on the current stream, with dynamic shared memory above
-// 48 KB, a persistent grid sized by the occupancy calculator, and a launch check after every
-// kernel. The caller holds a device guard for the tensors' device.
+// The GPU executor of the CUDA layer drivers: launches block programs and elementwise functors.
+//
+// CudaExec implements the executor interface of driver_common.h for dense_driver.h and
+// conv_driver.h: the block programs and elementwise functors run on the current stream, with
+// dynamic shared memory above 48 KB, a persistent grid sized by the occupancy calculator, and
+// a launch check after every kernel. The caller holds a device guard for the tensors' device.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +16,7 @@
 #include <mutex>
 #include <tuple>
 
-#include "dense_program.h"
+#include "block_runtime.h"
 
 namespace splinet {
 

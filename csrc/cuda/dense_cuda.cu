@@ -1,7 +1,8 @@
-// CUDA implementations of splinet_cuda::spline_dense_fwd / spline_dense_bwd (schemas in
-// csrc/splinet_ops.cpp): the device code is in dense_program.h and step_functors.h, the host
-// driver in dense_driver.h, the launches in cuda_exec.cuh; the per-dtype bodies are compiled
-// in their own units (cuda_instances.h).
+// The CUDA ops splinet_cuda::spline_dense_fwd / spline_dense_bwd (schemas in csrc/splinet_ops.cpp).
+//
+// The device code is in dense_program.h, blend_gemm.h and step_functors.h on the runtime of
+// block_runtime.h, the host driver in dense_driver.h (with driver_common.h), the launches in
+// cuda_exec.cuh; the per-dtype bodies are compiled in their own units (cuda_instances.h).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

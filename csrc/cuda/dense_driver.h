@@ -1,12 +1,9 @@
-// Host side of the CUDA dense SpliNet layer: argument checks, the choice between the
-// small-width trajectory program and the large-width GEMM path, buffers, launches and the
-// final reductions. Templated on an executor so the same driver runs the GPU kernels
-// (CudaExec, csrc/cuda/cuda_exec.cuh) and the CPU emulation of the same block programs
-// (HostExec, csrc/cpu/cuda_emulated.cpp). An executor provides:
-//   grid<Body>(tiles, threads, smem_bytes) -> blocks to launch (persistent: <= tiles)
-//   launch(Body, grid, threads, smem_bytes): body(block, grid, BlockCtx, acc_t* smem) per block
-//   for_each(n, F): f(e) for e in [0, n)
-//   max_smem_bytes(), threads()
+// Host side of the CUDA dense SpliNet layer: path choice, buffers, launches, large-width runs.
+//
+// The choice between the small-width trajectory program (dense_program.h) and the large-width
+// GEMM paths, their buffers, launches and final reductions, and the op entry points. Templated
+// on an executor (driver_common.h), so that the same driver runs on the GPU and in the tests'
+// CPU emulation.
 //
 // Large widths (m > kSmallMaxWidth), two ways (DenseLarge):
 //  - fused (default for bfloat16 / float16 on the GPU): every product is one launch of the
@@ -23,7 +20,6 @@
 // interval, TB rows of a tile.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,6 +39,7 @@
 #include "../common/layer_config.h"
 #include "blend_gemm.h"
 #include "dense_program.h"
+#include "driver_common.h"
 #include "step_functors.h"
 
 namespace splinet {
@@ -87,43 +84,12 @@ bool dense_use_fused(const Exec& ex, int64_t path) {
   return Exec::kTensorCores && sizeof(scalar_t) == 2;
 }
 
-template <typename acc_t>
-inline at::ScalarType acc_type_of() {
-  return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
-}
-
-// B rows of m features, n coefficients.
-inline DenseParams dense_params(int64_t B, int64_t m, int64_t n, bool has_bias, int64_t steps, int64_t degree,
-                                c10::string_view scheme, c10::string_view variant, double gamma, int64_t checkpoint) {
-  DenseParams p{};
-  p.B = B;
-  p.m = m;
-  p.n = n;
-  p.d = degree;
-  p.L = p.n - degree;
-  p.N = steps;
-  p.K = checkpoint;
-  const Tableau tab = parse_scheme(std::string(scheme));
-  p.S = tab.stages;
-  for (int s = 0; s < 4; ++s) {
-    p.b[s] = tab.b[s];
-    p.c[s] = tab.c[s];
-    for (int j = 0; j < 4; ++j) p.a[s][j] = tab.a[s][j];
-  }
-  p.variant = static_cast<int>(parse_variant(std::string(variant)));
-  p.gamma = gamma;
-  p.h = 1.0 / static_cast<double>(steps);
-  p.has_bias = has_bias;
-  p.ldw = p.m + 1;
-  return p;
-}
-
 // Tile rows for the small path: enough rows that a tile has ~1024 elements, but no more than
 // spread the batch over every multiprocessor (`sms`): a block walks all N steps of its tile
 // in sequence, so B = 256, m = 4 in one tile of 256 rows would run on one SM while the others
 // idle; ceil(B / sms) rows make one tile per SM. Then halved until the backward's shared
 // memory (the larger) fits the budget. Returns 0 when even one row does not fit.
-inline int64_t dense_small_tile_rows(DenseParams p, int64_t elem_bytes, int64_t smem_budget, int64_t sms) {
+inline int64_t dense_small_tile_rows(LayerParams p, int64_t elem_bytes, int64_t smem_budget, int64_t sms) {
   int64_t tb = std::max<int64_t>(1, std::min<int64_t>(256, 1024 / std::max<int64_t>(p.m, 1)));
   const int64_t spread = (p.B + std::max<int64_t>(sms, 1) - 1) / std::max<int64_t>(sms, 1);
   tb = std::max<int64_t>(1, std::min(tb, spread));
@@ -143,33 +109,6 @@ inline int64_t weight_gemm_splits(int64_t tiles, int64_t K, int64_t bk, int64_t 
   return std::max<int64_t>(1, std::min(want, deepest));
 }
 
-// Cap on the global workspace of a persistent launch (per-block partial gradients, segment
-// states): fewer blocks, each walking more tiles, when the per-block share is large (e.g. a
-// long checkpoint interval).
-constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
-
-inline int64_t cap_grid(int64_t grid, int64_t bytes_per_block) {
-  return std::max<int64_t>(1, std::min<int64_t>(grid, kWorkspaceBytes / std::max<int64_t>(1, bytes_per_block)));
-}
-
-template <typename scalar_t, typename acc_t, Act ACT>
-struct SmallFwdBody {
-  using acc_type = acc_t;
-  DenseSmallArgs<scalar_t, acc_t> args;
-  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
-    dense_small_fwd_block<scalar_t, acc_t, ACT>(args, block, grid, ctx, smem);
-  }
-};
-
-template <typename scalar_t, typename acc_t, Act ACT>
-struct SmallBwdBody {
-  using acc_type = acc_t;
-  DenseSmallArgs<scalar_t, acc_t> args;
-  SPLINET_HD void operator()(int64_t block, int64_t grid, BlockCtx ctx, acc_t* smem) const {
-    dense_small_bwd_block<scalar_t, acc_t, ACT>(args, block, grid, ctx, smem);
-  }
-};
-
 // ---------------------------------------------------------------------------------------
 // The large-width path (all tensors on x's device; T = scalar_t, the GEMM dtype).
 
@@ -184,7 +123,7 @@ class DenseLarge {
   // Whether this instantiation contains the fused GEMM's code (dense_fused_compiled).
   static constexpr bool kFused = dense_fused_compiled<scalar_t, Exec>();
 
-  DenseLarge(Exec& ex, const DenseParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale,
+  DenseLarge(Exec& ex, const LayerParams& p, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale,
              bool fused, bool keep, int64_t gemm_tile)
       : ex_(ex), p_(p), weight_(weight), bias_(bias), scale_(scale), fused_(kFused && fused), keep_(keep || !fused_),
         gemm_tile_(gemm_tile) {
@@ -316,12 +255,10 @@ class DenseLarge {
   static scalar_t* ptr(const at::Tensor& t) { return t.data_ptr<scalar_t>(); }
   static acc_t* ptr_acc(const at::Tensor& t) { return t.data_ptr<acc_t>(); }
 
-  // A Runge-Kutta combination (dense_program.h) over the stage buffers K_.
+  // A Runge-Kutta combination over the stage buffers K_.
   CombineFn<scalar_t, acc_t> combination(Rk kind, int s, const at::Tensor& base, acc_t* out_acc,
                                          scalar_t* out_st) const {
-    const acc_t* ks[4] = {};
-    for (int j = 0; j < p_.S; ++j) ks[j] = K_[j].data_ptr<acc_t>();
-    return rk_combination<scalar_t, acc_t>(p_, kind, s, base.data_ptr<acc_t>(), ks, out_acc, out_st);
+    return stage_combination(p_, K_, kind, s, base, out_acc, out_st);
   }
 
   void blend(int64_t i, int s) {
@@ -455,7 +392,7 @@ class DenseLarge {
   }
 
   Exec& ex_;
-  DenseParams p_;
+  LayerParams p_;
   at::Tensor weight_, bias_, scale_;
   bool fused_, keep_, x0_ready_ = false;
   int64_t gemm_tile_, wt_step_ = -1;
@@ -464,64 +401,12 @@ class DenseLarge {
   at::Tensor cur_, Xn_, Wt_, A_, K_, W_, bv_, prod_, Y_, kbar_st_, G_, P_, dW_, dW2_, splitk_;
 };
 
-// The large paths' sweeps (Run = DenseLarge or ConvLarge: cur(), step(i), adjoint(i, ...)).
-template <typename Run, typename scalar_t = typename Run::scalar_type>
-void large_forward(Run& run, const DenseParams& p, const at::Tensor& x, at::Tensor& states) {
-  states[0].copy_(x);
-  run.cur().copy_(x);
-  const int64_t state_numel = x.numel();
-  for (int64_t i = 0; i < p.N; ++i) {
-    const int64_t slot = saved_slot(i + 1, p.N, p.K);
-    run.step(i, slot >= 0 ? states.data_ptr<scalar_t>() + slot * state_numel : nullptr);
-  }
-}
-
-// adjoint_sweep's hooks for a large-path runner; z (dL/dx_i) and the gradient accumulators
-// are acc_t tensors, seg holds a segment's recomputed states.
-template <typename Run>
-struct LargeSweep {
-  Run& run;
-  const at::Tensor& states;
-  const at::Tensor& grad_states;
-  at::Tensor seg;
-  at::Tensor &z, &gW, &gb, &glam;
-  void load_state(int64_t slot) { run.cur().copy_(states[slot]); }
-  void save_segment(int64_t j) { seg[j].copy_(run.cur()); }
-  void load_segment(int64_t j) { run.cur().copy_(seg[j]); }
-  void replay(int64_t i) { run.step(i); }
-  void run_adjoint(int64_t i) { run.adjoint(i, z, gW, gb, glam); }
-  void add_state_grad(int64_t slot) { z.add_(grad_states[slot]); }
-};
-
-template <typename Run>
-void large_backward(Run& run, const DenseParams& p, const at::Tensor& states, const at::Tensor& grad_states,
-                    bool last_only, at::Tensor& z, at::Tensor& gW, at::Tensor& gb, at::Tensor& glam) {
-  std::vector<int64_t> seg_shape{segment_states(p)};
-  seg_shape.insert(seg_shape.end(), z.sizes().begin(), z.sizes().end());
-  LargeSweep<Run> sweep{run, states, grad_states, segment_states(p) > 0 ? at::empty(seg_shape, z.options()) : at::Tensor(),
-                        z, gW, gb, glam};
-  adjoint_sweep(sweep, p, last_only);
-}
-
 // ---------------------------------------------------------------------------------------
 // The ops.
 
-// What the CUDA drivers add to the layers' shared checks (checks.h): the kernels unroll up to
-// kMaxDegree, and read the scale on x's device (the entries convert it to x's dtype, as the CPU
-// op does, and return its gradient in the scale's own dtype).
-inline void check_driver_args(const char* op, const at::Tensor& x, const at::Tensor& scale, int64_t degree) {
-  TORCH_CHECK_VALUE(degree <= kMaxDegree, op, ": degree must be <= ", kMaxDegree, ", got ", degree);
-  TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale is on ", scale.device(), " but x is on ", x.device());
-}
-
-inline void check_dense_op_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                const c10::optional<at::Tensor>& bias, const at::Tensor& scale, int64_t steps,
-                                int64_t degree, int64_t checkpoint, bool half_types) {
-  check_dense_args(op, x, weight, bias, scale, steps, degree, checkpoint, half_types);
-  check_driver_args(op, x, scale, degree);
-}
-
-inline bool dense_use_small(int64_t path, const DenseParams& p, int64_t elem_bytes, int64_t smem_budget) {
+// Whether the small-width program runs (path as in DensePath; 0: when m <= kSmallMaxWidth and
+// a tile fits the shared memory).
+inline bool dense_use_small(int64_t path, const LayerParams& p, int64_t elem_bytes, int64_t smem_budget) {
   TORCH_CHECK_VALUE(path >= kPathAuto && path <= kPathFused, "spline_dense: path must be 0, 1, 2 or 3, got ", path);
   if (path == kPathLarge || path == kPathFused) return false;
   const bool fits = dense_small_tile_rows(p, elem_bytes, smem_budget, 1) > 0;
@@ -542,7 +427,7 @@ inline int64_t gemm_tile(int64_t path, int64_t tile_rows) {
 
 template <typename scalar_t, Act ACT, typename Exec>
 at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         const at::Tensor& scale, DenseParams p, int64_t path, int64_t tile_rows) {
+                         const at::Tensor& scale, LayerParams p, int64_t path, int64_t tile_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Ns = num_saved_states(p.N, p.K);
   at::Tensor states = at::empty({Ns, p.B, p.m}, x.options());
@@ -573,7 +458,7 @@ at::Tensor dense_forward(Exec& ex, const at::Tensor& x, const at::Tensor& weight
 template <typename scalar_t, Act ACT, typename Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
     Exec& ex, const at::Tensor& grad_states, bool last_only, const at::Tensor& states, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& scale, DenseParams p, int64_t path, int64_t tile_rows) {
+    const at::Tensor& bias, const at::Tensor& scale, LayerParams p, int64_t path, int64_t tile_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = states.options().dtype(acc_type_of<acc_t>());
   const int64_t Ns = num_saved_states(p.N, p.K);
@@ -637,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward(
 // them where it includes this file.
 template <typename scalar_t, typename Exec>
 at::Tensor dense_forward_typed(Exec& ex, Act act, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& bias, const at::Tensor& scale, const DenseParams& p, int64_t path,
+                               const at::Tensor& bias, const at::Tensor& scale, const LayerParams& p, int64_t path,
                                int64_t tile_rows) {
   at::Tensor out;
   SPLINET_DISPATCH_ACT(act, [&] { out = dense_forward<scalar_t, ACT>(ex, x, weight, bias, scale, p, path, tile_rows); });
@@ -647,7 +532,7 @@ at::Tensor dense_forward_typed(Exec& ex, Act act, const at::Tensor& x, const at:
 template <typename scalar_t, typename Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward_typed(
     Exec& ex, Act act, const at::Tensor& grad_states, bool last_only, const at::Tensor& states,
-    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale, const DenseParams& p, int64_t path,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& scale, const LayerParams& p, int64_t path,
     int64_t tile_rows) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   SPLINET_DISPATCH_ACT(act, [&] {
@@ -658,17 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_backward_typed(
 
 // ---------------------------------------------------------------------------------------
 // Op entry points shared by the CUDA ops (dense_cuda.cu) and the emulation ops: checks,
-// contiguous inputs, dtype and activation dispatch. Exec::kHalfTypes says whether bfloat16
-// and float16 are taken.
-
-#define SPLINET_DISPATCH_TYPES(HALF, TYPE, NAME, ...)                                   \
-  [&] {                                                                                 \
-    if constexpr (HALF) {                                                               \
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__); \
-    } else {                                                                            \
-      AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__);                              \
-    }                                                                                   \
-  }()
+// contiguous inputs, dtype and activation dispatch (driver_common.h).
 
 template <typename Exec>
 at::Tensor dense_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -676,16 +551,15 @@ at::Tensor dense_fwd_entry(Exec& ex, const char* op, const at::Tensor& x_in, con
                            int64_t degree, c10::string_view activation, c10::string_view scheme,
                            c10::string_view variant, double gamma, int64_t checkpoint, int64_t path,
                            int64_t tile_rows) {
-  check_dense_op_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor scale = scale_in.to(x.scalar_type()).contiguous();  // lam in x's dtype, as on the CPU
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const DenseParams p = dense_params(x.size(0), x.size(1), weight.size(0), bias.defined(), steps, degree, scheme,
-                                     variant, gamma, checkpoint);
+  check_dense_args(op, x_in, weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  check_driver_args(op, x_in, scale_in, degree);
+  const OpInputs in = fwd_inputs(x_in, weight_in, bias_in, scale_in);
+  const LayerParams p = layer_params(in.x.size(0), in.x.size(1), in.weight.size(0), in.bias.defined(), steps, degree,
+                                     scheme, variant, gamma, checkpoint);
   const Act act = parse_activation(std::string(activation));
   at::Tensor out;
-  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, x.scalar_type(), "splinet_layer_fwd", [&] {
-    out = dense_forward_typed<scalar_t>(ex, act, x, weight, bias, scale, p, path, tile_rows);
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, in.x.scalar_type(), "splinet_layer_fwd", [&] {
+    out = dense_forward_typed<scalar_t>(ex, act, in.x, in.weight, in.bias, in.scale, p, path, tile_rows);
   });
   return out;
 }
@@ -697,22 +571,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bwd_entry(
     int64_t degree, c10::string_view activation, c10::string_view scheme, c10::string_view variant, double gamma,
     int64_t checkpoint, int64_t path, int64_t tile_rows) {
   TORCH_CHECK_VALUE(states_in.dim() == 3, op, ": states must have shape (saved, B, m), got ", states_in.sizes());
-  check_dense_op_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
-  TORCH_CHECK_VALUE(states_in.size(0) == num_saved_states(steps, checkpoint), op, ": states holds ",
-                    states_in.size(0), " states, expected ", num_saved_states(steps, checkpoint), " for steps = ",
-                    steps, ", checkpoint = ", checkpoint);
-  const bool last_only = check_state_grad(op, grad_states_in, states_in);
-  const at::Tensor states = states_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor scale = scale_in.to(states.scalar_type()).contiguous();
-  const at::Tensor grad_states = grad_states_in.to(states.scalar_type()).contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const DenseParams p = dense_params(states.size(1), states.size(2), weight.size(0), bias.defined(), steps, degree,
+  check_dense_args(op, states_in[0], weight_in, bias_in, scale_in, steps, degree, checkpoint, Exec::kHalfTypes);
+  check_driver_args(op, states_in[0], scale_in, degree);
+  const OpInputs in = bwd_inputs(op, grad_states_in, states_in, weight_in, bias_in, scale_in, steps, checkpoint);
+  const LayerParams p = layer_params(in.x.size(1), in.x.size(2), in.weight.size(0), in.bias.defined(), steps, degree,
                                      scheme, variant, gamma, checkpoint);
   const Act act = parse_activation(std::string(activation));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, states.scalar_type(), "splinet_layer_bwd", [&] {
-    out = dense_backward_typed<scalar_t>(ex, act, grad_states, last_only, states, weight, bias, scale, p, path,
-                                         tile_rows);
+  SPLINET_DISPATCH_TYPES(Exec::kHalfTypes, in.x.scalar_type(), "splinet_layer_bwd", [&] {
+    out = dense_backward_typed<scalar_t>(ex, act, in.grad_states, in.last_only, in.x, in.weight, in.bias, in.scale, p,
+                                         path, tile_rows);
   });
   std::get<3>(out) = std::get<3>(out).to(scale_in.scalar_type());  // in the scale's dtype
   return out;

@@ -1,34 +1,17 @@
-// Elementwise pieces of the layers' large-width (dense) and cuDNN (conv) paths, around the
-// GEMMs / convolutions that ATen runs: each is a functor over a flat index e, launched as one
-// grid-stride kernel on the GPU (and run as a loop by the CPU emulation). Shared by
-// dense_driver.h and conv_driver.h.
+// Elementwise functors and fused-GEMM epilogues of the dense and conv layers' large-width paths.
+//
+// They sit around the GEMMs / convolutions that ATen runs (and the dense fused GEMM of
+// blend_gemm.h): each is a functor over a flat index e (or an output entry (i, j) for the
+// epilogues), launched as one grid-stride kernel on the GPU and run as a loop by the CPU
+// emulation. Used by dense_driver.h and conv_driver.h.
 //
 // Legend: m features (dense width or conv channels C), d degree, k first nonzero coefficient,
 // w its d + 1 basis weights, acc_t the accumulation type.
 #pragma once
 
-#include "dense_program.h"
+#include "block_runtime.h"
 
 namespace splinet {
-
-
-// W (m x m, the GEMM's dtype) and bias (m, acc_t) of one stage: e < m^2 an entry of W, then
-// the m bias entries.
-template <typename scalar_t, typename acc_t>
-struct BlendFn {
-  DenseParams p;
-  const scalar_t* weight;
-  const scalar_t* bias;
-  int64_t k;
-  acc_t w[kMaxDegree + 1];
-  scalar_t* W;
-  acc_t* bv;
-  SPLINET_HD void operator()(int64_t e) const {
-    const int64_t mm = p.m * p.m;
-    if (e < mm) W[e] = static_cast<scalar_t>(blend_entry(p, weight, k, w, e / p.m, e % p.m));
-    else if (p.has_bias) bv[e - mm] = blend_bias(p, bias, k, w, e - mm);
-  }
-};
 
 // Forward epilogue of a stage: a = (X W^T)[e] + b, kept for the adjoint (A, acc_t);
 // K = lam act(a), or act(a) into Y (GEMM dtype) for the symmetric variant.
@@ -126,7 +109,7 @@ struct ScatterFn {
 // next step's first stage input and, when save is set, the saved state).
 template <typename scalar_t, typename acc_t, Act ACT>
 struct StageEpi {
-  DenseParams p;
+  LayerParams p;
   const scalar_t* bias;  // (n, m) or null
   int64_t k;
   acc_t w[kMaxDegree + 1];

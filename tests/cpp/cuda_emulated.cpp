@@ -1,10 +1,15 @@
-// The test-only extension splinet_cuda._emulation (built by `make build`, never shipped): the
-// ops splinet_cuda_emulation::cuda_*_emulated run the CUDA layer drivers (csrc/cuda/dense_driver.h, conv_driver.h)
-// with an executor that runs each block's program with one thread (every phase of the
-// programs is a block-strided loop, so one thread covers it and the barriers are no-ops) or
-// with a team of host threads meeting at a host barrier, and each elementwise kernel as a loop. GEMMs and convolutions go through ATen as on
-// the GPU. This is what tests the CUDA kernels' arithmetic and indexing on machines without a
-// GPU; races, launch configuration and the cuBLAS/cuDNN calls are only tested on a GPU.
+// The test-only extension splinet_cuda._emulation: the CUDA layer drivers on the CPU.
+//
+// Built by setup.py when SPLINET_EMULATION=1 (`make build-test`, which `make test` runs), with
+// csrc/ on the include path; never part of a user's install, and not in the source
+// distribution (which holds no tests). Its ops splinet_cuda_emulation::cuda_*_emulated run the
+// CUDA layer drivers (csrc/cuda/dense_driver.h, conv_driver.h) with an executor that runs each
+// block's program with one thread (every phase of the programs is a block-strided loop, so one
+// thread covers it and the barriers are no-ops) or with a team of host threads meeting at a
+// host barrier, and each elementwise kernel as a loop. GEMMs and convolutions go through ATen
+// as on the GPU. This is what tests the CUDA kernels' arithmetic and indexing on machines
+// without a GPU; races, launch configuration and the cuBLAS/cuDNN calls are only tested on a
+// GPU (tools/gpu_check.py).
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -17,8 +22,8 @@
 #include <thread>
 #include <vector>
 
-#include "../cuda/conv_driver.h"
-#include "../cuda/dense_driver.h"
+#include "cuda/conv_driver.h"
+#include "cuda/dense_driver.h"
 
 namespace splinet {
 namespace {
