@@ -1,6 +1,6 @@
-"""The test-only extension splinet_cuda._emulation (csrc/emulation/cuda_emulated.cpp): the CUDA
+"""The test-only extension splinet_cuda._emulation (tests/cpp/cuda_emulated.cpp): the CUDA
 layer drivers and block programs run on the CPU, as the ops
-torch.ops.splinet_cuda_emulation.cuda_{dense,conv}_{fwd,bwd}_emulated. `make build` builds it
+torch.ops.splinet_cuda_emulation.cuda_{dense,conv}_{fwd,bwd}_emulated. `make build-test` builds it
 (SPLINET_EMULATION=1); a user's install does not. This module loads it and registers the fake
 implementations that torch.library.opcheck needs.
 
@@ -19,7 +19,8 @@ try:
 except ImportError as exc:
     LOAD_ERROR = exc
     if os.environ.get("SPLINET_REQUIRE_EMULATION") == "1":
-        raise ImportError(f"splinet_cuda._emulation is not built (SPLINET_EMULATION=1 make build): {exc}") from exc
+        raise ImportError("splinet_cuda._emulation is not built (make build-test, or SPLINET_EMULATION=1 "
+                          f"when installing): {exc}") from exc
 
 AVAILABLE = LOAD_ERROR is None
 SKIP_REASON = f"the test-only extension splinet_cuda._emulation is not built: {LOAD_ERROR}"

@@ -2,7 +2,7 @@
 step_functors.h).
 
 Without a GPU the driver runs on the CPU through the test-only emulation ops
-(csrc/emulation/cuda_emulated.cpp: the same code, each kernel a loop, convolutions through ATen),
+(tests/cpp/cuda_emulated.cpp: the same code, each kernel a loop, convolutions through ATen),
 checked against the fused CPU conv kernel, which test_fused_conv.py checks against the
 reference. With a GPU the real ops are checked against the reference and the CPU kernel
 (1-3 spatial dims, variants, schemes, activations, gradcheck, opcheck, bf16/fp16).

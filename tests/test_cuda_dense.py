@@ -1,7 +1,7 @@
 """The CUDA dense kernels (csrc/cuda/dense_program.h, dense_driver.h, dense_cuda.cu).
 
 Without a GPU their block programs and the large-width path run on the CPU through the
-test-only emulation ops (csrc/emulation/cuda_emulated.cpp: one thread per block, the same code),
+test-only emulation ops (tests/cpp/cuda_emulated.cpp: one thread per block, the same code),
 checked against the fused CPU kernel, which test_fused_dense.py checks against the
 reference. With a GPU the real kernels are checked against the CPU kernel here (bf16/fp16
 tolerances, bitwise float64) and by the whole of test_fused_dense.py (backend "cuda").
