@@ -34,16 +34,21 @@ import emulation  # tests/emulation.py: the test-only extension
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                print_blob=True)
 # ci: derandomized (the same examples on every run), sized to stay within two minutes on two
-# cores for the whole module; long: fresh random examples each run, for `make fuzz`.
+# cores for the whole module; long: fresh random examples each run, ten times as many, for
+# `make fuzz` (a failure prints the seed blob to reproduce it with @reproduce_failure).
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
-settings.register_profile("long", max_examples=2000, **_COMMON)
-settings.load_profile(os.environ.get("SPLINET_FUZZ_PROFILE", "ci"))
+settings.register_profile("long", max_examples=1000, database=None, **_COMMON)
+# sanitize: the ci profile's first third, for `make sanitize` (ASan makes each example slower).
+settings.register_profile("sanitize", max_examples=40, derandomize=True, database=None, **_COMMON)
+PROFILE = os.environ.get("SPLINET_FUZZ_PROFILE", "ci")
+settings.load_profile(PROFILE)
 
 
 def examples(ci: int):
-    """This test's example count: ``ci`` under the ci profile, the profile's otherwise."""
-    current = settings.default
-    return settings(max_examples=ci if os.environ.get("SPLINET_FUZZ_PROFILE", "ci") == "ci" else current.max_examples)
+    """This test's example count: ``ci`` under the ci profile, a third of it under sanitize,
+    ten times it under long."""
+    counts = {"ci": ci, "sanitize": max(1, ci // 3), "long": 10 * ci}
+    return settings(max_examples=counts.get(PROFILE, settings.default.max_examples))
 
 
 # float32 results against the float64 reference: each tensor scaled by its largest magnitude

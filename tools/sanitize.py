@@ -1,7 +1,7 @@
 """Builds the CPU extension and the test-only emulation extension with AddressSanitizer and
 UndefinedBehaviorSanitizer into build/sanitize/ and runs tests under them (make sanitize).
 
-    python tools/sanitize.py                 # build, then the CI subset (SUBSET below)
+    python tools/sanitize.py                 # build, then the CI subset (SUBSET_* below)
     python tools/sanitize.py --tests all     # build, then every CPU test
     python tools/sanitize.py --build-only
     python tools/sanitize.py -- tests/test_fused_dense.py -k relu   # build, then these pytest args
@@ -35,19 +35,28 @@ SUPPRESSIONS = os.path.join(ROOT, "tests", "sanitizer_suppressions.txt")
 # The extensions, as their paths appear in a report's stack frames.
 OWN_LIBRARIES = ("splinet_cuda/_C", "splinet_cuda/_emulation")
 
-# The CI subset: every CPU kernel path once under the sanitizers, in about a third of the full
-# suite's time (docs/reliability.md lists what it leaves out). Each entry is a pytest node id
-# or a file; -k expressions below narrow the big parametrized files.
-SUBSET = [
-    "tests/test_fused_dense.py",
-    "tests/test_fused_conv.py",
-    "tests/test_hamiltonian.py",
-    "tests/test_cuda_dense.py",
-    "tests/test_cuda_conv.py",
-    "tests/test_basis_op.py",
-    "tests/test_validation.py",
-    "tests/test_properties.py",
-]
+# The CI subset: every CPU kernel path under the sanitizers in about a quarter of the full
+# suite's time (docs/reliability.md lists what it leaves out). The property tests, with the
+# "sanitize" profile (the ci profile's examples, a third as many), draw every size-chosen path
+# of the dense, conv and Hamiltonian kernels and the emulated CUDA programs; the chosen tests
+# below add the paths they draw too rarely to rely on (the float32 GEMMs at large widths,
+# ragged fused-GEMM tiles, split-K weight gradients, thread teams at a barrier, kernels wider
+# than the plane) and the extension's own argument checks.
+SUBSET_FILES = ["test_properties.py", "test_basis_op.py", "test_validation.py", "test_fused_dense.py",
+                "test_fused_conv.py", "test_cuda_dense.py", "test_cuda_conv.py"]
+SUBSET_KEYWORDS = " or ".join([
+    "test_properties", "test_basis_op", "test_validation",
+    "test_cpu_float32_products", "test_cpu_float32_tanh_within_3_ulp",
+    "test_cpu_transposed_chunks_thread_count_between_forward_and_backward", "test_cpu_transposed_chunks_gradcheck",
+    "test_cpu_kept_preactivations_gradcheck_and_grad_of_states", "test_cpu_wide_deterministic",
+    "test_cpu_keeps_preactivations_only_for_a_backward", "test_cpu_direct_and_aten_paths",
+    "test_cpu_same_bits_for_any_thread_count",
+    "test_emulated_small_program_with_thread_teams", "test_emulated_large_width_paths_agree",
+    "(test_emulated_split_k_weight_gradient and standard-64)",
+    "(test_emulated_fused_gemm_ragged_tiles and standard-rk4-tanh-3-128)",
+    "test_emulated_small_rows_spread_over_multiprocessors", "test_emulated_direct_program_with_thread_teams",
+    "test_emulated_float32_and_wide_kernels", "test_emulated_edge_shapes_and_last_only",
+])
 # Tests that never reach the extensions' kernels, or only through the Triton interpreter,
 # the benchmark harness or subprocesses that do not inherit the preload usefully.
 FULL_EXCLUDE = ["tests/test_triton.py", "tests/test_bench.py", "tests/test_gpu_check.py",
@@ -122,7 +131,7 @@ def environment(log_prefix: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.path.dirname(os.path.abspath(__file__))])
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1:exitcode=87"
     env["SPLINET_REQUIRE_EMULATION"] = "1"
-    env.setdefault("SPLINET_FUZZ_PROFILE", "ci")
+    env.setdefault("SPLINET_FUZZ_PROFILE", "sanitize")
     return env
 
 
@@ -199,7 +208,7 @@ def main() -> int:
     elif args.tests == "all":
         selection = [os.path.join(ROOT, "tests")] + [f"--ignore={os.path.join(ROOT, t)}" for t in FULL_EXCLUDE]
     else:
-        selection = [os.path.join(ROOT, t) for t in SUBSET]
+        selection = [os.path.join(ROOT, "tests", t) for t in SUBSET_FILES] + ["-k", SUBSET_KEYWORDS]
     return run_tests(selection)
 
 
