@@ -346,14 +346,9 @@ def test_emulated_conv_matches_reference(path, shape, o, launch, seed):
 
 # --- empty batches, empty planes, non-finite inputs ------------------------------------------
 
-def _layer_results(fn, args, backend, **kw):
+def _layer_results(fn, args, backend, threads=1, **kw):
     leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
-    out = fn(*leaves, backend=backend, **kw)
-    outs = out if isinstance(out, tuple) else (out,)
-    loss = sum((o.sin() * (1 + torch.arange(o.numel(), dtype=o.dtype).reshape(o.shape))).sum() for o in outs)
-    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [o.detach() for o in outs] + [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    return run_and_grad(fn, leaves, {**kw, "backend": backend}, threads, threads)
 
 
 EMPTY_CASES = {
@@ -372,8 +367,7 @@ def test_empty_inputs_behave_like_the_reference(case, threads):
     fn, make, kw = EMPTY_CASES[case]
     args = make()
     kw = dict(steps=3, degree=1, **kw)
-    with num_threads(threads):
-        got = _layer_results(fn, args, "cpu", **kw)
+    got = _layer_results(fn, args, "cpu", threads, **kw)
     ref = _layer_results(fn, args, "reference", **kw)
     assert_all_close(got, ref, rtol=0, atol=0)
     for g in got[1:]:
