@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import splinet_cuda as sc
@@ -181,6 +181,13 @@ def layer_kw(o, N):
 @given(shape=dense_shape(), o=options(VARIANTS), gamma=st.sampled_from([0.0, 0.3]),
        layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 2), seed=st.integers(0, 2**16))
 @examples(ci=300)
+# Found by the ci profile: a float32 weight gradient summed over 2731 equal rows (expanded x)
+# whose terms cancel is 1e-3 off the float64 one, and so is the reference's own in float32:
+# PyTorch's float32 error, not the kernel's (the float32 tolerance allows for it since).
+@example(shape=("chunks", 2731, 6, 1), gamma=0.0, layouts=("expanded", "contiguous"), seed=0,
+         o=dict(degree=0, L=1, activation="identity", scheme="euler", variant="standard", bias=False,
+                learn_scale=False, checkpoint=None, trajectory=False, dtype=torch.float32, fwd_threads=1,
+                bwd_threads=1))
 def test_dense_matches_reference(shape, o, gamma, layouts, seed):
     path, B, m, N = shape
     event(f"dense {path}")
