@@ -135,6 +135,16 @@ def environment(log_prefix: str) -> dict:
     return env
 
 
+def pytest_configure(config):
+    """Under run_tests, the sanitized libraries must be the ones imported (not the checkout's)."""
+    if os.environ.get("LD_PRELOAD", "").find("libasan") < 0:
+        return
+    import splinet_cuda._C as native
+
+    if not os.path.abspath(native.__file__).startswith(PKG + os.sep):
+        raise RuntimeError(f"sanitize: imported {native.__file__}, not the sanitized build in {PKG}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The leak check (this module is loaded as a pytest plugin by run_tests): every object
     the tests made is gone or reachable by now, so an unreachable block allocated through the
