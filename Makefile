@@ -77,8 +77,8 @@ test: build-test cuda-check triton-check docs
 	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
 	$(MAKE) --no-print-directory sanitize
 
-# AddressSanitizer + UndefinedBehaviorSanitizer (tools/sanitize.py): its own build directory,
-# the runtimes preloaded, any report (or a leak in the extensions' own allocations) fails.
+# AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer (tools/sanitize.py): its own
+# build directory (build/sanitize/), the runtimes preloaded, any report fails the run.
 # SANITIZE_TESTS=ci (every CPU kernel path, what `make test` runs) or all (every CPU test).
 SANITIZE_TESTS ?= ci
 .PHONY: sanitize fuzz
