@@ -132,6 +132,10 @@ def environment(log_prefix: str) -> dict:
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1:exitcode=87"
     env["SPLINET_REQUIRE_EMULATION"] = "1"
     env.setdefault("SPLINET_FUZZ_PROFILE", "sanitize")
+    # The float32 chunk products through the hand-written AVX-512 GEMM wherever the CPU has
+    # AVX-512 (on Intel CPUs the default is ATen's, whose code is not ours to sanitize);
+    # SPLINET_CPU_GEMM=aten in the environment runs the ATen path instead.
+    env.setdefault("SPLINET_CPU_GEMM", "avx512")
     return env
 
 
