@@ -85,7 +85,7 @@ SANITIZE_TESTS ?= ci
 sanitize: setup
 	MAX_JOBS=$(MAX_JOBS) $(VPY) tools/sanitize.py --tests $(SANITIZE_TESTS)
 
-# The property-based tests with hypothesis's long profile: fresh random examples, ~10x the
+# The property-based tests with hypothesis's long profile: fresh random examples, 5x the
 # ci profile's (which `make test` runs with the rest of tests/).
 fuzz: setup
 	SPLINET_FUZZ_PROFILE=long SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests/test_properties.py -q \

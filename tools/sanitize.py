@@ -35,9 +35,9 @@ SUPPRESSIONS = os.path.join(ROOT, "tests", "sanitizer_suppressions.txt")
 # The extensions, as their paths appear in a report's stack frames.
 OWN_LIBRARIES = ("splinet_cuda/_C", "splinet_cuda/_emulation")
 
-# The CI subset: every CPU kernel path under the sanitizers in about a quarter of the full
+# The CI subset: every CPU kernel path under the sanitizers in about a tenth of the full
 # suite's time (docs/reliability.md lists what it leaves out). The property tests, with the
-# "sanitize" profile (the ci profile's examples, a third as many), draw every size-chosen path
+# "sanitize" profile (the ci profile's first sixth), draw every size-chosen path
 # of the dense, conv and Hamiltonian kernels and the emulated CUDA programs; the chosen tests
 # below add the paths they draw too rarely to rely on (the float32 GEMMs at large widths,
 # ragged fused-GEMM tiles, split-K weight gradients, thread teams at a barrier, kernels wider
