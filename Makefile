@@ -4,6 +4,9 @@
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
 #   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
 #   make docs        the Sphinx documentation into build/docs/ (warnings are errors, nitpicky)
+#   make sanitize    the CPU and emulation extensions built with ASan + UBSan in build/sanitize/,
+#                    the CPU tests under them (the CI subset; SANITIZE_TESTS=all: every CPU test)
+#   make fuzz        the property-based tests (tests/test_properties.py) with the long profile
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
 #                    `python -m splinet_cuda info` and `selftest --device cuda`, pytest -m gpu,
 #                    compute-sanitizer, the GPU bench, a summary (tools/gpu_check.py;
@@ -72,6 +75,21 @@ docs: setup
 test: build-test cuda-check triton-check docs
 	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
 	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
+	$(MAKE) --no-print-directory sanitize
+
+# AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer (tools/sanitize.py): its own
+# build directory (build/sanitize/), the runtimes preloaded, any report fails the run.
+# SANITIZE_TESTS=ci (every CPU kernel path, what `make test` runs) or all (every CPU test).
+SANITIZE_TESTS ?= ci
+.PHONY: sanitize fuzz
+sanitize: setup
+	MAX_JOBS=$(MAX_JOBS) $(VPY) tools/sanitize.py --tests $(SANITIZE_TESTS)
+
+# The property-based tests with hypothesis's long profile: fresh random examples, 5x the
+# ci profile's (which `make test` runs with the rest of tests/).
+fuzz: setup
+	SPLINET_FUZZ_PROFILE=long SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests/test_properties.py -q \
+		-p no:cacheprovider --hypothesis-show-statistics
 
 # No venv and no pip: the GPU machine's python3 already has a CUDA torch and the tools.
 # GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--only build,selftest --out DIR".
