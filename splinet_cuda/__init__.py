@@ -79,12 +79,13 @@ def selftest(device: str = "all", quick: bool = False) -> bool:
     Returns:
         True when no row failed.
     """
+    import time
+
     from . import _selftest
 
+    start = time.perf_counter()
     rows = _selftest.run(device, quick)
-    failed = [r for r in rows if r.status == _selftest.FAIL]
-    print(f"\n{len(rows) - len(failed)} rows passed or skipped, {len(failed)} failed")
-    return not failed
+    return _selftest.summarize(rows, time.perf_counter() - start) == 0
 
 
 __all__ = [

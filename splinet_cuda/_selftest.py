@@ -468,13 +468,18 @@ def main(args: argparse.Namespace) -> int:
         for r in rows:
             if r.missing:
                 r.status = FAIL
-    counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, SKIP)}
-    print(f"\n{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped in "
-          f"{time.perf_counter() - start:.1f} s")
-    for r in rows:
-        if r.status == FAIL:
-            print("FAILED: " + format_row(r))
+    failed = summarize(rows, time.perf_counter() - start)
     if args.bench:
         print()
         bench(args.device, backends=backends)
-    return 1 if counts[FAIL] else 0
+    return 1 if failed else 0
+
+
+def summarize(rows: Sequence[Row], seconds: float) -> int:
+    """Prints the closing count line and every failed row again; returns the number failed."""
+    counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, SKIP)}
+    print(f"\n{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped in {seconds:.1f} s")
+    for r in rows:
+        if r.status == FAIL:
+            print("FAILED: " + format_row(r))
+    return counts[FAIL]

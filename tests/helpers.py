@@ -275,6 +275,12 @@ def check_dense_op_rejects_bad_args(fwd) -> None:
         (ValueError, "variant", (x, w, b, s), {"variant": "skew"}),
         (TypeError, "dtype", (x, w.double(), b, s), {}),
     ]
+    assert_rejects(call, cases)
+
+
+def assert_rejects(call, cases) -> None:
+    """Each ``(error type, message pattern, args, kwargs)`` of ``cases`` makes ``call`` raise
+    that error with a message naming the argument."""
     for error, match, args, kwargs in cases:
         with pytest.raises(error, match=match):
             call(*args, **kwargs)

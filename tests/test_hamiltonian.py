@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import splinet_cuda as sc
-from helpers import (ACTS, HAMILTONIAN_RESULTS, TOL, assert_matches_reference,
+from helpers import (ACTS, HAMILTONIAN_RESULTS, TOL, assert_matches_reference, assert_rejects,
                      hamiltonian_inputs, num_threads, outputs_and_grads, requires)
 from splinet_cuda import _autograd, _dispatch, reference
 
@@ -199,9 +199,7 @@ def test_op_rejects_bad_args():
         (TypeError, "bias dtype", (x, w, b.double(), s), {}),
         (TypeError, "float32 or float64", (x.half(), w.half(), b.half(), s), {}),
     ]
-    for error, match, args, kwargs in cases:
-        with pytest.raises(error, match=match):
-            call(*args, **kwargs)
+    assert_rejects(call, cases)
     states = call(x, w, b, s)
     rest = (w, b, s) + tuple(cfg.values())
     with pytest.raises(ValueError, match="states holds"):
