@@ -64,7 +64,7 @@ def _build_type(path: Optional[str]) -> str:
 
 def cpu_kernel_paths() -> List[str]:
     """The paths the C++ CPU kernels take on this CPU, as they decide them at run time
-    (csrc/cpu: direct_isa() in conv_direct.h, tanh_f32() in cpu_kernels.h,
+    (csrc/cpu: direct_isa() in conv_direct.h, tanh_f32() in vec_activations.h,
     use_sgemm_avx512() in sgemm_avx512.cpp), read from the same CPU flags; the vectorised
     paths exist only in x86-64 builds."""
     vendor, flags = _cpu_flags()
