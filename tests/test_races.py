@@ -232,18 +232,20 @@ def _short(function):
 
 def barrier_sites(census):
     """The census's (site pair, crossings) triples grouped by the barrier's source line:
-    {(file, line): (function, [pairs])}. The pair's first return address is the barrier's
-    line where BlockCtx::sync was inlined, the second where it was not."""
+    {(file, line): [function, flattened pairs, crossings]}. The pair's first return address
+    is the barrier's line where BlockCtx::sync was inlined, the second where it was not."""
     import splinet_cuda._emulation as lib
 
     triples = [census[i:i + 3] for i in range(0, len(census), 3)]
     frames = _symbolize(lib.__file__, [t[0] for t in triples] + [t[1] for t in triples])
     sites = {}
-    for ra0, ra1, _ in triples:
+    for ra0, ra1, n in triples:
         chain = frames[ra0]
         inlined = _short(chain[0][0]) == "sync" and len(chain) > 1
         func, file, line = chain[1] if inlined else frames[ra1][0]
-        sites.setdefault((file, line), (_short(func), []))[1].extend([ra0, ra1])
+        site = sites.setdefault((file, line), [_short(func), [], 0])
+        site[1].extend([ra0, ra1])
+        site[2] += n
     return sites
 
 
@@ -284,17 +286,11 @@ def sweep(name):
     workload = SWEEP[name]
     emu.emulation_barriers([], True)
     workload()
-    census = emu.emulation_barriers([], True)
-    crossings = defaultdict(int)
-    sites = barrier_sites(census)
-    for i in range(0, len(census), 3):
-        for key, (_, pairs) in sites.items():
-            if census[i] in pairs[0::2] and census[i + 1] in pairs[1::2]:
-                crossings[key] += census[i + 2]
+    sites = barrier_sites(emu.emulation_barriers([], True))
     ordinal = defaultdict(int)
     rows = []
     for (file, line) in sorted(sites):
-        func, pairs = sites[(file, line)]
+        func, pairs, crossings = sites[(file, line)]
         ordinal[(file, func)] += 1
         code, err = _run_without(pairs, workload)
         if "starting new threads after multi-threaded fork" in err:
@@ -305,7 +301,7 @@ def sweep(name):
             outcome = "not reported"
         else:
             pytest.fail(f"{name}: the run without the barrier at {file}:{line} ended with status {code}:\n{err[-3000:]}")
-        rows.append((file, line, func, ordinal[(file, func)], crossings[(file, line)], outcome))
+        rows.append((file, line, func, ordinal[(file, func)], crossings, outcome))
     return rows
 
 
