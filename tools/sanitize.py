@@ -15,6 +15,7 @@ Python is not instrumented, so the runtimes are preloaded (LD_PRELOAD). Any ASan
 report stops the process (halt_on_error) and fails the run; LeakSanitizer checks the live
 process at the end of the test session (pytest_sessionfinish) and any leak it reports, bar
 the third-party entries of tests/sanitizer_suppressions.txt, fails the run too.
+tools/racecheck.py builds its ThreadSanitizer emulation with build() here.
 """
 from __future__ import annotations
 
