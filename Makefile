@@ -1,11 +1,15 @@
 # splinet_cuda: `make test` and `make bench` set everything up from a fresh machine.
 #   make test        venv + deps + build + CUDA compile check (when nvcc exists) + docs + tests
+#                    + sanitize + racecheck
 #   make bench       venv + deps + build + quick benchmark suite (table; results and plots in build/bench/)
 #   make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)
 #   make triton-check  compile the Triton kernels for sm_90 with triton 3.6.0 and the installed one
 #   make docs        the Sphinx documentation into build/docs/ (warnings are errors, nitpicky)
 #   make sanitize    the CPU and emulation extensions built with ASan + UBSan in build/sanitize/,
 #                    the CPU tests under them (the CI subset; SANITIZE_TESTS=all: every CPU test)
+#   make racecheck   the emulation extension built with ThreadSanitizer in build/tsan/, the CUDA
+#                    block programs run by host thread teams under it (tests/test_races.py): no
+#                    report allowed, and each barrier deleted in turn must be reported where expected
 #   make fuzz        the property-based tests (tests/test_properties.py) with the long profile
 #   make gpu-check   on a GPU machine, offline, with its own python3: build for the local GPU,
 #                    `python -m splinet_cuda info` and `selftest --device cuda`, pytest -m gpu,
@@ -76,6 +80,7 @@ test: build-test cuda-check triton-check docs
 	$(MAKE) --no-print-directory gpu-check DRY_RUN=1 GPU_CHECK_PYTHON=$(VPY)
 	SPLINET_REQUIRE_EMULATION=1 $(VPY) -m pytest tests -q
 	$(MAKE) --no-print-directory sanitize
+	$(MAKE) --no-print-directory racecheck
 
 # AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer (tools/sanitize.py): its own
 # build directory (build/sanitize/), the runtimes preloaded, any report fails the run.
@@ -84,6 +89,15 @@ SANITIZE_TESTS ?= ci
 .PHONY: sanitize fuzz
 sanitize: setup
 	MAX_JOBS=$(MAX_JOBS) $(VPY) tools/sanitize.py --tests $(SANITIZE_TESTS)
+
+# ThreadSanitizer over the emulated CUDA block programs (tools/racecheck.py): the emulation
+# extension alone built into build/tsan/ (about a minute), tests/test_races.py under the
+# preloaded runtime; any report fails the run. It borrows the checkout's splinet_cuda._C
+# (the CPU kernels the results are checked against), built here when missing.
+.PHONY: racecheck
+racecheck: setup
+	@ls splinet_cuda/_C*.so >/dev/null 2>&1 || $(MAKE) --no-print-directory build-test
+	MAX_JOBS=$(MAX_JOBS) $(VPY) tools/racecheck.py
 
 # The property-based tests with hypothesis's long profile: fresh random examples, 5x the
 # ci profile's (which `make test` runs with the rest of tests/).

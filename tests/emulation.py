@@ -1,6 +1,7 @@
 """The test-only extension splinet_cuda._emulation (tests/cpp/cuda_emulated.cpp): the CUDA
 layer drivers and block programs run on the CPU, as the ops
-torch.ops.splinet_cuda_emulation.cuda_{dense,conv}_{fwd,bwd}_emulated. `make build-test` builds it
+torch.ops.splinet_cuda_emulation.cuda_{dense,conv}_{fwd,bwd}_emulated, with the race check's
+barrier probe emulation_barriers (tests/test_races.py). `make build-test` builds it
 (SPLINET_EMULATION=1); a user's install does not. This module loads it and registers the fake
 implementations that torch.library.opcheck needs.
 

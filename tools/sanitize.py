@@ -15,6 +15,7 @@ Python is not instrumented, so the runtimes are preloaded (LD_PRELOAD). Any ASan
 report stops the process (halt_on_error) and fails the run; LeakSanitizer checks the live
 process at the end of the test session (pytest_sessionfinish) and any leak it reports, bar
 the third-party entries of tests/sanitizer_suppressions.txt, fails the run too.
+tools/racecheck.py builds its ThreadSanitizer emulation with build() here.
 """
 from __future__ import annotations
 
@@ -71,34 +72,38 @@ def _load_setup():
     return mod
 
 
-def _sanitized(ext):
+def _sanitized(ext, flags):
     cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-    cxx = [f for f in cxx if not re.fullmatch(r"-O\d|-g0", f)] + ["-O1", "-g"] + SAN_FLAGS
+    cxx = [f for f in cxx if not re.fullmatch(r"-O\d|-g0", f)] + ["-O1", "-g"] + flags
     ext.extra_compile_args = {"cxx": cxx}
-    ext.extra_link_args = [f for f in ext.extra_link_args if f != "-s"] + SAN_FLAGS
+    ext.extra_link_args = [f for f in ext.extra_link_args if f != "-s"] + flags
     return ext
 
 
-def build(jobs: str) -> None:
+def build(jobs: str, out: str = OUT, flags=SAN_FLAGS, only=None) -> str:
+    """setup.py's extensions (those named in `only`, or all) built with `flags` into out/,
+    and the package as the tests import it in out/site/: the checkout's Python files and the
+    libraries just built. Returns that site directory (the PYTHONPATH entry)."""
     os.environ.update(SPLINET_EMULATION="1", SPLINET_DEBUG="1", FORCE_ONLY_CPU="1", MAX_JOBS=jobs)
     os.chdir(ROOT)  # setup.py's sources are relative to the repository root
     from setuptools import Distribution
     from torch.utils.cpp_extension import BuildExtension
 
-    exts = [_sanitized(e) for e in _load_setup().extensions()]
+    exts = [_sanitized(e, flags) for e in _load_setup().extensions() if only is None or e.name in only]
     dist = Distribution(dict(name="splinet_cuda", ext_modules=exts,
                              cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)}))
     cmd = dist.get_command_obj("build_ext")
-    cmd.build_lib = os.path.join(OUT, "lib")
-    cmd.build_temp = os.path.join(OUT, "temp")
+    cmd.build_lib = os.path.join(out, "lib")
+    cmd.build_temp = os.path.join(out, "temp")
     dist.run_command("build_ext")
-    # The package as the tests import it: Python files from the checkout, the sanitized libraries.
+    site = os.path.join(out, "site")
     for name in ("splinet_cuda", "triton_kernels"):
-        shutil.rmtree(os.path.join(PKG, name), ignore_errors=True)
-        shutil.copytree(os.path.join(ROOT, name), os.path.join(PKG, name),
+        shutil.rmtree(os.path.join(site, name), ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(site, name),
                         ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    for lib in glob.glob(os.path.join(OUT, "lib", "splinet_cuda", "*.so")):
-        shutil.copy2(lib, os.path.join(PKG, "splinet_cuda"))
+    for lib in glob.glob(os.path.join(out, "lib", "splinet_cuda", "*.so")):
+        shutil.copy2(lib, os.path.join(site, "splinet_cuda"))
+    return site
 
 
 def _runtime(name: str) -> str:
