@@ -24,8 +24,11 @@ DEFAULT_LIMIT = 64 * MiB  # KeptCache::kKeptCacheDefaultBytes
 # What else the probe's resident set may gain beyond the cache's bound: glibc keeps freed
 # heap memory in its arenas (the main one and one per OpenMP thread, each up to its trim
 # threshold, which rises with the blocks freed), torch's allocations of the outputs and
-# gradients, oneDNN's and MKL's buffers for the shapes seen. Measured: see RSS_FIGURES below.
+# gradients, oneDNN's and MKL's buffers for the shapes seen. Figures: docs/reliability.md.
 RSS_SLACK = 96 * MiB
+# The same after glibc's malloc_trim(0) at both ends (its arenas' free memory returned):
+# torch's, oneDNN's and MKL's buffers alone.
+TRIMMED_SLACK = 32 * MiB
 
 
 def _dense_step(B, m, N, dtype=torch.float32, seed=0):
@@ -145,8 +148,6 @@ def test_environment_variable_invalid():
     assert out.startswith("True\nValueError SPLINET_KEPT_CACHE_MB must be a whole number of MiB"), out
 
 
-# Figures of the probe below on a 2-core x86 machine (glibc, torch 2.13.0), filled in from
-# its output: see docs/reliability.md.
 RSS_CALLS = int(os.environ.get("RSS_CALLS", 500))
 
 
@@ -157,8 +158,17 @@ def rss_probe():
     at the end, and after empty_kept_cache(), as JSON."""
     import random
 
-    def rss():
+    try:  # glibc: returns the free memory of its arenas to the OS
+        import ctypes
+
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        malloc_trim = None
+
+    def rss(trim=False):
         gc.collect()
+        if trim and malloc_trim is not None:
+            malloc_trim(0)
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -192,16 +202,18 @@ def rss_probe():
 
     for i in range(8):  # each kind and dtype once at a small size: libraries loaded, threads started
         call(i)
-    start = rss()
+    start, start_trimmed = rss(), rss(trim=True)
     after = {}
     for i in range(RSS_CALLS):
         call(i)
         if (i + 1) % 100 == 0:
             after[i + 1] = rss()
+    end_trimmed = rss(trim=True)
     held = sc.kept_cache_bytes()
     sc.empty_kept_cache()
     print(json.dumps(dict(start=start, after_100=after[100], end=after[RSS_CALLS], held=held,
-                          limit=sc.kept_cache_limit(), emptied=rss(),
+                          limit=sc.kept_cache_limit(), emptied=rss(), trimmed=malloc_trim is not None,
+                          start_trimmed=start_trimmed, end_trimmed=end_trimmed,
                           every_100_mib=[round((v - start) / MiB, 1) for v in after.values()])))
 
 
@@ -216,7 +228,10 @@ def test_resident_set_within_the_bound():
     assert r["limit"] == DEFAULT_LIMIT and r["held"] <= r["limit"]
     assert r["end"] - r["start"] <= r["limit"] + RSS_SLACK, r
     assert r["end"] - r["after_100"] <= RSS_SLACK, r  # no drift over the last 400 calls
-    assert r["end"] - r["emptied"] >= 0.9 * r["held"], r  # emptying gave the blocks back to the OS
+    # emptying gave the blocks back to the OS (emptied is measured after the trim, if any)
+    assert (r["end_trimmed"] if r["trimmed"] else r["end"]) - r["emptied"] >= 0.9 * r["held"], r
+    if r["trimmed"]:  # glibc's free heap returned: what the process holds, the cache included
+        assert r["end_trimmed"] - r["start_trimmed"] <= r["limit"] + TRIMMED_SLACK, r
 
 
 if __name__ == "__main__":
