@@ -5,6 +5,7 @@ The resident-set probe runs in a fresh interpreter (this file run as a script), 
 other tests allocated does not blur it.
 """
 import gc
+import io
 import json
 import os
 import subprocess
@@ -76,7 +77,7 @@ def test_bytes_visible_and_released(limit_restored):
     assert held == _kept_bytes(B, m, N) > 0  # the step's blocks, back in the cache
     _dense_step(B, m, N, seed=1)  # the same sizes: taken from the cache and given back
     assert sc.kept_cache_bytes() == held
-    assert f"{held / MiB:.1f} MiB held" in sc.info(file=open(os.devnull, "w"))
+    assert f"{held / MiB:.1f} MiB held" in sc.info(file=io.StringIO())
     sc.empty_kept_cache()
     assert sc.kept_cache_bytes() == 0
     assert sc.kept_cache_limit() == DEFAULT_LIMIT  # emptying keeps the bound
