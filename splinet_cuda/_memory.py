@@ -3,7 +3,7 @@
 The CPU forward keeps tensors for its backward (states, stage values, blended weights; tens
 of MB a call at large widths). Blocks of 1 MiB and more freed by the backward are held for
 the next call of the same shapes, as a GPU caching allocator does, up to a bound: 64 MiB by
-default, ``SPLINET_KEPT_CACHE_MB`` (read at the first such allocation; 0 turns the cache
+default, ``SPLINET_KEPT_CACHE_MB`` (read at the cache's first use; 0 turns the cache
 off), or :func:`set_kept_cache_limit`. The blocks in use by live tensors are not counted.
 """
 from __future__ import annotations

@@ -95,7 +95,7 @@ inline int64_t kept_weight_stride(int64_t m, int64_t elem_size) {
 // machine). Blocks smaller than kKeptMinBytes go to ATen's allocator, whose malloc reuses them.
 //
 // The freed blocks held are bounded by a limit: kKeptCacheDefaultBytes (64 MiB), or
-// SPLINET_KEPT_CACHE_MB read once at the first kept allocation (0: no block is kept), or
+// SPLINET_KEPT_CACHE_MB read once, at the cache's first use (0: no block is kept), or
 // set_limit() (splinet_cuda.set_kept_cache_limit). 64 MiB holds one training step's kept
 // blocks of every CPU bench case (dense1024_b256: 61 MiB; dense256_b512: 26 MiB; dense64:
 // 13 MiB; the paper's sin and Peaks layers keep blocks under 1 MiB or 4 MiB in all) without
