@@ -6,6 +6,8 @@
 #ifndef SPLINET_NO_PYTHON
 #include <Python.h>
 
+#include "cpu/memory.h"
+
 // setup.py passes the CUDA build's TORCH_CUDA_ARCH_LIST, entries separated by commas (no
 // quotes survive the build's command line, so the tokens are turned into a string here).
 #define SPLINET_STRINGIFY_(...) #__VA_ARGS__
@@ -16,14 +18,70 @@
 #define SPLINET_CUDA_ARCH_STRING ""
 #endif
 
+// The kept-tensor cache of the CPU kernels (csrc/cpu/memory.h's KeptCache), as module
+// functions: plain host state, no tensors, nothing for the dispatcher or torch.compile to
+// trace. splinet_cuda/_memory.py wraps them (argument checks, docstrings).
+namespace {
+
+using splinet::cpu::KeptCache;
+
+// Runs f, turning a C++ exception (a bad SPLINET_KEPT_CACHE_MB) into a Python ValueError.
+template <typename F>
+PyObject* guarded(F f) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+// () -> (bytes held, blocks held, limit in bytes)
+PyObject* kept_cache_stats(PyObject*, PyObject*) {
+  return guarded([] {
+    const KeptCache::Stats s = KeptCache::get().stats();
+    return Py_BuildValue("(KKK)", static_cast<unsigned long long>(s.bytes),
+                         static_cast<unsigned long long>(s.blocks), static_cast<unsigned long long>(s.limit));
+  });
+}
+
+// (limit in bytes, a non-negative int) -> None
+PyObject* set_kept_cache_limit(PyObject*, PyObject* arg) {
+  const unsigned long long limit = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return guarded([limit] {
+    KeptCache::get().set_limit(static_cast<std::size_t>(limit));
+    Py_RETURN_NONE;
+  });
+}
+
+// () -> None
+PyObject* empty_kept_cache(PyObject*, PyObject*) {
+  return guarded([] {
+    KeptCache::get().empty();
+    Py_RETURN_NONE;
+  });
+}
+
+PyMethodDef methods[] = {
+    {"kept_cache_stats", kept_cache_stats, METH_NOARGS, "(bytes held, blocks held, limit in bytes)"},
+    {"set_kept_cache_limit", set_kept_cache_limit, METH_O, "sets the limit in bytes"},
+    {"empty_kept_cache", empty_kept_cache, METH_NOARGS, "releases every block held"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // Importing splinet_cuda._C loads this library, whose static initialisers register
 // the ops with the dispatcher. The module holds one constant, `cuda_arch_list`: the
 // architectures a CUDA build has kernels for ("" without CUDA), against which
-// splinet_cuda/_cuda_archs.py checks a GPU before the first launch.
+// splinet_cuda/_cuda_archs.py checks a GPU before the first launch; and the kept-tensor
+// cache's functions above.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "splinet_cuda operator library", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "splinet_cuda operator library", -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", SPLINET_CUDA_ARCH_STRING) < 0) {
     Py_DECREF(module);

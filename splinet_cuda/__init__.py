@@ -35,6 +35,7 @@ from . import _autograd  # noqa: F401,E402  (registers the fused backends that a
 from . import _triton  # noqa: F401,E402  (registers the triton backend when triton imports)
 from ._basis import basis_grid, bspline_basis  # noqa: E402
 from ._dispatch import available_backends, spline_ode, spline_ode_conv, spline_ode_hamiltonian  # noqa: E402
+from ._memory import empty_kept_cache, kept_cache_bytes, kept_cache_limit, set_kept_cache_limit  # noqa: E402
 from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov  # noqa: E402
 from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d, SplineODEHamiltonian  # noqa: E402
 
@@ -109,4 +110,8 @@ __all__ = [
     "smoothness_in_time",
     "info",
     "selftest",
+    "kept_cache_bytes",
+    "kept_cache_limit",
+    "set_kept_cache_limit",
+    "empty_kept_cache",
 ]

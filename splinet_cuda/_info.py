@@ -17,6 +17,7 @@ import torch
 # those of PyTorch / Triton that matter to it; `info` lists the ones that are set.
 ENV_VARS = (
     ("SPLINET_CPU_GEMM", "float32 GEMM of the dense CPU kernels: aten or avx512"),
+    ("SPLINET_KEPT_CACHE_MB", "bound of the CPU kernels' kept-tensor cache in MiB (0: off)"),
     ("SPLINET_DENSE_GEMM", "the cuda backend's large-width dense GEMM (e.g. cublas)"),
     ("SPLINET_TRITON_OPS", "interp: the Triton ops' interpreter registration"),
     ("TRITON_INTERPRET", "1: Triton kernels run in its CPU interpreter"),
@@ -166,7 +167,7 @@ def info_text() -> str:
     """The report as one string (see :func:`splinet_cuda.info`)."""
     import splinet_cuda as sc
 
-    from . import _ext
+    from . import _ext, _memory
 
     lines = [f"splinet_cuda {sc.__version__} ({os.path.dirname(os.path.abspath(sc.__file__))})",
              f"python {platform.python_version()} ({platform.python_implementation()}) on {platform.platform()}",
@@ -213,6 +214,7 @@ def info_text() -> str:
 
     lines.append("caches:")
     lines += [f"    {c}" for c in cache_dirs()]
+    lines.append(f"    {_memory.describe()}")
     lines.append("")
 
     set_vars = [(k, os.environ[k], what) for k, what in ENV_VARS if k in os.environ]

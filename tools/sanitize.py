@@ -44,7 +44,7 @@ OWN_LIBRARIES = ("splinet_cuda/_C", "splinet_cuda/_emulation")
 # ragged fused-GEMM tiles, split-K weight gradients, thread teams at a barrier, kernels wider
 # than the plane) and the extension's own argument checks.
 SUBSET_FILES = ["test_properties.py", "test_basis_op.py", "test_validation.py", "test_fused_dense.py",
-                "test_fused_conv.py", "test_cuda_dense.py", "test_cuda_conv.py"]
+                "test_fused_conv.py", "test_cuda_dense.py", "test_cuda_conv.py", "test_memory.py"]
 SUBSET_KEYWORDS = " or ".join([
     "test_properties", "test_basis_op", "test_validation",
     "test_cpu_float32_products", "test_cpu_float32_tanh_within_3_ulp",
@@ -57,6 +57,7 @@ SUBSET_KEYWORDS = " or ".join([
     "(test_emulated_fused_gemm_ragged_tiles and standard-rk4-tanh-3-128)",
     "test_emulated_small_rows_spread_over_multiprocessors", "test_emulated_direct_program_with_thread_teams",
     "test_emulated_float32_and_wide_kernels", "test_emulated_edge_shapes_and_last_only",
+    "test_bytes_visible_and_released", "test_limit_bounds_and_zero_turns_off",
 ])
 # Tests that never reach the extensions' kernels, or only through the Triton interpreter,
 # the benchmark harness or subprocesses that do not inherit the preload usefully.

@@ -45,12 +45,16 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, par_ptr, kt_ptr, wt_ptr, base_p
                  COEF: tl.constexpr, USE_H: tl.constexpr,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, USE_LAM: tl.constexpr,
                  STORE_A: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+                 BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, WIDE: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_o = tl.program_id(1)
     HW = H * W
-    P = Bn * HW
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:  # B H W >= 2^31 pixels: the flat pixel index in 64 bits (see conv_index_wide)
+        P = tl.cast(Bn, tl.int64) * HW
+        pix = tl.cast(pid_p, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    else:
+        P = Bn * HW
+        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < P
     b_idx = pix // HW
     rem = pix % HW
@@ -117,7 +121,7 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, scale_ptr, kt_ptr, wt_ptr, gw_ptr, idx, Bn,
                        KH: tl.constexpr, KW: tl.constexpr, DP1: tl.constexpr, COEF: tl.constexpr,
                        USE_LAM: tl.constexpr,
                        CT: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, WIDE: tl.constexpr):
     """grad_w[k + r, o, c, u, v] += coef [lam] b_r sum_pixels G[b, o, p] X[b, c, p + (u, v) - pad]."""
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -125,7 +129,10 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, scale_ptr, kt_ptr, wt_ptr, gw_ptr, idx, Bn,
     u = tap // KW
     v = tap % KW
     HW = H * W
-    P = Bn * HW
+    if WIDE:  # see _conv_kernel
+        P = tl.cast(Bn, tl.int64) * HW
+    else:
+        P = Bn * HW
     co = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci = pid_c * BLOCK_CI + tl.arange(0, BLOCK_CI)
     omask = co < C
@@ -169,6 +176,15 @@ def _identity(kernel):
     return kernel
 
 
+def conv_index_wide(B: int, H: int, W: int) -> bool:
+    """Whether the conv kernels index pixels in 64 bits: the flat index of a pixel over the
+    batch, b H W + y W + x, and their count B H W pass int32 from 2^31 pixels (the offsets into
+    the tensors, b C H W + c H W + ..., are 64-bit always). Below that the kernels keep 32-bit
+    pixel arithmetic: a 64-bit division and remainder by H W and W per pixel cost several
+    times a 32-bit one on the GPU."""
+    return B * H * W >= 2**31
+
+
 def conv_blocks(C: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CI, BLOCK_CO): 64 pixels; channel tiles pow2 >= C, 16 .. 64 (32 for
     float32 and float64, whose exact products run on FMA units, not tensor cores: at 64 the
@@ -207,6 +223,7 @@ class _Conv:
         self.BP, self.BCI, self.BCO = conv_blocks(self.C, weight.dtype)
         self.meta = dict(KH=self.KH, KW=self.KW, DP1=self.DP1, CT=compute_dtype(weight.dtype),
                          PREC=dot_precision(weight.dtype), BLOCK_P=self.BP, BLOCK_CI=self.BCI, BLOCK_CO=self.BCO,
+                         WIDE=conv_index_wide(self.B, self.H, self.W),
                          **conv_options(weight.dtype))
 
     def conv(self, X, idx, *, out, trans=False, act=0, bias=False, base=None, coef=1.0, use_h=False, lam=False,
