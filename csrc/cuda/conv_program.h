@@ -35,6 +35,15 @@ namespace splinet {
 constexpr int64_t kConvDirectMaxChannels = 32;
 constexpr int64_t kConvDirectMaxSample = 16 * 1024;
 
+// Terms of a thread's float32 sum over a plane's P points (up to kConvDirectMaxSample: the
+// filter and bias gradients) added in a run of their own before the run's sum goes into the
+// running total: two float32 levels bound the error by about kPlaneSumRun + P / kPlaneSumRun
+// roundings instead of P (a plane whose terms cancel; the CPU kernels sum such runs into
+// float64, which the device would run at 1/2 to 1/64 of the float32 rate). 0 for float64:
+// one run, its sums (and bits) as before.
+template <typename acc_t>
+constexpr int kPlaneSumRun = sizeof(acc_t) < 8 ? 64 : 0;
+
 struct ConvGeom {
   int64_t C, P, fw, kprod;
   int64_t size[3], ksize[3], radius[3];  // spatial dims padded to 3 with size 1, kernel 1
@@ -150,13 +159,22 @@ struct ConvSample {
     const int64_t d0 = o0 - geo.radius[0], d1 = o1 - geo.radius[1], d2 = o2 - geo.radius[2];
     const acc_t* ar = a + co * geo.P;
     const acc_t* br = b + ci * geo.P;
-    acc_t acc = acc_t(0);
+    acc_t acc = acc_t(0), total = acc_t(0);  // the run's sum, the runs' (kPlaneSumRun)
+    int64_t n = 0;
     for (int64_t p0 = (d0 < 0 ? -d0 : 0); p0 < geo.size[0] - (d0 > 0 ? d0 : 0); ++p0)
       for (int64_t p1 = (d1 < 0 ? -d1 : 0); p1 < geo.size[1] - (d1 > 0 ? d1 : 0); ++p1)
-        for (int64_t p2 = (d2 < 0 ? -d2 : 0); p2 < geo.size[2] - (d2 > 0 ? d2 : 0); ++p2)
+        for (int64_t p2 = (d2 < 0 ? -d2 : 0); p2 < geo.size[2] - (d2 > 0 ? d2 : 0); ++p2) {
           acc = mul_add(acc, ar[(p0 * geo.size[1] + p1) * geo.size[2] + p2],
                         br[((p0 + d0) * geo.size[1] + p1 + d1) * geo.size[2] + p2 + d2]);
-    return acc;
+          if constexpr (kPlaneSumRun<acc_t> > 0) {
+            if (++n == kPlaneSumRun<acc_t>) {
+              total = total + acc;
+              acc = acc_t(0);
+              n = 0;
+            }
+          }
+        }
+    return kPlaneSumRun<acc_t> > 0 ? total + acc : acc;
   }
 
   // W, bv <- the blended filter and bias of step i, stage s (eq. 14). No barrier.
@@ -233,7 +251,13 @@ struct ConvSample {
       if (p.has_bias)
         for (int64_t c = ctx.tid; c < geo.C; c += ctx.nthreads) {
           acc_t cs = acc_t(0);
-          for (int64_t q = 0; q < geo.P; ++q) cs = cs + G[c * geo.P + q];
+          const int64_t run_len = kPlaneSumRun<acc_t> > 0 ? kPlaneSumRun<acc_t> : geo.P;
+          for (int64_t q0 = 0, q1; q0 < geo.P; q0 = q1) {  // runs of kPlaneSumRun points
+            q1 = geo.P - q0 > run_len ? q0 + run_len : geo.P;
+            acc_t run = acc_t(0);
+            for (int64_t q = q0; q < q1; ++q) run = run + G[c * geo.P + q];
+            cs = cs + run;
+          }
           for (int64_t r = 0; r <= p.d; ++r) gb[r * geo.C + c] = mul_add(gb[r * geo.C + c], w[r], cs);
         }
       ctx.sync();
