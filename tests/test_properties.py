@@ -281,7 +281,7 @@ def test_float32_sums_that_cancel_dense(B, m, variant):
 
 @pytest.mark.parametrize("sd,B,C,spatial,activation", [
     (1, 1, 2, (8192,), "identity"),  # two blocks of a plane: the bias gradient was 1.4e6 eps off, torch's 24000
-    (1, 4, 2, (4096,), "sigmoid"),
+    (1, 4, 2, (4096,), "sigmoid"),  # the scale gradient's lanes of 512 float32 terms failed here
     (2, 2, 3, (64, 64), "softplus"),
     (2, 2, 40, (16, 16), "identity"),  # ATen's convolutions
 ])
@@ -391,14 +391,16 @@ def reference_last_state_grads(fn, args, kw, g):
     return [out.detach(), *grads]
 
 
-def check_emulated(fwd, bwd, fn, args, cfg, kw, launch, dtype):
+def check_emulated(fwd, bwd, fn, args, cfg, kw, launch, dtype, g=None):
     """The emulated op's final state and its backward from a gradient on the final state alone
-    against the float64 reference (scale as a float64 tensor: the op's gradient slot)."""
+    (``g``, float64, or a seeded normal one) against the float64 reference (scale as a
+    float64 tensor: the op's gradient slot)."""
     x, w, b, s = args
     s = torch.tensor(float(s), dtype=torch.float64) if not isinstance(s, torch.Tensor) else s
     cast = [t if t is None else t.to(dtype) for t in (x, w, b, s)]
     states = fwd(*cast, *cfg, *launch)
-    g = torch.randn(states.shape[1:], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if g is None:
+        g = torch.randn(states.shape[1:], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = bwd(g.to(dtype), states, *cast[1:], *cfg, *launch)
     ref = reference_last_state_grads(fn, (x, w, b, s), kw, g)
     got = [states[-1]] + [t for t in got if t is not None and t.numel()][: len(ref) - 1]
@@ -457,6 +459,41 @@ def test_emulated_conv_matches_reference(path, shape, o, launch, seed):
         # for them); the error, not a wrong result, is what it must give.
         assert path == DIRECT and "does not fit the direct kernel's shared memory" in str(exc), exc
         event("emulated conv: filter too large for the direct program")
+
+
+def cancelling_state_grad(x, sign_of):
+    """A gradient on a final state shaped like ``x``: sign_of(x) (1 + 1e-3 u), u seeded uniform."""
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return sign_of(x) * (1 + 1e-3 * u)
+
+
+@needs_emu
+@pytest.mark.parametrize("threads", [1, 3])
+def test_float32_sums_that_cancel_emulated_dense(threads):
+    """The small-width program's weight and bias gradients over a tile of 256 equal rows
+    whose gradients cancel (+ on the first half of the batch, - on the rest): each thread's
+    sums over the tile's rows, in two float32 levels."""
+    B, m = 1024, 4
+    x, w, b, s = dense_inputs(B, m, 1, 0, bias=True, requires_grad=False, seed=9)
+    x = x[:1].expand(B, m).contiguous()
+    cfg = (1, 0, "identity", "euler", "standard", 0.0, 1)
+    kw = dict(steps=1, degree=0, activation="identity", scheme="euler", variant="standard", gamma=0.0)
+    check_emulated(emu.cuda_dense_fwd_emulated, emu.cuda_dense_bwd_emulated, sc.spline_ode, (x, w, b, s), cfg, kw,
+                   (SMALL, 256, 1, threads), torch.float32, g=cancelling_state_grad(x, row_halves))
+
+
+@needs_emu
+@pytest.mark.parametrize("B,P", [(1, 4096), (2, 2048)])
+def test_float32_sums_that_cancel_emulated_conv(B, P):
+    """The direct conv program's bias gradient, each thread's sum over a plane of P points
+    whose gradients are + on one half of the batch's points and - on the rest (in runs into
+    float64; the filter gradient, one float32 chain a thread, stays within the tolerance
+    here)."""
+    x, w, b, s = conv_inputs(1, B=B, C=2, spatial=(P,), L=1, d=0, requires_grad=False, seed=3)
+    cfg = (1, 0, "identity", "euler", "standard", 0.0, 1)
+    kw = dict(steps=1, degree=0, activation="identity", scheme="euler", variant="standard")
+    check_emulated(emu.cuda_conv_fwd_emulated, emu.cuda_conv_bwd_emulated, sc.spline_ode_conv, (x, w, b, s), cfg,
+                   kw, (DIRECT, 1, 1), torch.float32, g=cancelling_state_grad(x, plane_halves))
 
 
 # --- empty batches, empty planes, non-finite inputs ------------------------------------------

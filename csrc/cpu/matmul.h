@@ -307,7 +307,7 @@ struct MatOps {
       for (int e = 0; e < M * M; ++e) out[e] = T(total[e]);
       return;
     }
-    // Run-time widths below kGemmMinWidth: out holds a block's float32 sums, `total` the
+    // Run-time widths below kGemmMinWidth: out holds a run's float32 sums, `total` the
     // float64 ones (on the stack up to that width).
     double stack_total[kGemmMinWidth * kGemmMinWidth] = {};
     std::vector<double> heap_total(m * m > kGemmMinWidth * kGemmMinWidth ? m * m : 0, 0.0);

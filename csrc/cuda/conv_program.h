@@ -35,14 +35,15 @@ namespace splinet {
 constexpr int64_t kConvDirectMaxChannels = 32;
 constexpr int64_t kConvDirectMaxSample = 16 * 1024;
 
-// Terms of a thread's float32 sum over a plane's P points (up to kConvDirectMaxSample: the
-// filter and bias gradients) added in a run of their own before the run's sum goes into the
-// running total: two float32 levels bound the error by about kPlaneSumRun + P / kPlaneSumRun
-// roundings instead of P (a plane whose terms cancel; the CPU kernels sum such runs into
-// float64, which the device would run at 1/2 to 1/64 of the float32 rate). 0 for float64:
-// one run, its sums (and bits) as before.
-template <typename acc_t>
-constexpr int kPlaneSumRun = sizeof(acc_t) < 8 ? 64 : 0;
+// Points of a thread's float32 sum over a plane's P points (up to kConvDirectMaxSample) for
+// the bias gradient, added in a run of their own before the run's sum goes into a float64
+// total: the error bounded by about kPlaneBiasRun roundings instead of P (a plane whose
+// terms cancel), for one float64 add per run on the C threads of that phase (float64 runs
+// at 1/2 to 1/64 of the float32 rate on a GPU). With a float32 second level, runs of 64 left
+// a plane whose halves cancel 9 times over 4 times PyTorch's error, with a float64 one still
+// 1.7 times (test_float32_sums_that_cancel_emulated_conv). float64 programs: one run, the
+// sums (and bits) as before.
+constexpr int kPlaneBiasRun = 16;
 
 struct ConvGeom {
   int64_t C, P, fw, kprod;
@@ -159,22 +160,17 @@ struct ConvSample {
     const int64_t d0 = o0 - geo.radius[0], d1 = o1 - geo.radius[1], d2 = o2 - geo.radius[2];
     const acc_t* ar = a + co * geo.P;
     const acc_t* br = b + ci * geo.P;
-    acc_t acc = acc_t(0), total = acc_t(0);  // the run's sum, the runs' (kPlaneSumRun)
-    int64_t n = 0;
+    // One float32 chain over the plane, unlike the bias's runs: a run counter here cost 2
+    // integer operations a multiply-add and 4 bytes more spills (sm_90: 268 -> 272), runs of
+    // the innermost loop 112-144 bytes; the CPU direct kernel splits the same sum into
+    // vector lanes and samples.
+    acc_t acc = acc_t(0);
     for (int64_t p0 = (d0 < 0 ? -d0 : 0); p0 < geo.size[0] - (d0 > 0 ? d0 : 0); ++p0)
       for (int64_t p1 = (d1 < 0 ? -d1 : 0); p1 < geo.size[1] - (d1 > 0 ? d1 : 0); ++p1)
-        for (int64_t p2 = (d2 < 0 ? -d2 : 0); p2 < geo.size[2] - (d2 > 0 ? d2 : 0); ++p2) {
+        for (int64_t p2 = (d2 < 0 ? -d2 : 0); p2 < geo.size[2] - (d2 > 0 ? d2 : 0); ++p2)
           acc = mul_add(acc, ar[(p0 * geo.size[1] + p1) * geo.size[2] + p2],
                         br[((p0 + d0) * geo.size[1] + p1 + d1) * geo.size[2] + p2 + d2]);
-          if constexpr (kPlaneSumRun<acc_t> > 0) {
-            if (++n == kPlaneSumRun<acc_t>) {
-              total = total + acc;
-              acc = acc_t(0);
-              n = 0;
-            }
-          }
-        }
-    return kPlaneSumRun<acc_t> > 0 ? total + acc : acc;
+    return acc;
   }
 
   // W, bv <- the blended filter and bias of step i, stage s (eq. 14). No barrier.
@@ -251,12 +247,17 @@ struct ConvSample {
       if (p.has_bias)
         for (int64_t c = ctx.tid; c < geo.C; c += ctx.nthreads) {
           acc_t cs = acc_t(0);
-          const int64_t run_len = kPlaneSumRun<acc_t> > 0 ? kPlaneSumRun<acc_t> : geo.P;
-          for (int64_t q0 = 0, q1; q0 < geo.P; q0 = q1) {  // runs of kPlaneSumRun points
-            q1 = geo.P - q0 > run_len ? q0 + run_len : geo.P;
-            acc_t run = acc_t(0);
-            for (int64_t q = q0; q < q1; ++q) run = run + G[c * geo.P + q];
-            cs = cs + run;
+          if constexpr (sizeof(acc_t) < 8) {  // runs of kPlaneBiasRun points into float64
+            double total = 0.0;
+            for (int64_t q0 = 0, q1; q0 < geo.P; q0 = q1) {
+              q1 = geo.P - q0 > kPlaneBiasRun ? q0 + kPlaneBiasRun : geo.P;
+              acc_t run = acc_t(0);
+              for (int64_t q = q0; q < q1; ++q) run = run + G[c * geo.P + q];
+              total += static_cast<double>(run);
+            }
+            cs = static_cast<acc_t>(total);
+          } else {
+            for (int64_t q = 0; q < geo.P; ++q) cs = cs + G[c * geo.P + q];
           }
           for (int64_t r = 0; r <= p.d; ++r) gb[r * geo.C + c] = mul_add(gb[r * geo.C + c], w[r], cs);
         }
