@@ -47,6 +47,7 @@
 #include "../common/checks.h"
 #include "../common/layer_config.h"
 #include "conv_direct.h"
+#include "matmul.h"
 #include "spline_blend.h"
 #include "vec_activations.h"
 
@@ -226,31 +227,42 @@ class ConvStepper {
       const bool y_inline = A == Act::Relu && !sym;
       const T* __restrict__ yp = A == Act::Identity ? ap : y_inline ? nullptr : Ys_[s].const_data_ptr<T>();
       const T* __restrict__ dp = A == Act::Softplus ? Ds_[s].const_data_ptr<T>() : nullptr;
+      // dL/dlam and dL/db of each block in kLanes partial sums, float64 totals of
+      // cpu::kSumBlock-element runs (a plane's B x P terms may cancel: see kSumBlock).
       for_blocks([&](int64_t, int64_t e0, int64_t e1, int64_t u) {
-        constexpr int kLanes = 8;
-        T pl[kLanes] = {}, pb[kLanes] = {};
-        int64_t e = e0;
-        for (; e + kLanes <= e1; e += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            const T v = vsign * vp[e + l], y = y_inline ? act_here<A>(ap[e + l]) : yp[e + l];
-            const T df = A == Act::Softplus ? dp[e + l] : Activation<A>::df(ap[e + l], y);
+        using cpu::kLanes;
+        constexpr int64_t run = cpu::kSumBlock<T>;
+        double tl[kLanes] = {}, tb[kLanes] = {};
+        for (int64_t f0 = e0, f1; f0 < e1; f0 = f1) {
+          f1 = e1 - f0 > run ? f0 + run : e1;  // run: a multiple of kLanes
+          T pl[kLanes] = {}, pb[kLanes] = {};
+          int64_t e = f0;
+          for (; e + kLanes <= f1; e += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+              const T v = vsign * vp[e + l], y = y_inline ? act_here<A>(ap[e + l]) : yp[e + l];
+              const T df = A == Act::Softplus ? dp[e + l] : Activation<A>::df(ap[e + l], y);
+              const T g = lam * df * v;
+              pl[l] += y * v;
+              pb[l] += g;
+              G[e + l] = g;
+            }
+          for (; e < f1; ++e) {
+            const T v = vsign * vp[e], y = y_inline ? act_here<A>(ap[e]) : yp[e];
+            const T df = A == Act::Softplus ? dp[e] : Activation<A>::df(ap[e], y);
             const T g = lam * df * v;
-            pl[l] += y * v;
-            pb[l] += g;
-            G[e + l] = g;
+            pl[0] += y * v;
+            pb[0] += g;
+            G[e] = g;
           }
-        for (; e < e1; ++e) {
-          const T v = vsign * vp[e], y = y_inline ? act_here<A>(ap[e]) : yp[e];
-          const T df = A == Act::Softplus ? dp[e] : Activation<A>::df(ap[e], y);
-          const T g = lam * df * v;
-          pl[0] += y * v;
-          pb[0] += g;
-          G[e] = g;
+          for (int l = 0; l < kLanes; ++l) {
+            tl[l] += static_cast<double>(pl[l]);
+            tb[l] += static_cast<double>(pb[l]);
+          }
         }
         double sl = 0.0, sb = 0.0;
         for (int l = 0; l < kLanes; ++l) {
-          sl += static_cast<double>(pl[l]);
-          sb += static_cast<double>(pb[l]);
+          sl += tl[l];
+          sb += tb[l];
         }
         part_lam[u] = sl;
         part_b[u] = sb;

@@ -209,11 +209,14 @@ class DirectConv {
         }
       }
     });
-    std::fill(dk, dk + fw, T(0));
+    // The groups' partials added in float64 and rounded once (float32: B / kGradGroup
+    // partials, fw adds each; float64: the sums as before).
+    group_total_.assign(fw, 0.0);
     for (int64_t u = 0; u < groups; ++u) {
       const T* part = partial_.data() + u * fw;
-      for (int64_t e = 0; e < fw; ++e) dk[e] += part[e];
+      for (int64_t e = 0; e < fw; ++e) group_total_[e] += part[e];
     }
+    for (int64_t e = 0; e < fw; ++e) dk[e] = static_cast<T>(group_total_[e]);
   }
 
  private:
@@ -292,6 +295,7 @@ class DirectConv {
   int64_t B_, C_, Cp_;
   PaddedGrid g_;
   std::vector<T> partial_;
+  std::vector<double> group_total_;
   std::vector<Buffers> bufs_;
 };
 

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "memory.h"
 
@@ -25,18 +27,36 @@ constexpr int64_t kGemmMinWidth = 16;
 // Partial sums of the fixed-order reductions below (one vector of float32 with AVX2).
 constexpr int kLanes = 8;
 
-// sum_r x[r] in kLanes partial sums, lane l taking r = l mod kLanes, added pairwise at the
-// end: a fixed order that vectorises without reassociation.
+// Rows of a float32 sum over rows (the row-major chunks' small-width weight gradients, the
+// transposed chunks' bias gradients, the conv bias and scale gradients' points) added in
+// float32 before their run's sum goes into a float64 total. Added in one float32 sequence, R
+// rows whose terms cancel leave an error of up to R roundings of the terms (the bias gradient
+// 2.2e-3 off, scaled, at 2341 equal rows, where PyTorch's pairwise sums were 20-30 times
+// closer); in runs of 64 rows (8 a lane in the lane sums) at most 64 (8), for one float64 add
+// per run and output, where a float64 sum of every term would take a conversion and a
+// float64 add (half the vector width) per term. float64 sums take one run: their order, and
+// bits, are as before.
 template <typename T>
-T lane_sum(const T* __restrict__ x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t r = 0;
-  for (; r + kLanes <= n; r += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[r + l];
-  for (int l = 0; r < n; ++r, ++l) acc[l] += x[r];
+constexpr int64_t kSumBlock = std::is_same_v<T, float> ? 64 : std::numeric_limits<int64_t>::max();
+
+// sum_r x[r] in kLanes partial sums, lane l taking r = l mod kLanes, added pairwise at the
+// end: a fixed order that vectorises without reassociation. The lanes sum runs of
+// kSumBlock<T> values into float64 totals.
+template <typename T>
+double lane_sum(const T* __restrict__ x, int64_t n) {
+  double total[kLanes] = {};
+  for (int64_t r0 = 0, r1; r0 < n; r0 = r1) {
+    r1 = n - r0 > kSumBlock<T> ? r0 + kSumBlock<T> : n;  // a multiple of kLanes
+    T acc[kLanes] = {};
+    int64_t r = r0;
+    for (; r + kLanes <= r1; r += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[r + l];
+    for (int l = 0; r < r1; ++r, ++l) acc[l] += x[r];
+    for (int l = 0; l < kLanes; ++l) total[l] += acc[l];
+  }
   for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
+    for (int l = 0; l < w; ++l) total[l] += total[l + w];
+  return total[0];
 }
 
 // sum_e x[e] y[e] accumulated in double, in four independent chains (a fixed order).
@@ -239,11 +259,16 @@ struct MatOps {
       }
     }
   }
-  // out (m x m) = G^T X
+  // out (m x m) = G^T X. The row-major raw loops sum the rows in runs of kSumBlock<T> into
+  // float64 totals (float32: see kSumBlock; float64: one run, the sums as they were).
   void tn(const T* __restrict__ G, const T* __restrict__ X, T* __restrict__ out) const {
     const int64_t m = this->m();
+    constexpr int64_t block = kSumBlock<T>;
     if constexpr (M > 0) {
       if (soa) {  // out[j][k] = G_j . X_k, in kLanes fixed partial sums each
+        // float32 throughout: a transposed chunk holds at most kSoAMaxRows = 512 rows, so a
+        // lane adds at most 64, as many as one run of kSumBlock (a run of 8 a lane would
+        // cost a quarter of this loop's vector operations in float64 adds).
         for (int j = 0; j < M; ++j) {
           T acc[M][kLanes] = {};
           const T* __restrict__ g = G + j * R;
@@ -268,41 +293,62 @@ struct MatOps {
     }
     if constexpr (M > 0) {
       // Small widths: the m x m sum stays in registers instead of a store-to-load chain.
-      T acc[M * M] = {};
-      for (int64_t r = 0; r < R; ++r)
-        for (int j = 0; j < M; ++j) {
-          const T g = G[r * M + j];
-          for (int k = 0; k < M; ++k) acc[j * M + k] += g * X[r * M + k];
-        }
-      std::copy(acc, acc + M * M, out);
+      double total[M * M] = {};
+      for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+        r1 = R - r0 > block ? r0 + block : R;
+        T acc[M * M] = {};
+        for (int64_t r = r0; r < r1; ++r)
+          for (int j = 0; j < M; ++j) {
+            const T g = G[r * M + j];
+            for (int k = 0; k < M; ++k) acc[j * M + k] += g * X[r * M + k];
+          }
+        for (int e = 0; e < M * M; ++e) total[e] += acc[e];
+      }
+      for (int e = 0; e < M * M; ++e) out[e] = T(total[e]);
       return;
     }
-    std::fill(out, out + m * m, T(0));
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < m; ++j) {
-        const T g = G[r * m + j];
-        const T* x = X + r * m;
-        T* o = out + j * m;
-        for (int64_t k = 0; k < m; ++k) o[k] += g * x[k];
-      }
+    // Run-time widths below kGemmMinWidth: out holds a run's float32 sums, `total` the
+    // float64 ones (on the stack up to that width).
+    double stack_total[kGemmMinWidth * kGemmMinWidth] = {};
+    std::vector<double> heap_total(m * m > kGemmMinWidth * kGemmMinWidth ? m * m : 0, 0.0);
+    double* total = heap_total.empty() ? stack_total : heap_total.data();
+    for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+      r1 = R - r0 > block ? r0 + block : R;
+      std::fill(out, out + m * m, T(0));
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < m; ++j) {
+          const T g = G[r * m + j];
+          const T* x = X + r * m;
+          T* o = out + j * m;
+          for (int64_t k = 0; k < m; ++k) o[k] += g * x[k];
+        }
+      for (int64_t e = 0; e < m * m; ++e) total[e] += out[e];
+    }
+    for (int64_t e = 0; e < m * m; ++e) out[e] = T(total[e]);
   }
-  // out (m) = column sums of G
+  // out (m) = column sums of G (the bias gradient) in float64: m conversions and adds a
+  // row, next to the m^2 multiply-adds a row of each product; the transposed chunks' columns
+  // in lane_sum's runs (8 values a lane, then float64), which keeps the m = 2-8 layers' sum as
+  // cheap as before.
   void colsum(const T* __restrict__ G, T* __restrict__ out) const {
     const int64_t m = this->m();
     if constexpr (M > 0) {
       if (soa) {
-        for (int j = 0; j < M; ++j) out[j] = lane_sum(G + j * R, R);
+        for (int j = 0; j < M; ++j) out[j] = T(lane_sum(G + j * R, R));
         return;
       }
-      T acc[M] = {};
+      double acc[M] = {};
       for (int64_t r = 0; r < R; ++r)
         for (int j = 0; j < M; ++j) acc[j] += G[r * M + j];
-      std::copy(acc, acc + M, out);
+      for (int j = 0; j < M; ++j) out[j] = T(acc[j]);
       return;
     }
-    std::fill(out, out + m, T(0));
+    double stack_acc[kGemmMinWidth] = {};
+    std::vector<double> heap_acc(m > kGemmMinWidth ? m : 0, 0.0);
+    double* acc = heap_acc.empty() ? stack_acc : heap_acc.data();
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < m; ++j) out[j] += G[r * m + j];
+      for (int64_t j = 0; j < m; ++j) acc[j] += G[r * m + j];
+    for (int64_t j = 0; j < m; ++j) out[j] = T(acc[j]);
   }
 };
 

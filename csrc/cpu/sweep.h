@@ -21,6 +21,7 @@
 
 #include "../common/layer_config.h"
 #include "parallel.h"
+#include "spline_blend.h"
 
 namespace splinet {
 namespace cpu {
@@ -71,15 +72,29 @@ void chunk_adjoint_sweep(Chunk& chunk, int64_t N, int64_t K, int64_t Rs, bool la
 }
 
 // Per-chunk partial gradients summed in chunk order (so the result depends only on the
-// chunking, not on the threads' timing).
+// chunking, not on the threads' timing), in float64 and rounded once (float32: B / 512 or
+// more chunks of a large batch would otherwise add in one float32 sequence; float64: the
+// same sums as adding into the zeroed gradients).
 template <typename T>
 void reduce_partials(const std::vector<std::vector<T>>& pW, const std::vector<std::vector<T>>& pb,
                      const std::vector<double>& plam, T* gw, T* gb, double& glam) {
-  for (size_t c = 0; c < pW.size(); ++c) {
-    for (size_t e = 0; e < pW[c].size(); ++e) gw[e] += pW[c][e];
-    for (size_t e = 0; e < pb[c].size(); ++e) gb[e] += pb[c][e];
-    glam += plam[c];
-  }
+  if (pW.empty()) return;
+  const auto sum_into = [&](const std::vector<std::vector<T>>& parts, T* out) {
+    const int64_t n = static_cast<int64_t>(parts[0].size());
+    double total[kCacheTile];  // a tile of the sums at a time: no buffer of n doubles
+    for (int64_t t0 = 0; t0 < n; t0 += kCacheTile) {
+      const int64_t len = std::min(n - t0, kCacheTile);
+      std::fill(total, total + len, 0.0);
+      for (size_t c = 0; c < parts.size(); ++c) {
+        const T* p = parts[c].data() + t0;
+        for (int64_t e = 0; e < len; ++e) total[e] += p[e];
+      }
+      for (int64_t e = 0; e < len; ++e) out[t0 + e] += static_cast<T>(total[e]);
+    }
+  };
+  sum_into(pW, gw);
+  sum_into(pb, gb);
+  for (size_t c = 0; c < plam.size(); ++c) glam += plam[c];
 }
 
 // The whole forward: make(r0, R) returns the chunk of rows [r0, r0 + R), which

@@ -35,6 +35,16 @@ namespace splinet {
 constexpr int64_t kConvDirectMaxChannels = 32;
 constexpr int64_t kConvDirectMaxSample = 16 * 1024;
 
+// Points of a thread's float32 sum over a plane's P points (up to kConvDirectMaxSample) for
+// the bias gradient, added in a run of their own before the run's sum goes into a float64
+// total: the error bounded by about kPlaneBiasRun roundings instead of P (a plane whose
+// terms cancel), for one float64 add per run on the C threads of that phase (float64 runs
+// at 1/2 to 1/64 of the float32 rate on a GPU). With a float32 second level, runs of 64 left
+// a plane whose halves cancel 9 times over 4 times PyTorch's error, with a float64 one still
+// 1.7 times (test_float32_sums_that_cancel_emulated_conv). float64 programs: one run, the
+// sums (and bits) as before.
+constexpr int kPlaneBiasRun = 16;
+
 struct ConvGeom {
   int64_t C, P, fw, kprod;
   int64_t size[3], ksize[3], radius[3];  // spatial dims padded to 3 with size 1, kernel 1
@@ -150,6 +160,10 @@ struct ConvSample {
     const int64_t d0 = o0 - geo.radius[0], d1 = o1 - geo.radius[1], d2 = o2 - geo.radius[2];
     const acc_t* ar = a + co * geo.P;
     const acc_t* br = b + ci * geo.P;
+    // One float32 chain over the plane, unlike the bias's runs: a run counter here cost 2
+    // integer operations a multiply-add and 4 bytes more spills (sm_90: 268 -> 272), runs of
+    // the innermost loop 112-144 bytes; the CPU direct kernel splits the same sum into
+    // vector lanes and samples.
     acc_t acc = acc_t(0);
     for (int64_t p0 = (d0 < 0 ? -d0 : 0); p0 < geo.size[0] - (d0 > 0 ? d0 : 0); ++p0)
       for (int64_t p1 = (d1 < 0 ? -d1 : 0); p1 < geo.size[1] - (d1 > 0 ? d1 : 0); ++p1)
@@ -233,7 +247,18 @@ struct ConvSample {
       if (p.has_bias)
         for (int64_t c = ctx.tid; c < geo.C; c += ctx.nthreads) {
           acc_t cs = acc_t(0);
-          for (int64_t q = 0; q < geo.P; ++q) cs = cs + G[c * geo.P + q];
+          if constexpr (sizeof(acc_t) < 8) {  // runs of kPlaneBiasRun points into float64
+            double total = 0.0;
+            for (int64_t q0 = 0, q1; q0 < geo.P; q0 = q1) {
+              q1 = geo.P - q0 > kPlaneBiasRun ? q0 + kPlaneBiasRun : geo.P;
+              acc_t run = acc_t(0);
+              for (int64_t q = q0; q < q1; ++q) run = run + G[c * geo.P + q];
+              total += static_cast<double>(run);
+            }
+            cs = static_cast<acc_t>(total);
+          } else {
+            for (int64_t q = 0; q < geo.P; ++q) cs = cs + G[c * geo.P + q];
+          }
           for (int64_t r = 0; r <= p.d; ++r) gb[r * geo.C + c] = mul_add(gb[r * geo.C + c], w[r], cs);
         }
       ctx.sync();

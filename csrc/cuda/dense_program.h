@@ -33,6 +33,35 @@ namespace splinet {
 // (dense_driver.h).
 constexpr int64_t kSmallMaxWidth = 64;
 
+// Rows of a thread's float32 sum over a tile's R rows (the weight and bias gradients: R up
+// to 256, dense_small_tile_rows) added in a run of their own before the run's sum goes into
+// the running total: two float32 levels bound the error by about kRowSumRun + R / kRowSumRun
+// roundings instead of R (rows whose terms cancel; float64 would run at 1/2 to 1/64 of the
+// float32 rate on a GPU). float32 layers only: float64 sums in one run (their bits as
+// before), and bfloat16 / float16 values carry more error than the sum's (there the runs
+// added spills on sm_90, 176 -> 188 bytes).
+template <typename scalar_t, typename acc_t>
+constexpr int kRowSumRun = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> ? 16 : 0;
+
+// sum over r < R of the terms term(acc, r) adds (acc = mul_add(acc, ...)), from zero, in runs
+// of kRowSumRun rows.
+template <typename scalar_t, typename acc_t, typename Term>
+SPLINET_HD acc_t row_sum(int64_t R, const Term& term) {
+  constexpr int run_rows = kRowSumRun<scalar_t, acc_t>;
+  acc_t total = acc_t(0);
+  if constexpr (run_rows > 0) {
+    for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+      r1 = R - r0 > run_rows ? r0 + run_rows : R;
+      acc_t run = acc_t(0);
+      for (int64_t r = r0; r < r1; ++r) run = term(run, r);
+      total = total + run;
+    }
+  } else {
+    for (int64_t r = 0; r < R; ++r) total = term(total, r);
+  }
+  return total;
+}
+
 // Entry (j, q) of the blended matrix of step i, stage s (eq. 14): W(t) = sum_r w_r weight[k + r],
 // or A(t) = W(t) - W(t)^T - gamma I for the antisymmetric variant.
 template <typename scalar_t, typename acc_t>
@@ -229,23 +258,22 @@ struct DenseTile {
       acc_t* gb = p.cache_slots ? cache.b : (pb ? pb + k * m : nullptr);
       for (int64_t e = ctx.tid; e < mm; e += ctx.nthreads) {  // eq. 23: dL/dW_s = G^T X_s -> d + 1 slots
         const int64_t j = e / m, q = e % m;
-        acc_t dw = acc_t(0);
-        for (int64_t r = 0; r < R; ++r) dw = mul_add(dw, G[r * m + j], X[r * m + q]);
+        acc_t dw = row_sum<scalar_t, acc_t>(
+            R, [&](acc_t acc, int64_t r) { return mul_add(acc, G[r * m + j], X[r * m + q]); });
         if (p.variant == kSymmetric) {  // - lam act(a)^T kbar
-          acc_t t = acc_t(0);
-          for (int64_t r = 0; r < R; ++r) t = mul_add(t, Y[r * m + j], kbar[r * m + q]);
+          const acc_t t = row_sum<scalar_t, acc_t>(
+              R, [&](acc_t acc, int64_t r) { return mul_add(acc, Y[r * m + j], kbar[r * m + q]); });
           dw = mul_add(dw, -lam, t);
         } else if (p.variant == kAntisymmetric) {  // dW = dA - dA^T
-          acc_t t = acc_t(0);
-          for (int64_t r = 0; r < R; ++r) t = mul_add(t, G[r * m + q], X[r * m + j]);
+          const acc_t t = row_sum<scalar_t, acc_t>(
+              R, [&](acc_t acc, int64_t r) { return mul_add(acc, G[r * m + q], X[r * m + j]); });
           dw = dw - t;
         }
         for (int64_t r = 0; r <= p.d; ++r) gw[r * mm + e] = mul_add(gw[r * mm + e], w[r], dw);
       }
       if (p.has_bias)
         for (int64_t j = ctx.tid; j < m; j += ctx.nthreads) {
-          acc_t cs = acc_t(0);
-          for (int64_t r = 0; r < R; ++r) cs = cs + G[r * m + j];
+          const acc_t cs = row_sum<scalar_t, acc_t>(R, [&](acc_t acc, int64_t r) { return acc + G[r * m + j]; });
           for (int64_t r = 0; r <= p.d; ++r) gb[r * m + j] = mul_add(gb[r * m + j], w[r], cs);
         }
       ctx.sync();
