@@ -17,6 +17,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -29,6 +31,7 @@
 #include "../common/layer_config.h"
 #include "matmul.h"
 #include "memory.h"
+#include "models.h"
 #include "parallel.h"
 #include "spline_blend.h"
 #include "sweep.h"
@@ -522,6 +525,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_save
 }
 
 }  // namespace
+
+// --- Hooks of the model-dim ops (csrc/cpu/dense_models_cpu.cpp; declared in models.h) ------
+// Every model runs the chunks of its own spline_dense_fwd / _bwd call, with its own scale.
+namespace cpu {
+namespace {
+
+std::vector<DenseArgs> models_args(const ModelsCall& c, const at::Tensor& one_state) {
+  const DenseArgs a = make_args(one_state, c.weight[0], c.bias.defined(), at::scalar_tensor(c.lam[0], at::kDouble),
+                                c.steps, c.degree, c.activation, c.scheme, c.variant, c.gamma, c.checkpoint);
+  std::vector<DenseArgs> args(c.M, a);
+  for (int64_t mi = 0; mi < c.M; ++mi) args[mi].lam = c.lam[mi];
+  return args;
+}
+
+// A layer whose one chunk threads its own GEMMs (dense_bounds) runs model after model.
+bool flatten_models(const DenseArgs& a) { return a.m < kThreadedGemmWidth; }
+
+}  // namespace
+
+void dense_models_forward(const ModelsCall& c, const at::Tensor& states) {
+  const auto args = models_args(c, c.x[0]);
+  const DenseArgs& a = args[0];
+  if (a.B == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "spline_dense_fwd_models_cpu", [&] {
+    dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
+      constexpr int M = decltype(width)::value;
+      const scalar_t* W = c.weight.const_data_ptr<scalar_t>();
+      const scalar_t* b = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t ws = ModelsCall::stride(c.weight), bs = b ? ModelsCall::stride(c.bias) : 0;
+      forward_models(dense_bounds(a), c.M, flatten_models(a), a.N, a.K, a.B, a.m, c.x.const_data_ptr<scalar_t>(),
+                     ModelsCall::stride(c.x), states.data_ptr<scalar_t>(), [&](int64_t mi, int64_t, int64_t R) {
+                       return DenseChunk<scalar_t, M>(args[mi], W + mi * ws, b ? b + mi * bs : nullptr, R);
+                     });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<double>> dense_models_backward(
+    const ModelsCall& c, const at::Tensor& grad_states, bool last_only, const at::Tensor& states) {
+  const auto args = models_args(c, states[0][0]);
+  const DenseArgs& a = args[0];
+  at::Tensor grad_x = at::empty({c.M, a.B, a.m}, states.options());
+  at::Tensor grad_w = at::zeros({c.M, a.n, a.m, a.m}, states.options());
+  at::Tensor grad_b = c.bias.defined() ? at::zeros({c.M, a.n, a.m}, states.options()) : at::empty({0}, states.options());
+  std::vector<double> glam(c.M, 0.0);
+  if (a.B == 0) return {grad_x, grad_w, grad_b, glam};
+  AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_models_cpu", [&] {
+    dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
+      constexpr int M = decltype(width)::value;
+      const scalar_t* W = c.weight.const_data_ptr<scalar_t>();
+      const scalar_t* b = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t ws = ModelsCall::stride(c.weight), bs = b ? ModelsCall::stride(c.bias) : 0;
+      glam = backward_models(
+          dense_bounds(a), c.M, flatten_models(a), a.N, a.K, a.B, a.m, last_only, states.const_data_ptr<scalar_t>(),
+          grad_states.const_data_ptr<scalar_t>(), {ModelsCall::stride(states), ModelsCall::stride(grad_states)},
+          grad_x.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), a.n * a.m * a.m,
+          b ? grad_b.data_ptr<scalar_t>() : nullptr, a.n * a.m, [&](int64_t mi, int64_t, int64_t R) {
+            return DenseChunk<scalar_t, M>(args[mi], W + mi * ws, b ? b + mi * bs : nullptr, R);
+          });
+    });
+  });
+  return {grad_x, grad_w, grad_b, glam};
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
   m.impl("spline_dense_fwd", &spline_dense_fwd_cpu);

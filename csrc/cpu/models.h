@@ -1,0 +1,123 @@
+// Many models in one call: the chunked sweeps of csrc/cpu/sweep.h over a leading model dimension.
+//
+// M models (an ensemble, or one model per vmapped sample) each run the chunks and arithmetic of
+// their own single-model call, so every model's results equal that call's bit for bit; the
+// (model, chunk) tasks share one parallel loop (each task's kernels then single-threaded inside
+// it), where single-model calls would each split a small batch over the threads in turn.
+// A tensor with a leading dimension of 1 is shared by every model (stride 0, never copied).
+//
+// Legend: M models, B batch (per model), R rows of one chunk, row elements of one row of a
+// state, N steps, K checkpoint interval.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/layer_config.h"
+#include "parallel.h"
+#include "sweep.h"
+
+namespace splinet {
+namespace cpu {
+
+// One call of a layer op over M models: its tensors with their leading model dimension (M, or
+// 1 for a tensor that every model shares), contiguous; the config; each model's scale.
+struct ModelsCall {
+  int64_t M = 0;
+  at::Tensor x, weight, bias;  // bias undefined without one
+  std::vector<double> lam;     // each model's scale (paper eq. 24's T)
+  int64_t steps = 0, degree = 0, checkpoint = 1;
+  std::string activation, scheme, variant;
+  double gamma = 0.0;
+
+  // Elements between two models' slices of t: 0 when every model shares it.
+  static int64_t stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.numel() / t.size(0); }
+};
+
+// fn(model, chunk) for every model and chunk. `flatten`: all tasks in one parallel loop;
+// else model after model, each chunk loop as its single-model call runs it (a layer whose one
+// chunk threads its own GEMMs).
+template <typename F>
+void run_model_chunks(int64_t models, int64_t chunks, bool flatten, const F& fn) {
+  if (!flatten) {
+    for (int64_t mi = 0; mi < models; ++mi) run_chunks(chunks, [&](int64_t c) { fn(mi, c); });
+    return;
+  }
+  run_chunks(models * chunks, [&](int64_t t) { fn(t / chunks, t % chunks); });
+}
+
+// The forward of M models (forward_chunks per model): x (Mx, B, row) with stride x_stride
+// between models (0: shared), states (M, num_saved, B, row); make(model, r0, R) returns the
+// model's chunk of rows [r0, r0 + R).
+template <typename T, typename Make>
+void forward_models(const std::vector<int64_t>& bounds, int64_t models, bool flatten, int64_t N, int64_t K,
+                    int64_t B, int64_t row, const T* x, int64_t x_stride, T* states, const Make& make) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t per_model = num_saved_states(N, K) * B * row;
+  run_model_chunks(models, chunks, flatten, [&](int64_t mi, int64_t c) {
+    const int64_t r0 = bounds[c], R = bounds[c + 1] - r0;
+    auto chunk = make(mi, r0, R);
+    chunk_forward_sweep(chunk, N, K, B, row, r0, R, x + mi * x_stride, states + mi * per_model);
+  });
+}
+
+// Strides (elements between models; 0: shared) of the backward's inputs.
+struct ModelsBackwardStrides {
+  int64_t states, grad_states;
+};
+
+// The adjoint of M models (backward_chunks per model): grad_x (M, B, row), grad_w (M, nW) and
+// grad_b (M, nb; null without bias) zeroed by the caller; returns each model's dL/dlam. Each
+// model's chunk partials are summed in chunk order (reduce_partials), as its single-model
+// call sums them; a model of one chunk accumulates straight into its gradients.
+template <typename T, typename Make>
+std::vector<double> backward_models(const std::vector<int64_t>& bounds, int64_t models, bool flatten, int64_t N,
+                                    int64_t K, int64_t B, int64_t row, bool last_only, const T* states,
+                                    const T* grad_states, ModelsBackwardStrides strides, T* grad_x, T* grad_w,
+                                    int64_t nW, T* grad_b, int64_t nb, const Make& make) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  const bool direct = chunks == 1;
+  std::vector<std::vector<std::vector<T>>> pW(models, std::vector<std::vector<T>>(chunks)),
+      pb(models, std::vector<std::vector<T>>(chunks));
+  std::vector<std::vector<double>> plam(models, std::vector<double>(chunks, 0.0));
+  const int64_t Ns = num_saved_states(N, K);
+  run_model_chunks(models, chunks, flatten, [&](int64_t mi, int64_t c) {
+    const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rs = R * row;
+    const T* st = states + mi * strides.states;
+    const T* gs = grad_states + mi * strides.grad_states;
+    if (!direct) {
+      pW[mi][c].assign(nW, T(0));
+      pb[mi][c].assign(grad_b ? nb : 0, T(0));
+    }
+    T* gW = direct ? grad_w + mi * nW : pW[mi][c].data();
+    T* gB = direct ? (grad_b ? grad_b + mi * nb : nullptr) : pb[mi][c].data();
+    auto chunk = make(mi, r0, R);
+    std::vector<T> z(Rs);
+    chunk.to_chunk(gs + ((last_only ? 0 : Ns - 1) * B + r0) * row, z.data());
+    chunk_adjoint_sweep(
+        chunk, N, K, Rs, last_only, z.data(), gW, gB, plam[mi][c],
+        [&](int64_t slot, T* dst) { chunk.to_chunk(st + (slot * B + r0) * row, dst); },
+        [&](int64_t slot, T* zp) { chunk.add_rows(gs + (slot * B + r0) * row, zp); });
+    chunk.from_chunk(z.data(), grad_x + (mi * B + r0) * row);
+  });
+  std::vector<double> glam(models, 0.0);
+  for (int64_t mi = 0; mi < models; ++mi)
+    reduce_partials(pW[mi], pb[mi], plam[mi], grad_w + mi * nW, grad_b ? grad_b + mi * nb : nullptr, glam[mi]);
+  return glam;
+}
+
+// The dense kernel over a leading model dimension (implemented next to DenseChunk in
+// dense_cpu.cpp; the ops in dense_models_cpu.cpp): states (M, num_saved, B, m) filled; the
+// backward returns (grad_x (M, B, m), grad_w (M, n, m, m), grad_b (M, n, m) or empty (0,),
+// each model's dL/dlam).
+void dense_models_forward(const ModelsCall& call, const at::Tensor& states);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<double>> dense_models_backward(
+    const ModelsCall& call, const at::Tensor& grad_states, bool last_only, const at::Tensor& states);
+
+}  // namespace cpu
+}  // namespace splinet
