@@ -259,6 +259,10 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
     args = (x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
     if return_trajectory:  # the op itself, differentiable through its registered autograd
         return fn.op()(*args)
+    if torch.compiler.is_compiling() and _under_vmap():
+        # Dynamo cannot trace a Function's vmap rule (torch 2.13); it traces the op's
+        # (torch.library.register_vmap), differentiable through its registered autograd.
+        return fn.op()(*args)[-1]
     return _apply(fn, *args)[0]
 
 
@@ -320,15 +324,22 @@ _HAS_MODEL_OPS = False  # set by _register: the CPU model-dim ops are built
 _MODEL_DTYPES = (torch.float32, torch.float64)
 
 try:
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter as _current_interpreter
+
     _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
-except AttributeError:  # pragma: no cover - a torch without it: no vmap to detect
+except (ImportError, AttributeError):  # pragma: no cover - a torch without them: no vmap to detect
     _VMAP_TRANSFORM = None
 
 
 def _under_vmap() -> bool:
     """Whether a torch.func.vmap is active around this call (the layer then takes the op pair
     whose vmap rules fold the mapped dimension)."""
-    if _VMAP_TRANSFORM is None or not torch._C._are_functorch_transforms_active():
+    if _VMAP_TRANSFORM is None:
+        return False
+    if torch.compiler.is_compiling():  # what Dynamo traces: the innermost transform
+        return (torch._C._functorch.peek_interpreter_stack() is not None
+                and _current_interpreter().key() == _VMAP_TRANSFORM)
+    if not torch._C._are_functorch_transforms_active():
         return False
     return any(i.key() == _VMAP_TRANSFORM for i in torch._C._functorch.get_interpreter_stack())
 
