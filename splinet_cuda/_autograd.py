@@ -334,13 +334,10 @@ except (ImportError, AttributeError):  # pragma: no cover - a torch without them
 def _under_vmap() -> bool:
     """Whether a torch.func.vmap is active around this call (the layer then takes the op pair
     whose vmap rules fold the mapped dimension)."""
-    if _VMAP_TRANSFORM is None:
+    if _VMAP_TRANSFORM is None or not torch._C._are_functorch_transforms_active():
         return False
     if torch.compiler.is_compiling():  # what Dynamo traces: the innermost transform
-        return (torch._C._functorch.peek_interpreter_stack() is not None
-                and _current_interpreter().key() == _VMAP_TRANSFORM)
-    if not torch._C._are_functorch_transforms_active():
-        return False
+        return _current_interpreter().key() == _VMAP_TRANSFORM
     return any(i.key() == _VMAP_TRANSFORM for i in torch._C._functorch.get_interpreter_stack())
 
 
@@ -380,12 +377,13 @@ def _dense_fwd_models(in_dims, x, weight, bias, scale, config):
 
 
 def _dense_function_vmap(info, in_dims, x, weight, bias, scale, *config):
-    """SplineDenseFunction's vmap rule: (x_N, states) of every model in one call."""
+    """SplineDenseFunction's vmap rule: (x_N, states) of every model in one call, through
+    SplineDenseModelsFunction (differentiable when a grad or vjp runs above the vmap)."""
     if not _foldable(x, weight, bias, scale):
         return _loop_vmap_rule(SplineDenseFunction)(info, in_dims, x, weight, bias, scale, *config)
-    states, d = _dense_fwd_models(in_dims, x, weight, bias, scale, config)
-    last = states.select(1 if d == 0 else 0, -1).clone()
-    return (last, states), (d, d)
+    if all(d is None for d in in_dims[:4]):  # nothing mapped: one model
+        return SplineDenseFunction.apply(x, weight, bias, scale, *config), (None, None)
+    return _apply(SplineDenseModelsFunction, *_with_model_dim((x, weight, bias, scale), in_dims), *config), (0, 0)
 
 
 def _dense_fwd_vmap(info, in_dims, x, weight, bias, scale, *config):
@@ -407,19 +405,45 @@ def _dense_bwd_vmap(info, in_dims, grad_states, states, weight, bias, scale, *co
 def _dense_models_setup_context(ctx, inputs, output):
     x, weight, bias, scale, *config = inputs
     ctx.config = tuple(config)
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(x, output, weight, bias, scale)
 
 
 def _dense_models_backward(ctx, grad):
-    """spline_dense_fwd_models' autograd (a grad or vjp above a vmap: its rules' ops are
-    differentiated): per-model gradients, summed over the models for a shared input."""
+    """spline_dense_fwd_models' autograd (a grad or vjp above a vmap differentiates what its
+    rules ran): per-model gradients, summed over the models for a shared input (a leading
+    dim of 1)."""
     x, states, weight, bias, scale = ctx.saved_tensors
     grads = torch.ops.splinet_cuda.spline_dense_bwd_models(grad, states, weight, bias, scale, *ctx.config)
     grads = [None if t is None else (g.sum(0, keepdim=True) if t.shape[0] == 1 and g.shape[0] != 1 else g)
              for t, g in zip((x, weight, bias, scale), grads)]
     anchors = [t for t in (x, weight, bias, scale, grad) if t is not None]
     return _first_order_only(tuple(grads), anchors) + (None,) * len(ctx.config)
+
+
+class SplineDenseModelsFunction(torch.autograd.Function):
+    """The model-dim ops as SplineDenseFunction runs the single-model ones: ``apply(...)``
+    returns (x_N of every model (M, B, m), states (M, num_saved, B, m)), the states not
+    differentiable, so that the backward op gets dLoss/dx_N alone."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale, *config):
+        states = _below_autograd(torch.ops.splinet_cuda.spline_dense_fwd_models, x, weight, bias, scale, *config)
+        return states[:, -1].clone(), states
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dense_models_setup_context(ctx, inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_last, grad_states):
+        if grad_last is None:
+            grad_last = torch.zeros_like(ctx.saved_tensors[1][:, -1])
+        return _dense_models_backward(ctx, grad_last)
+
+
+SplineDenseModelsFunction.vmap = staticmethod(_loop_vmap_rule(SplineDenseModelsFunction))  # a vmap of a vmap
 
 
 def register_autocast_float32(op: str) -> None:
@@ -448,6 +472,8 @@ def _register() -> None:
         SplineDenseFunction.vmap = staticmethod(_dense_function_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_fwd", _dense_fwd_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_bwd", _dense_bwd_vmap)
+        for op in ("spline_dense_fwd_models", "spline_dense_bwd_models"):  # a vmap of a vmap: once per slice
+            torch.library.register_vmap(f"splinet_cuda::{op}", _loop_op_vmap(getattr(torch.ops.splinet_cuda, op)))
     _HAS_SAVED_OPS = _ext.has_kernel("spline_dense_fwd_saved", "CPU")
     _HAS_CONV_SAVED_OPS = _ext.has_kernel("spline_conv_fwd_saved", "CPU")
     for layer, built_here in (("dense", _HAS_SAVED_OPS), ("conv", _HAS_CONV_SAVED_OPS)):

@@ -284,3 +284,15 @@ def test_validation_under_vmap():
         torch.ops.splinet_cuda.spline_dense_bwd_models(states[:, -1], states[:2], w, b, s, *cfg)
     with pytest.raises(ValueError, match="x must have shape"):
         torch.ops.splinet_cuda.spline_dense_fwd_models(x[0], w, b, s, *cfg)
+
+
+def test_nested_vmap_equals_the_loop():
+    """Per-sample gradients of every model of an ensemble (vmap of vmap): the inner vmap folds,
+    the outer runs it once per model (the model-dim ops take one model dimension)."""
+    x, w, b, s = _models(3, 4, 3, 3, 2, dtype=torch.float64)
+    f = lambda x, w, b, s: _loss(sc.spline_ode(x[None], w, b, s, steps=3, degree=2))
+    per_sample = vmap(grad(f, argnums=1), in_dims=(0, None, None, None))
+    got = vmap(per_sample, in_dims=(None, 0, 0, 0))(x[0], w, b, s)
+    for i in range(3):
+        for j in range(4):
+            assert torch.equal(got[i, j], grad(f, argnums=1)(x[0, j], w[i], b[i], s[i]))
