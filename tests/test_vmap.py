@@ -296,3 +296,26 @@ def test_nested_vmap_equals_the_loop():
     for i in range(3):
         for j in range(4):
             assert torch.equal(got[i, j], grad(f, argnums=1)(x[0, j], w[i], b[i], s[i]))
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: sc.SplineODEConv2d(2, 3, 2, 1, 3, learn_scale=True), (2, 2, 4, 4)),
+    (lambda: sc.SplineODEHamiltonian(4, 2, 1, 3, learn_scale=True), (3, 4)),
+    (lambda: sc.SplineODE(4, 2, 1, 3, learn_scale=True, backend="reference"), (3, 4)),
+], ids=["conv2d", "hamiltonian", "reference"])
+def test_recipe_on_the_other_layers_runs_per_slice(make, x):
+    """The recipe on the layers without model-dim ops (the vmapped scale passes validation;
+    the layer runs once per slice): every model's gradients equal its own."""
+    models = [make() for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(*x)
+    loss = lambda p, b, x: functional_call(base, (p, b), (x,)).square().sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's loop of a backward op without a vmap rule
+        grads = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+    for i, net in enumerate(models):
+        net.zero_grad()
+        net(x).square().sum().backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, **tolerance(torch.float32), msg=name)
