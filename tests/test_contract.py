@@ -93,11 +93,12 @@ def _dense_saved_samples():
     return tuple(out)
 
 
-def _models_pair(M, m, bias, shared_weight, cfg):
-    """The model-dim ops: M models' x (M, B, m), weight (M or 1 shared, n, m, m), bias, scale (M,)."""
-    per = [dense_inputs(2, m, 2, 2, bias=bias, requires_grad=False, seed=i, scale=0.8 + 0.1 * i) for i in range(M)]
+def _models_pair(M, m, bias, shared, cfg, B=2):
+    """The model-dim ops: M models' x (M, B, m), weight (M, n, m, m), bias (M, n, m), scale (M,);
+    ``shared`` names those given once (a leading dim of 1) for every model."""
+    per = [dense_inputs(B, m, 2, 2, bias=bias, requires_grad=False, seed=i, scale=0.8 + 0.1 * i) for i in range(M)]
     x, w, b, s = (None if per[0][j] is None else torch.stack([p[j] for p in per]) for j in range(4))
-    w = w[:1] if shared_weight else w
+    w, b, s = (t[:1] if t is not None and name in shared else t for t, name in ((w, "w"), (b, "b"), (s, "s")))
     fwd, bwd = torch.ops.splinet_cuda.spline_dense_fwd_models, torch.ops.splinet_cuda.spline_dense_bwd_models
     states = fwd(x, w, b, s, *cfg)
     return {"fwd": (fwd.default, tuple(map(_req, (x, w, b, s))) + cfg),
@@ -106,13 +107,15 @@ def _models_pair(M, m, bias, shared_weight, cfg):
 
 
 def _dense_models_samples():
-    # an ensemble (every tensor per model) and per-sample gradients' shape (the weight shared);
-    # bias on and off; the raw loops and the GEMM path; checkpointing
+    # an ensemble (every tensor per model), a shared weight, per-sample gradients' shape (one
+    # row a model, everything else shared: the per-row path); bias on and off; the raw loops
+    # and the GEMM path; checkpointing
     out = []
-    for bias, shared, m, ck in ((True, False, 3, 1), (False, False, 3, 2), (True, True, 3, 1), (True, False, 20, 2)):
-        build = lambda fwd, bwd, dev, bias=bias, shared=shared, m=m, ck=ck: _models_pair(
-            3, m, bias, shared, (3, 2, "tanh", "midpoint", "antisymmetric", 0.1, ck))
-        out.append(Sample(f"{'b' if bias else 'nob'}-{'shared' if shared else 'per-model'}-m{m}-ck{ck}", ALL, build))
+    for bias, shared, m, ck, B in ((True, "", 3, 1, 2), (False, "", 3, 2, 2), (True, "w", 3, 1, 2),
+                                   (True, "", 20, 2, 2), (True, "wbs", 3, 2, 1), (False, "ws", 4, 1, 1)):
+        build = lambda fwd, bwd, dev, bias=bias, shared=shared, m=m, ck=ck, B=B: _models_pair(
+            3, m, bias, shared, (3, 2, "tanh", "midpoint", "antisymmetric", 0.1, ck), B=B)
+        out.append(Sample(f"{'b' if bias else 'nob'}-shared{shared or '-none'}-m{m}-ck{ck}-B{B}", ALL, build))
     return tuple(out)
 
 

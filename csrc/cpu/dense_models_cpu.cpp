@@ -57,6 +57,7 @@ ModelsCall make_call(int64_t M, const at::Tensor& weight, const c10::optional<at
   c.variant = std::string(variant);
   c.gamma = gamma;
   c.checkpoint = checkpoint;
+  c.shared_params = weight.size(0) == 1 && (!bias.has_value() || bias->size(0) == 1) && scale.size(0) == 1;
   return c;
 }
 

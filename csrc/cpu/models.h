@@ -34,6 +34,8 @@ struct ModelsCall {
   int64_t steps = 0, degree = 0, checkpoint = 1;
   std::string activation, scheme, variant;
   double gamma = 0.0;
+  // Weight, bias and scale shared by every model (a leading dim of 1): per-sample gradients.
+  bool shared_params = false;
 
   // Elements between two models' slices of t: 0 when every model shares it.
   static int64_t stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.numel() / t.size(0); }
@@ -66,6 +68,22 @@ void forward_models(const std::vector<int64_t>& bounds, int64_t models, bool fla
   });
 }
 
+// The adjoint sweep of one chunk, rows [r0, r0 + R) of a (B, row) batch, as backward_chunks
+// runs it: states (num_saved, B, row) and grad_states (the same, or (B, row) with last_only)
+// of the chunk's model; grad_x (B, row) receives dL/dx_0; gW, gB, plam accumulate eq. 23.
+template <typename T, typename Chunk>
+void adjoint_chunk(Chunk& chunk, int64_t N, int64_t K, int64_t B, int64_t row, int64_t r0, int64_t R,
+                   bool last_only, const T* states, const T* grad_states, T* grad_x, T* gW, T* gB, double& plam) {
+  const int64_t Rs = R * row, Ns = num_saved_states(N, K);
+  std::vector<T> z(Rs);
+  chunk.to_chunk(grad_states + ((last_only ? 0 : Ns - 1) * B + r0) * row, z.data());
+  chunk_adjoint_sweep(
+      chunk, N, K, Rs, last_only, z.data(), gW, gB, plam,
+      [&](int64_t slot, T* dst) { chunk.to_chunk(states + (slot * B + r0) * row, dst); },
+      [&](int64_t slot, T* zp) { chunk.add_rows(grad_states + (slot * B + r0) * row, zp); });
+  chunk.from_chunk(z.data(), grad_x + r0 * row);
+}
+
 // Strides (elements between models; 0: shared) of the backward's inputs.
 struct ModelsBackwardStrides {
   int64_t states, grad_states;
@@ -85,11 +103,8 @@ std::vector<double> backward_models(const std::vector<int64_t>& bounds, int64_t 
   std::vector<std::vector<std::vector<T>>> pW(models, std::vector<std::vector<T>>(chunks)),
       pb(models, std::vector<std::vector<T>>(chunks));
   std::vector<std::vector<double>> plam(models, std::vector<double>(chunks, 0.0));
-  const int64_t Ns = num_saved_states(N, K);
   run_model_chunks(models, chunks, flatten, [&](int64_t mi, int64_t c) {
-    const int64_t r0 = bounds[c], R = bounds[c + 1] - r0, Rs = R * row;
-    const T* st = states + mi * strides.states;
-    const T* gs = grad_states + mi * strides.grad_states;
+    const int64_t r0 = bounds[c], R = bounds[c + 1] - r0;
     if (!direct) {
       pW[mi][c].assign(nW, T(0));
       pb[mi][c].assign(grad_b ? nb : 0, T(0));
@@ -97,18 +112,30 @@ std::vector<double> backward_models(const std::vector<int64_t>& bounds, int64_t 
     T* gW = direct ? grad_w + mi * nW : pW[mi][c].data();
     T* gB = direct ? (grad_b ? grad_b + mi * nb : nullptr) : pb[mi][c].data();
     auto chunk = make(mi, r0, R);
-    std::vector<T> z(Rs);
-    chunk.to_chunk(gs + ((last_only ? 0 : Ns - 1) * B + r0) * row, z.data());
-    chunk_adjoint_sweep(
-        chunk, N, K, Rs, last_only, z.data(), gW, gB, plam[mi][c],
-        [&](int64_t slot, T* dst) { chunk.to_chunk(st + (slot * B + r0) * row, dst); },
-        [&](int64_t slot, T* zp) { chunk.add_rows(gs + (slot * B + r0) * row, zp); });
-    chunk.from_chunk(z.data(), grad_x + (mi * B + r0) * row);
+    adjoint_chunk(chunk, N, K, B, row, r0, R, last_only, states + mi * strides.states,
+                  grad_states + mi * strides.grad_states, grad_x + mi * B * row, gW, gB, plam[mi][c]);
   });
   std::vector<double> glam(models, 0.0);
   for (int64_t mi = 0; mi < models; ++mi)
     reduce_partials(pW[mi], pb[mi], plam[mi], grad_w + mi * nW, grad_b ? grad_b + mi * nb : nullptr, glam[mi]);
   return glam;
+}
+
+// Per-sample gradients (the input alone mapped, one row a model, the weights, bias and scale
+// shared): the models' rows run as one batch through the single-model kernel's chunks, each
+// row accumulating its own gradients (per-row gradients of the chunk type); grad_w (M, nW),
+// grad_b (M, nb; null without bias) zeroed by the caller, glam (M) too.
+template <typename T, typename Make>
+void backward_rows(const std::vector<int64_t>& bounds, int64_t N, int64_t K, int64_t M, int64_t row, bool last_only,
+                   const T* states, const T* grad_states, T* grad_x, T* grad_w, int64_t nW, T* grad_b, int64_t nb,
+                   double* glam, const Make& make) {
+  run_chunks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
+    const int64_t r0 = bounds[c], R = bounds[c + 1] - r0;
+    auto chunk = make(r0, R);
+    chunk.set_per_row_grads(grad_w + r0 * nW, grad_b ? grad_b + r0 * nb : nullptr, glam + r0);
+    double unused = 0.0;
+    adjoint_chunk<T>(chunk, N, K, M, row, r0, R, last_only, states, grad_states, grad_x, nullptr, nullptr, unused);
+  });
 }
 
 // The dense kernel over a leading model dimension (implemented next to DenseChunk in
