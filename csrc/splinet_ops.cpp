@@ -72,7 +72,8 @@ TORCH_LIBRARY(splinet_cuda, m) {
   // per-sample gradients. The tensors of spline_dense_fwd / _bwd with a leading model dimension:
   // x (M, B, m), weight (M, n, m, m), bias (M, n, m), scale (M,); each leading dim is M or 1 (one
   // tensor shared by every model, e.g. the weights of per-sample gradients). Every model runs
-  // the chunks and arithmetic of its own single-model call (bit-identical results).
+  // the chunks and arithmetic of its own single-model call (bit-identical results; per-sample
+  // gradients, one row a model, run as one batch: see csrc/cpu/models.h).
   // Forward: the saved states of every model, (M, num_saved, B, m).
   m.def("spline_dense_fwd_models(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
         "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");

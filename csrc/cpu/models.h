@@ -5,6 +5,11 @@
 // (model, chunk) tasks share one parallel loop (each task's kernels then single-threaded inside
 // it), where single-model calls would each split a small batch over the threads in turn.
 // A tensor with a leading dimension of 1 is shared by every model (stride 0, never copied).
+// Per-sample gradients (one row a model, all else shared) are the exception: one-row chunks
+// would be all per-step overhead, so the rows run as one batch of the single-model kernel,
+// each accumulating its own gradients (backward_rows). Its sums per row are a one-row call's,
+// but its element-wise activations run over the whole batch: sigmoid and softplus (a
+// vectorised exp) may round apart from the one-row call's in the last bit.
 //
 // Legend: M models, B batch (per model), R rows of one chunk, row elements of one row of a
 // state, N steps, K checkpoint interval.
