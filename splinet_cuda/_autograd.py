@@ -62,6 +62,8 @@ def _loop_vmap_rule(fn: type) -> Callable:
             args = [a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
                     for a, d in zip(inputs, in_dims)]
             outs.append(fn.apply(*args))
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, (0,) * len(stacked)
 
@@ -153,12 +155,25 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
     # saves rebuilding it.
     forward.__signature__ = inspect.signature(forward)
 
+    def trajectory_forward(*inputs):
+        return _below_autograd(op(), *inputs)
+
+    trajectory_forward.__signature__ = inspect.signature(trajectory_forward)
+    # The whole trajectory under torch.func: its grad does not differentiate an op's
+    # torch.library autograd (the generated Function has no setup_context), so the trajectory
+    # takes a Function of its own there (the op's autograd, as a Function).
+    trajectory = type(f"{name}Trajectory", (torch.autograd.Function,), {
+        "__doc__": "The forward op's trajectory (all saved states, differentiable) under torch.func transforms.",
+        "forward": staticmethod(trajectory_forward), "setup_context": staticmethod(op_setup_context),
+        "backward": staticmethod(run_backward)})
+    trajectory.vmap = staticmethod(_loop_vmap_rule(trajectory))
+
     doc = ("Fused layer: the forward op runs all N steps (returns x_N and the saved states), the backward op "
            "the adjoint sweep with the eq. 23 accumulation.")
     cls = type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward), "op_setup_context": staticmethod(op_setup_context),
-        "op_backward": staticmethod(run_backward), "op": staticmethod(op)})
+        "op_backward": staticmethod(run_backward), "op": staticmethod(op), "trajectory": trajectory})
     cls.vmap = staticmethod(_loop_vmap_rule(cls))
     return cls
 
@@ -258,6 +273,8 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
         scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
     args = (x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
     if return_trajectory:  # the op itself, differentiable through its registered autograd
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+            return _apply(fn.trajectory, *args)
         return fn.op()(*args)
     if torch.compiler.is_compiling() and _under_vmap():
         # Dynamo cannot trace a Function's vmap rule (torch 2.13); it traces the op's
@@ -386,6 +403,14 @@ def _dense_function_vmap(info, in_dims, x, weight, bias, scale, *config):
     return _apply(SplineDenseModelsFunction, *_with_model_dim((x, weight, bias, scale), in_dims), *config), (0, 0)
 
 
+def _dense_trajectory_vmap(info, in_dims, x, weight, bias, scale, *config):
+    """SplineDenseFunction.trajectory's vmap rule: every model's states in one call (the
+    model-dim op, differentiable when a grad or vjp runs above the vmap)."""
+    if not _foldable(x, weight, bias, scale):
+        return _loop_vmap_rule(SplineDenseFunction.trajectory)(info, in_dims, x, weight, bias, scale, *config)
+    return _dense_fwd_models(in_dims, x, weight, bias, scale, config)
+
+
 def _dense_fwd_vmap(info, in_dims, x, weight, bias, scale, *config):
     """spline_dense_fwd's vmap rule."""
     if not _foldable(x, weight, bias, scale):
@@ -470,6 +495,7 @@ def _register() -> None:
                                         setup_context=_dense_models_setup_context)
         register_autocast_float32("splinet_cuda::spline_dense_fwd_models")
         SplineDenseFunction.vmap = staticmethod(_dense_function_vmap)
+        SplineDenseFunction.trajectory.vmap = staticmethod(_dense_trajectory_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_fwd", _dense_fwd_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_bwd", _dense_bwd_vmap)
         for op in ("spline_dense_fwd_models", "spline_dense_bwd_models"):  # a vmap of a vmap: once per slice

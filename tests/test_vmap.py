@@ -134,16 +134,40 @@ def test_checkpointing_equals_the_loop(dtype):
     assert_equal_results(got, _looped(_fn(**kw), in_dims, (x[0], w, b, s), 3))
 
 
-def test_trajectory_forward_equals_the_loop(dtype):
-    """vmap of the forward with return_trajectory=True (the forward op's vmap rule). Its
-    gradient under torch.func.grad is not supported (an op's torch.library autograd does not
-    run under torch.func's grad)."""
+def test_trajectory_equals_the_loop(dtype):
+    """return_trajectory=True under vmap and vmap(grad) (the trajectory's Function under
+    torch.func, folded like x_N), against the loop, and torch.func.grad of the trajectory
+    against the reference (for every layer: torch.func does not differentiate an op's
+    torch.library autograd)."""
     x, w, b, s = _models(3, 5, 4, 3, 2, dtype=dtype)
     f = lambda w, b, s: sc.spline_ode(x[0], w, b, s, steps=4, degree=2, return_trajectory=True)
     got = vmap(f)(w, b, s)
     assert got.shape == (3, 5, 5, 4)
     for i in range(3):
         assert torch.equal(got[i], f(w[i], b[i], s[i]))
+    loss = lambda x, w, b, s, backend="auto": _loss(sc.spline_ode(x, w, b, s, steps=4, degree=2, scheme="rk4",
+                                                                  return_trajectory=True, backend=backend))
+    in_dims = (None, 0, 0, 0)
+    folded = _vmapped(loss, in_dims, (x[0], w, b, s), 3)
+    assert_equal_results(folded, _looped(loss, in_dims, (x[0], w, b, s), 3))
+    ref = _vmapped(lambda *a: loss(*a, backend="reference"), in_dims, tuple(t.double() for t in (x[0], w, b, s)), 3)
+    assert_all_close(folded, ref, NAMES, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("layer", ["conv", "hamiltonian"])
+def test_trajectory_gradient_of_the_other_layers(layer):
+    """torch.func.grad of the conv and Hamiltonian trajectories (no model-dim ops: vmap loops)."""
+    if layer == "conv":
+        x, w = torch.randn(1, 2, 4, 4, dtype=torch.float64), 0.3 * torch.randn(3, 2, 2, 3, 3, dtype=torch.float64)
+        run = lambda w, backend: sc.spline_ode_conv(x, w, None, 1.0, steps=2, degree=1, return_trajectory=True,
+                                                    backend=backend)
+    else:
+        x, w = torch.randn(3, 4, dtype=torch.float64), 0.3 * torch.randn(3, 2, 4, 4, dtype=torch.float64)
+        run = lambda w, backend: torch.cat(sc.spline_ode_hamiltonian(x, x, w, None, 1.0, steps=3, degree=1,
+                                                                     return_trajectory=True, backend=backend))
+    got = vmap(grad(lambda w: _loss(run(w, "auto"))))(torch.stack([w, 1.5 * w]))
+    for i, wi in enumerate((w, 1.5 * w)):
+        torch.testing.assert_close(got[i], grad(lambda w: _loss(run(w, "reference")))(wi), rtol=1e-10, atol=1e-12)
 
 
 def test_gradient_outside_vmap():
