@@ -427,6 +427,19 @@ def _dense_bwd_vmap(info, in_dims, grad_states, states, weight, bias, scale, *co
     return (gx, gw, gb, gs), (0, 0, 0 if bias is not None else None, 0)
 
 
+def _dense_bwd_saved_vmap(info, in_dims, grad_states, states, preact, blended, weight, bias, scale, *config):
+    """spline_dense_bwd_saved's vmap rule (jacrev's vmap over the cotangents of a layer whose
+    forward ran outside the vmap): the model-dim backward from the saved states alone, whose
+    gradients equal the kept-values backward's bit for bit (it replays what they keep)."""
+    tensors = (grad_states, states, weight, bias, scale)
+    if not _foldable(*tensors) or in_dims[2] is not None or in_dims[3] is not None:
+        return _loop_op_vmap(torch.ops.splinet_cuda.spline_dense_bwd_saved)(
+            info, in_dims, grad_states, states, preact, blended, weight, bias, scale, *config)
+    dims = (in_dims[0], in_dims[1], *in_dims[4:7])
+    grads = torch.ops.splinet_cuda.spline_dense_bwd_models(*_with_model_dim(tensors, dims), *config, 1)
+    return grads, (0, 0, 0 if bias is not None else None, 0)
+
+
 def _dense_models_setup_context(ctx, inputs, output):
     x, weight, bias, scale, *config = inputs
     ctx.config = tuple(config)
@@ -498,6 +511,8 @@ def _register() -> None:
         SplineDenseFunction.trajectory.vmap = staticmethod(_dense_trajectory_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_fwd", _dense_fwd_vmap)
         torch.library.register_vmap("splinet_cuda::spline_dense_bwd", _dense_bwd_vmap)
+        if _ext.has_kernel("spline_dense_bwd_saved", "CPU"):
+            torch.library.register_vmap("splinet_cuda::spline_dense_bwd_saved", _dense_bwd_saved_vmap)
         for op in ("spline_dense_fwd_models", "spline_dense_bwd_models"):  # a vmap of a vmap: once per slice
             torch.library.register_vmap(f"splinet_cuda::{op}", _loop_op_vmap(getattr(torch.ops.splinet_cuda, op)))
     _HAS_SAVED_OPS = _ext.has_kernel("spline_dense_fwd_saved", "CPU")
