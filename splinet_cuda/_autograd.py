@@ -327,15 +327,19 @@ def spline_ode_hamiltonian_fused(y, z, weight, bias, scale, *, steps, degree, ac
 #
 # vmap over models (an ensemble: torch.func.stack_module_state + functional_call) or over
 # samples (per-sample gradients) reaches the dense layer's rules in two places: the forward
-# through SplineDenseFunction.vmap (torch.func calls a Function's vmap staticmethod), the
-# backward (run by grad / vjp at a level above the vmap, on batched tensors) through the
-# backward op's rule, torch.library.register_vmap; the forward op has one too (the trajectory
-# path, direct calls). Each runs the model-dim ops (spline_dense_fwd_models / _bwd_models):
-# the mapped dimension becomes their leading model dimension and an unmapped tensor a shared
-# one (a size-1 leading dim, no copy). Per-sample gradients are model-dim too: the input is
-# mapped, the weights shared, and the backward returns each slice's weight gradient (a batch
-# folded into one model would sum them). What the model-dim ops do not take (another device,
-# the conv and Hamiltonian layers) runs once per slice (_loop_vmap_rule, _loop_op_vmap).
+# through SplineDenseFunction.vmap (torch.func calls a Function's vmap staticmethod; the
+# trajectory's Function, SplineDenseFunction.trajectory, likewise), the backward (run by grad
+# / vjp at a level above the vmap, on batched tensors) through the backward ops' rules,
+# torch.library.register_vmap (spline_dense_bwd; spline_dense_bwd_saved for jacrev, whose
+# forward ran outside the vmap); the forward op has one too (torch.compile, direct calls).
+# Each runs the model-dim ops (spline_dense_fwd_models / _bwd_models): the mapped dimension
+# becomes their leading model dimension and an unmapped tensor a shared one (a size-1 leading
+# dim, no copy). Per-sample gradients are model-dim too: the input is mapped, the weights
+# shared, and the backward returns each slice's weight gradient (a batch folded into one model
+# would sum them). A gradient taken above the vmap differentiates the model-dim ops
+# (SplineDenseModelsFunction, and the forward op's registered autograd). What they do not
+# take (another device, the conv and Hamiltonian layers, a vmap of a vmap's outer level) runs
+# once per slice (_loop_vmap_rule, _loop_op_vmap).
 
 _HAS_MODEL_OPS = False  # set by _register: the CPU model-dim ops are built
 _MODEL_DTYPES = (torch.float32, torch.float64)
