@@ -143,20 +143,22 @@ class Case:
         if self.vmap == "models":
             weights, biases = self.ensemble(weight, bias)
             if loop:
-                return torch.stack([call(x, w, b) for w, b in zip(weights, biases)])
-            return torch.func.vmap(lambda w, b: call(x, w, b))(weights, biases)
+                return torch.stack([call(x, weights[i], None if biases is None else biases[i])
+                                    for i in range(self.models)])
+            return torch.func.vmap(lambda w, b: call(x, w, b), in_dims=(0, None if biases is None else 0))(weights,
+                                                                                                         biases)
         if self.vmap == "samples":
             if loop:
                 return torch.cat([call(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
             return torch.func.vmap(lambda xi: call(xi[None], weight, bias)[0])(x)
         return call(x, weight, bias)
 
-    def ensemble(self, weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def ensemble(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The ensemble's weights (M, n, m, m) and biases (M, n, m): the case's coefficients,
         each model's scaled by its own factor in [0.9, 1.1] (distinct models, one set of
         inputs; the factors are part of the graph, so gradients reach the case's tensors)."""
         f = torch.linspace(0.9, 1.1, self.models, dtype=weight.dtype, device=weight.device)
-        return f[:, None, None, None] * weight, f[:, None, None] * bias
+        return f[:, None, None, None] * weight, None if bias is None else f[:, None, None] * bias
 
 
 def _dense(name: str, B: int, m: int, N: int, activation: str = "tanh", **kw) -> Case:
