@@ -153,7 +153,8 @@ class Case:
             return torch.func.vmap(lambda xi: call(xi[None], weight, bias)[0])(x)
         return call(x, weight, bias)
 
-    def ensemble(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def ensemble(self, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The ensemble's weights (M, n, m, m) and biases (M, n, m): the case's coefficients,
         each model's scaled by its own factor in [0.9, 1.1] (distinct models, one set of
         inputs; the factors are part of the graph, so gradients reach the case's tensors)."""

@@ -636,14 +636,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<double>> dense_models
   const DenseArgs& a = args[0];
   at::Tensor grad_x = at::empty({c.M, a.B, a.m}, states.options());
   at::Tensor grad_w = at::zeros({c.M, a.n, a.m, a.m}, states.options());
-  at::Tensor grad_b = c.bias.defined() ? at::zeros({c.M, a.n, a.m}, states.options()) : at::empty({0}, states.options());
+  at::Tensor grad_b =
+      c.bias.defined() ? at::zeros({c.M, a.n, a.m}, states.options()) : at::empty({0}, states.options());
   std::vector<double> glam(c.M, 0.0);
   if (a.B == 0) return {grad_x, grad_w, grad_b, glam};
   if (per_row(c, states.size(0), a.B, a.m)) {  // the M rows as one batch, per-row gradients
     const int64_t Ns = states.size(1), m = a.m;
     const at::Tensor st = states.view({c.M, Ns, m}).transpose(0, 1).contiguous();
-    const at::Tensor gs = last_only ? grad_states.expand({c.M, 1, m}).reshape({c.M, m}).contiguous()
-                                    : grad_states.expand({c.M, Ns, 1, m}).reshape({c.M, Ns, m}).transpose(0, 1).contiguous();
+    const at::Tensor gs =
+        last_only ? grad_states.expand({c.M, 1, m}).reshape({c.M, m}).contiguous()
+                  : grad_states.expand({c.M, Ns, 1, m}).reshape({c.M, Ns, m}).transpose(0, 1).contiguous();
     const DenseArgs f = models_args(c, st[0])[0];
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_models_cpu", [&] {
       dispatch_width(f.m, [&](auto width) {

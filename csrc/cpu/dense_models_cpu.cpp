@@ -73,7 +73,8 @@ at::Tensor spline_dense_fwd_models_cpu(const at::Tensor& x, const at::Tensor& we
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must have shape (M, B, m), got ", x.sizes());
   check_model_dims(op, weight, bias, scale);
   const at::Tensor none;
-  const int64_t M = model_count(op, {{"x", &x}, {"weight", &weight}, {"bias", bias ? &*bias : &none}, {"scale", &scale}});
+  const int64_t M =
+      model_count(op, {{"x", &x}, {"weight", &weight}, {"bias", bias ? &*bias : &none}, {"scale", &scale}});
   TORCH_CHECK_VALUE(x.size(0) > 0 && weight.size(0) > 0, op, ": need at least one model");
   check_dense_args(op, x[0], weight[0], first_model(bias), scale[0], steps, degree, checkpoint, false);
   ModelsCall c = make_call(M, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint);
