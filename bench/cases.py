@@ -77,6 +77,12 @@ class Case:
     dtype: str = "float32"
     compile: bool = True
     memory: bool = False  # measure the peak memory of the forward+backward (slow on CPU)
+    # torch.func.vmap cases (one call, many models; see run): "models", an ensemble of `models`
+    # dense layers (each its own weight and bias, x shared); "samples", each of the B samples
+    # alone (a (1, m) batch, the weights shared), whose backward computes every sample's own
+    # gradients (the per-sample gradients' work) before autograd sums them.
+    vmap: str = ""
+    models: int = 1
 
     def __post_init__(self) -> None:
         if self.kind == "dense":
@@ -89,6 +95,9 @@ class Case:
             raise ValueError(f"case {self.name!r}: kind must be 'dense' or 'conv', got {self.kind!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"case {self.name!r}: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.vmap not in ("", "models", "samples") or (self.vmap and self.kind != "dense"):
+            raise ValueError(f"case {self.name!r}: vmap must be '', 'models' or 'samples' (dense cases), "
+                             f"got {self.vmap!r}")
 
     @property
     def n(self) -> int:
@@ -118,15 +127,39 @@ class Case:
         extra = "" if self.scheme == "euler" else f" {self.scheme}"
         extra += "" if self.variant == "standard" else f" {self.variant}"
         extra += "" if self.dtype == "float32" else f" {self.dtype}"
+        extra += {"": "", "models": f" vmap over {self.models} models", "samples": " vmap over samples"}[self.vmap]
         return f"{size} L={self.L} d={self.d} N={self.N} {self.activation}{extra}"
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            fn: Optional[Callable] = None, **kwargs) -> torch.Tensor:
-        """Calls ``fn`` (default: ``sc.spline_ode`` or ``sc.spline_ode_conv``) with this case's settings."""
+            fn: Optional[Callable] = None, *, loop: bool = False, **kwargs) -> torch.Tensor:
+        """Calls ``fn`` (default: ``sc.spline_ode`` or ``sc.spline_ode_conv``) with this case's
+        settings; a vmap case under torch.func.vmap (its models' outputs stacked, (M, B, m) or
+        (B, m)), or with ``loop`` in a Python loop over its models."""
         if fn is None:
             fn = sc.spline_ode if self.kind == "dense" else sc.spline_ode_conv
-        return fn(x, weight, bias, self.scale, steps=self.N, degree=self.d, activation=self.activation,
-                  scheme=self.scheme, variant=self.variant, **kwargs)
+        call = lambda x, weight, bias: fn(x, weight, bias, self.scale, steps=self.N, degree=self.d,
+                                          activation=self.activation, scheme=self.scheme, variant=self.variant,
+                                          **kwargs)
+        if self.vmap == "models":
+            weights, biases = self.ensemble(weight, bias)
+            if loop:
+                return torch.stack([call(x, weights[i], None if biases is None else biases[i])
+                                    for i in range(self.models)])
+            return torch.func.vmap(lambda w, b: call(x, w, b), in_dims=(0, None if biases is None else 0))(weights,
+                                                                                                         biases)
+        if self.vmap == "samples":
+            if loop:
+                return torch.cat([call(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
+            return torch.func.vmap(lambda xi: call(xi[None], weight, bias)[0])(x)
+        return call(x, weight, bias)
+
+    def ensemble(self, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The ensemble's weights (M, n, m, m) and biases (M, n, m): the case's coefficients,
+        each model's scaled by its own factor in [0.9, 1.1] (distinct models, one set of
+        inputs; the factors are part of the graph, so gradients reach the case's tensors)."""
+        f = torch.linspace(0.9, 1.1, self.models, dtype=weight.dtype, device=weight.device)
+        return f[:, None, None, None] * weight, None if bias is None else f[:, None, None] * bias
 
 
 def _dense(name: str, B: int, m: int, N: int, activation: str = "tanh", **kw) -> Case:
@@ -209,6 +242,17 @@ CPU: List[Case] = [
     _conv("conv2d", 8, 8, (16, 16), 10),
 ]
 
+# torch.func.vmap: many models in one kernel call. peaks_ensemble64: 64 Peaks-sized layers
+# (B = 40, m = 5, N = 100, relu) as a hyperparameter study or an ensemble trains them; sin_per_sample:
+# the per-sample gradients' work at the sin size (B = 256, m = 4, N = 100). Compare the fused
+# backend ("cpu": one call of the model-dim ops) with its Python loop over the models
+# ("cpu+loop") and the per-slice vmap rule ("cpu+per-slice"); the reference row is vmap of the
+# eager reference (--backends cpu,cpu+loop,cpu+per-slice).
+VMAP: List[Case] = [
+    _dense("peaks_ensemble64", 40, 5, 100, "relu", compile=False, vmap="models", models=64),
+    _dense("sin_per_sample", 256, 4, 100, compile=False, vmap="samples"),
+]
+
 # Seconds in total, for tests of the harness itself.
 TINY: List[Case] = [
     _dense("tiny_dense", 8, 4, 4, L=2, d=1, memory=True),
@@ -217,7 +261,7 @@ TINY: List[Case] = [
 ]
 
 CASE_SETS: Dict[str, List[Case]] = {"tiny": TINY, "quick": QUICK, "full": FULL, "sweep": SWEEP,
-                                    "sweep-full": SWEEP_FULL, "gpu": GPU, "cpu": CPU}
+                                    "sweep-full": SWEEP_FULL, "gpu": GPU, "cpu": CPU, "vmap": VMAP}
 
 # What each --sizes value is for (`python -m bench --help` and `--list` print these).
 CASE_SET_DOCS: Dict[str, str] = {
@@ -235,6 +279,9 @@ CASE_SET_DOCS: Dict[str, str] = {
            "(the 'of GEMM' column: fwd+bwd against 3 GEMMs a step), the small-channel convolutions; "
            "about 6 minutes on a 2-core CPU",
     "tiny": "three tiny cases, seconds: tests of the harness itself",
+    "vmap": "torch.func.vmap over many models in one call: a 64-model Peaks ensemble, per-sample "
+            "gradients at the sin size; with --backends cpu,cpu+loop,cpu+per-slice (the reference row "
+            "is vmap of the eager reference)",
 }
 assert set(CASE_SET_DOCS) == set(CASE_SETS)
 
@@ -302,7 +349,10 @@ def train_step_fn(case: Case, fn: Callable, inputs: Inputs) -> Callable[[], obje
         h = fn(lift(x), weight, bias)
         if spatial:
             h = h.mean(dim=spatial)
-        loss = torch.nn.functional.cross_entropy(head(h).float(), labels)
+        logits = head(h).float()
+        if logits.dim() == 3:  # an ensemble's (M, B, classes): every model on the same labels
+            logits = logits.flatten(0, 1)
+        loss = torch.nn.functional.cross_entropy(logits, labels.repeat(logits.shape[0] // case.B))
         loss.backward()
         opt.step()
         return loss.detach()

@@ -28,7 +28,8 @@ from bench.cases import Case, Inputs, forward_backward
 
 __all__ = [
     "Impl", "IMPL_NAMES", "FUSED_BACKENDS", "PEERS", "COMPILED", "set_environment", "checkpoint_interval",
-    "backend_impl", "reference_impl", "compiled_impl", "torchdiffeq_impl", "default_impls", "oracle_outputs",
+    "backend_impl", "reference_impl", "compiled_impl", "torchdiffeq_impl", "vmap_baseline_impl", "default_impls",
+    "oracle_outputs",
 ]
 
 # Every name --backends accepts: the public API's backends, each also with checkpointing
@@ -41,8 +42,12 @@ PEERS = ("torchdiffeq", "torchdiffeq_adjoint")
 VARIANT_IMPLS = {"cuda+cublas": ("cuda", {"SPLINET_DENSE_GEMM": "cublas"})}
 # torch.compile of the reference: default mode, and "reduce-overhead" (CUDA graphs; GPU only).
 COMPILED = {"compiled": None, "compiled+cudagraphs": "reduce-overhead"}
+# The baselines of the vmap cases (bench/cases.py VMAP): the CPU backend in a Python loop over
+# the models, and under vmap with the per-slice rule (the layer once per model, as the rules
+# run what the model-dim ops do not take).
+VMAP_IMPLS = ("cpu+loop", "cpu+per-slice")
 IMPL_NAMES = (("reference",) + FUSED_BACKENDS + tuple(f"{b}+ckpt" for b in FUSED_BACKENDS) + tuple(VARIANT_IMPLS)
-              + tuple(COMPILED) + PEERS)
+              + tuple(COMPILED) + PEERS + VMAP_IMPLS)
 
 
 @contextlib.contextmanager
@@ -174,6 +179,43 @@ def compiled_impl(name: str = "compiled") -> Impl:
     return Impl(name, build, skip, compiled=True)
 
 
+@contextlib.contextmanager
+def _per_slice_rule():
+    """The dense layer's vmap rules running the layer once per slice (what they do where the
+    model-dim ops do not apply)."""
+    from splinet_cuda import _autograd
+
+    before = _autograd._HAS_MODEL_OPS
+    _autograd._HAS_MODEL_OPS = False
+    try:
+        yield
+    finally:
+        _autograd._HAS_MODEL_OPS = before
+
+
+def vmap_baseline_impl(name: str) -> Impl:
+    """A baseline of the vmap cases on the CPU backend: "cpu+loop", a Python loop over the
+    models; "cpu+per-slice", vmap with the per-slice rule (a vmap case's backward, run by
+    autograd above the vmap, replays what the forward recorded: one node per slice)."""
+
+    def build(case: Case) -> Callable:
+        if name == "cpu+loop":
+            return lambda x, weight, bias: case.run(x, weight, bias, backend="cpu", loop=True)
+
+        def per_slice(x, weight, bias):
+            with _per_slice_rule():
+                return case.run(x, weight, bias, backend="cpu")
+
+        return per_slice
+
+    def skip(case: Case, device: torch.device) -> Optional[str]:
+        if not case.vmap:
+            return "a baseline of the vmap cases"
+        return backend_impl("cpu").skip(case, device)
+
+    return Impl(name, build, skip)
+
+
 def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True) -> List[Impl]:
     """The implementations to compare: ``names`` (default: every built backend, then
     ``compiled``, and ``compiled+cudagraphs`` where a GPU is visible), always with
@@ -193,6 +235,8 @@ def default_impls(names: Optional[Sequence[str]] = None, *, compile: bool = True
             continue
         if name in PEERS:
             impls.append(torchdiffeq_impl(adjoint=name.endswith("adjoint")))
+        elif name in VMAP_IMPLS:
+            impls.append(vmap_baseline_impl(name))
         else:
             impls.append(compiled_impl(name) if name in COMPILED else backend_impl(name))
     return impls
@@ -249,6 +293,8 @@ def torchdiffeq_impl(adjoint: bool = False) -> Impl:
         return fn
 
     def skip(case: Case, device: torch.device) -> Optional[str]:
+        if case.vmap:
+            return "the vmap cases compare splinet_cuda's own ways to run many models"
         if importlib.util.find_spec("torchdiffeq") is None:
             return "torchdiffeq is not installed (pip install torchdiffeq)"
         if case.scheme not in _METHODS:

@@ -126,6 +126,22 @@ TORCH_LIBRARY(splinet_cuda, m) {
         "Tensor scale, SymInt steps, int degree, str activation, str scheme, str variant, float gamma) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // --- Many dense models in one call (csrc/cpu/dense_models_cpu.cpp): torch.func ensembles and
+  // per-sample gradients. The tensors of spline_dense_fwd / _bwd with a leading model dimension:
+  // x (M, B, m), weight (M, n, m, m), bias (M, n, m), scale (M,); each leading dim is M or 1 (one
+  // tensor shared by every model, e.g. the weights of per-sample gradients). Every model runs
+  // the chunks and arithmetic of its own single-model call (bit-identical results; per-sample
+  // gradients, one row a model, run as one batch: see csrc/cpu/models.h).
+  // Forward: the saved states of every model, (M, num_saved, B, m).
+  m.def("spline_dense_fwd_models(Tensor x, Tensor weight, Tensor? bias, Tensor scale, SymInt steps, int degree, "
+        "str activation, str scheme, str variant, float gamma, int checkpoint) -> Tensor");
+  // Adjoint of every model, given grad_states (M, num_saved, B, m) or (M, B, m) (dLoss/dx_N
+  // alone), states (M, num_saved, B, m): per-model gradients (grad_x (M, B, m), grad_weight
+  // (M, n, m, m), grad_bias (M, n, m) or empty (0,), grad_scale (M,)), never summed over models.
+  m.def("spline_dense_bwd_models(Tensor grad_states, Tensor states, Tensor weight, Tensor? bias, Tensor scale, "
+        "SymInt steps, int degree, str activation, str scheme, str variant, float gamma, int checkpoint) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // --- Conv layer (csrc/cpu/conv_cpu.cpp) ---------------------------------------------
   // x (B, C, *spatial) with 1-3 spatial dims, weight (n, C, C, *kernel) odd kernels ("same"
   // zero padding, stride 1), bias (n, C), scale 0-dim; variants standard / symmetric

@@ -62,6 +62,8 @@ def _loop_vmap_rule(fn: type) -> Callable:
             args = [a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
                     for a, d in zip(inputs, in_dims)]
             outs.append(fn.apply(*args))
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, (0,) * len(stacked)
 
@@ -153,12 +155,25 @@ def layer_function(name: str, fwd: Callable[[], Callable], bwd: Callable[[], Cal
     # saves rebuilding it.
     forward.__signature__ = inspect.signature(forward)
 
+    def trajectory_forward(*inputs):
+        return _below_autograd(op(), *inputs)
+
+    trajectory_forward.__signature__ = inspect.signature(trajectory_forward)
+    # The whole trajectory under torch.func: its grad does not differentiate an op's
+    # torch.library autograd (the generated Function has no setup_context), so the trajectory
+    # takes a Function of its own there (the op's autograd, as a Function).
+    trajectory = type(f"{name}Trajectory", (torch.autograd.Function,), {
+        "__doc__": "The forward op's trajectory (all saved states, differentiable) under torch.func transforms.",
+        "forward": staticmethod(trajectory_forward), "setup_context": staticmethod(op_setup_context),
+        "backward": staticmethod(run_backward)})
+    trajectory.vmap = staticmethod(_loop_vmap_rule(trajectory))
+
     doc = ("Fused layer: the forward op runs all N steps (returns x_N and the saved states), the backward op "
            "the adjoint sweep with the eq. 23 accumulation.")
     cls = type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward), "op_setup_context": staticmethod(op_setup_context),
-        "op_backward": staticmethod(run_backward), "op": staticmethod(op)})
+        "op_backward": staticmethod(run_backward), "op": staticmethod(op), "trajectory": trajectory})
     cls.vmap = staticmethod(_loop_vmap_rule(cls))
     return cls
 
@@ -258,7 +273,13 @@ def run_layer(fn: type, x, weight, bias, scale, steps, degree, activation, schem
         scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
     args = (x, weight, bias, scale, steps, degree, activation, scheme, variant, float(gamma), K)
     if return_trajectory:  # the op itself, differentiable through its registered autograd
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+            return _apply(fn.trajectory, *args)
         return fn.op()(*args)
+    if torch.compiler.is_compiling() and _under_vmap():
+        # Dynamo cannot trace a Function's vmap rule (torch 2.13); it traces the op's
+        # (torch.library.register_vmap), differentiable through its registered autograd.
+        return fn.op()(*args)[-1]
     return _apply(fn, *args)[0]
 
 
@@ -267,7 +288,9 @@ def spline_ode_fused(x, weight, bias, scale, *, steps, degree, activation="tanh"
     """The dense layer on the fused ops (arguments validated by splinet_cuda.spline_ode); CPU
     layers that keep every state keep their stage activations and blended weights too
     (SplineDenseSavedFunction)."""
-    if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale)):
+    # Under torch.func.vmap the plain pair runs, whose vmap rules fold the mapped dimension into
+    # one call of the model-dim ops (the kept tensors have no model-dim ops).
+    if _keeps_preact(x, checkpoint, return_trajectory, _grad_needed(x, weight, bias, scale)) and not _under_vmap():
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
         return _apply(SplineDenseSavedFunction, x, weight, bias, scale, steps, degree, activation, scheme,
@@ -300,6 +323,171 @@ def spline_ode_hamiltonian_fused(y, z, weight, bias, scale, *, steps, degree, ac
     return out[..., :m], out[..., m:]
 
 
+# --- torch.func.vmap: many models in one kernel call ---------------------------------------
+#
+# vmap over models (an ensemble: torch.func.stack_module_state + functional_call) or over
+# samples (per-sample gradients) reaches the dense layer's rules in two places: the forward
+# through SplineDenseFunction.vmap (torch.func calls a Function's vmap staticmethod; the
+# trajectory's Function, SplineDenseFunction.trajectory, likewise), the backward (run by grad
+# / vjp at a level above the vmap, on batched tensors) through the backward ops' rules,
+# torch.library.register_vmap (spline_dense_bwd; spline_dense_bwd_saved for jacrev, whose
+# forward ran outside the vmap); the forward op has one too (torch.compile, direct calls).
+# Each runs the model-dim ops (spline_dense_fwd_models / _bwd_models): the mapped dimension
+# becomes their leading model dimension and an unmapped tensor a shared one (a size-1 leading
+# dim, no copy). Per-sample gradients are model-dim too: the input is mapped, the weights
+# shared, and the backward returns each slice's weight gradient (a batch folded into one model
+# would sum them). A gradient taken above the vmap differentiates the model-dim ops
+# (SplineDenseModelsFunction, and the forward op's registered autograd). What they do not
+# take (another device, the conv and Hamiltonian layers, a vmap of a vmap's outer level) runs
+# once per slice (_loop_vmap_rule, _loop_op_vmap).
+
+_HAS_MODEL_OPS = False  # set by _register: the CPU model-dim ops are built
+_MODEL_DTYPES = (torch.float32, torch.float64)
+
+try:
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter as _current_interpreter
+
+    _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
+except (ImportError, AttributeError):  # pragma: no cover - a torch without them: no vmap to detect
+    _VMAP_TRANSFORM = None
+
+
+def _under_vmap() -> bool:
+    """Whether a torch.func.vmap is active around this call (the layer then takes the op pair
+    whose vmap rules fold the mapped dimension)."""
+    if _VMAP_TRANSFORM is None or not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():  # what Dynamo traces: the innermost transform
+        return _current_interpreter().key() == _VMAP_TRANSFORM
+    return any(i.key() == _VMAP_TRANSFORM for i in torch._C._functorch.get_interpreter_stack())
+
+
+def _foldable(*tensors) -> bool:
+    """Whether the model-dim ops take these tensors (CPU, float32 / float64)."""
+    return _HAS_MODEL_OPS and all(t is None or (t.device.type == "cpu" and t.dtype in _MODEL_DTYPES)
+                                  for t in tensors)
+
+
+def _with_model_dim(tensors, in_dims):
+    """Each tensor with its mapped dimension first, or with a leading dimension of 1 (shared by
+    every model) where it is not mapped; None stays None."""
+    return tuple(None if t is None else (t.movedim(d, 0) if d is not None else t.unsqueeze(0))
+                 for t, d in zip(tensors, in_dims))
+
+
+def _loop_op_vmap(op: Callable) -> Callable:
+    """torch.library vmap rule of an op: the op once per slice, outputs stacked on dim 0."""
+
+    def vmap(info, in_dims, *inputs):
+        outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(inputs, in_dims)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        return tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0]))), (0,) * len(outs[0])
+
+    return vmap
+
+
+def _dense_fwd_models(in_dims, x, weight, bias, scale, config):
+    """Every model's saved states, (M, num_saved, B, m), and its out_dim (None when nothing is
+    mapped: one model)."""
+    mapped = any(d is not None for d in in_dims[:4])
+    states = torch.ops.splinet_cuda.spline_dense_fwd_models(*_with_model_dim((x, weight, bias, scale), in_dims),
+                                                            *config)
+    return (states, 0) if mapped else (states[0], None)
+
+
+def _dense_function_vmap(info, in_dims, x, weight, bias, scale, *config):
+    """SplineDenseFunction's vmap rule: (x_N, states) of every model in one call, through
+    SplineDenseModelsFunction (differentiable when a grad or vjp runs above the vmap)."""
+    if not _foldable(x, weight, bias, scale):
+        return _loop_vmap_rule(SplineDenseFunction)(info, in_dims, x, weight, bias, scale, *config)
+    if all(d is None for d in in_dims[:4]):  # nothing mapped: one model
+        return SplineDenseFunction.apply(x, weight, bias, scale, *config), (None, None)
+    return _apply(SplineDenseModelsFunction, *_with_model_dim((x, weight, bias, scale), in_dims), *config), (0, 0)
+
+
+def _dense_trajectory_vmap(info, in_dims, x, weight, bias, scale, *config):
+    """SplineDenseFunction.trajectory's vmap rule: every model's states in one call (the
+    model-dim op, differentiable when a grad or vjp runs above the vmap)."""
+    if not _foldable(x, weight, bias, scale):
+        return _loop_vmap_rule(SplineDenseFunction.trajectory)(info, in_dims, x, weight, bias, scale, *config)
+    return _dense_fwd_models(in_dims, x, weight, bias, scale, config)
+
+
+def _dense_fwd_vmap(info, in_dims, x, weight, bias, scale, *config):
+    """spline_dense_fwd's vmap rule."""
+    if not _foldable(x, weight, bias, scale):
+        return _loop_op_vmap(torch.ops.splinet_cuda.spline_dense_fwd)(info, in_dims, x, weight, bias, scale, *config)
+    return _dense_fwd_models(in_dims, x, weight, bias, scale, config)
+
+
+def _dense_bwd_vmap(info, in_dims, grad_states, states, weight, bias, scale, *config):
+    """spline_dense_bwd's vmap rule: per-model gradients in one call."""
+    tensors = (grad_states, states, weight, bias, scale)
+    if not _foldable(*tensors):
+        return _loop_op_vmap(torch.ops.splinet_cuda.spline_dense_bwd)(info, in_dims, *tensors, *config)
+    gx, gw, gb, gs = torch.ops.splinet_cuda.spline_dense_bwd_models(*_with_model_dim(tensors, in_dims), *config)
+    return (gx, gw, gb, gs), (0, 0, 0 if bias is not None else None, 0)
+
+
+def _dense_bwd_saved_vmap(info, in_dims, grad_states, states, preact, blended, weight, bias, scale, *config):
+    """spline_dense_bwd_saved's vmap rule (jacrev's vmap over the cotangents of a layer whose
+    forward ran outside the vmap): the model-dim backward from the saved states alone, whose
+    gradients equal the kept-values backward's bit for bit (it replays what they keep)."""
+    tensors = (grad_states, states, weight, bias, scale)
+    if not _foldable(*tensors) or in_dims[2] is not None or in_dims[3] is not None:
+        return _loop_op_vmap(torch.ops.splinet_cuda.spline_dense_bwd_saved)(
+            info, in_dims, grad_states, states, preact, blended, weight, bias, scale, *config)
+    dims = (in_dims[0], in_dims[1], *in_dims[4:7])
+    grads = torch.ops.splinet_cuda.spline_dense_bwd_models(*_with_model_dim(tensors, dims), *config, 1)
+    return grads, (0, 0, 0 if bias is not None else None, 0)
+
+
+def _dense_models_setup_context(ctx, inputs, output):
+    x, weight, bias, scale, *config = inputs
+    ctx.config = tuple(config)
+    ctx.save_for_backward(x, output, weight, bias, scale)
+
+
+def _dense_models_backward(ctx, grad):
+    """spline_dense_fwd_models' autograd (a grad or vjp above a vmap differentiates what its
+    rules ran): per-model gradients, summed over the models for a shared input (a leading
+    dim of 1)."""
+    x, states, weight, bias, scale = ctx.saved_tensors
+    grads = torch.ops.splinet_cuda.spline_dense_bwd_models(grad, states, weight, bias, scale, *ctx.config)
+    grads = [None if t is None else (g.sum(0, keepdim=True) if t.shape[0] == 1 and g.shape[0] != 1 else g)
+             for t, g in zip((x, weight, bias, scale), grads)]
+    anchors = [t for t in (x, weight, bias, scale, grad) if t is not None]
+    return _first_order_only(tuple(grads), anchors) + (None,) * len(ctx.config)
+
+
+class SplineDenseModelsFunction(torch.autograd.Function):
+    """The model-dim ops as SplineDenseFunction runs the single-model ones: ``apply(...)``
+    returns (x_N of every model (M, B, m), states (M, num_saved, B, m)), the states not
+    differentiable, so that the backward op gets dLoss/dx_N alone."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale, *config):
+        states = _below_autograd(torch.ops.splinet_cuda.spline_dense_fwd_models, x, weight, bias, scale, *config)
+        return states[:, -1].clone(), states
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dense_models_setup_context(ctx, inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_last, grad_states):
+        if grad_last is None:
+            grad_last = torch.zeros_like(ctx.saved_tensors[1][:, -1])
+        return _dense_models_backward(ctx, grad_last)
+
+
+SplineDenseModelsFunction.vmap = staticmethod(_loop_vmap_rule(SplineDenseModelsFunction))  # a vmap of a vmap
+
+
 def register_autocast_float32(op: str) -> None:
     """Direct calls of a forward op under torch.autocast run in float32 (16-bit floating inputs
     cast, float64 kept), as the public API runs them (splinet_cuda.spline_ode)."""
@@ -317,7 +505,20 @@ def _register() -> None:
                                             setup_context=fn.op_setup_context)
             register_autocast_float32(f"splinet_cuda::{op}")
             built[op] = impl
-    global _HAS_SAVED_OPS, _HAS_CONV_SAVED_OPS
+    global _HAS_SAVED_OPS, _HAS_CONV_SAVED_OPS, _HAS_MODEL_OPS
+    _HAS_MODEL_OPS = _ext.has_kernel("spline_dense_fwd_models", "CPU") and "spline_dense_fwd" in built
+    if _HAS_MODEL_OPS:
+        torch.library.register_autograd("splinet_cuda::spline_dense_fwd_models", _dense_models_backward,
+                                        setup_context=_dense_models_setup_context)
+        register_autocast_float32("splinet_cuda::spline_dense_fwd_models")
+        SplineDenseFunction.vmap = staticmethod(_dense_function_vmap)
+        SplineDenseFunction.trajectory.vmap = staticmethod(_dense_trajectory_vmap)
+        torch.library.register_vmap("splinet_cuda::spline_dense_fwd", _dense_fwd_vmap)
+        torch.library.register_vmap("splinet_cuda::spline_dense_bwd", _dense_bwd_vmap)
+        if _ext.has_kernel("spline_dense_bwd_saved", "CPU"):
+            torch.library.register_vmap("splinet_cuda::spline_dense_bwd_saved", _dense_bwd_saved_vmap)
+        for op in ("spline_dense_fwd_models", "spline_dense_bwd_models"):  # a vmap of a vmap: once per slice
+            torch.library.register_vmap(f"splinet_cuda::{op}", _loop_op_vmap(getattr(torch.ops.splinet_cuda, op)))
     _HAS_SAVED_OPS = _ext.has_kernel("spline_dense_fwd_saved", "CPU")
     _HAS_CONV_SAVED_OPS = _ext.has_kernel("spline_conv_fwd_saved", "CPU")
     for layer, built_here in (("dense", _HAS_SAVED_OPS), ("conv", _HAS_CONV_SAVED_OPS)):

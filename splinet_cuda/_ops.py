@@ -59,6 +59,30 @@ def dense_bwd_saved_fake(grad_states, states, preact, blended, weight, bias, sca
                                scheme, variant, gamma)
 
 
+def _model_count(*tensors):
+    """The leading model dimension of the model-dim ops' tensors (each M or 1: shared)."""
+    M = 1
+    for t in tensors:
+        if t is not None:
+            M = torch.sym_max(M, t.shape[0])
+    return M
+
+
+def dense_fwd_models_fake(x, weight, bias, scale, steps, degree, activation, scheme, variant, gamma, checkpoint):
+    """The model-dim forward: every model's saved states, (M, num_saved, B, m)."""
+    M = _model_count(x, weight, bias, scale)
+    return x.new_empty((M, num_saved_states(steps, checkpoint), *x.shape[1:]))
+
+
+def dense_bwd_models_fake(grad_states, states, weight, bias, scale, steps, degree, activation, scheme, variant,
+                          gamma, checkpoint):
+    """The model-dim backward: per-model (grad_x, grad_weight, grad_bias or empty, grad_scale)."""
+    M = _model_count(grad_states, states, weight, bias, scale)
+    grad_bias = bias.new_empty((M, *bias.shape[1:])) if bias is not None else states.new_empty((0,))
+    return (states.new_empty((M, *states.shape[2:])), weight.new_empty((M, *weight.shape[1:])), grad_bias,
+            scale.new_empty((M,)))
+
+
 def _basis_table_fake(t: torch.Tensor, knots: int, degree: int):
     torch._check(t.dim() == 1, lambda: f"basis_table: t must be 1-D, got {t.dim()}-D")
     return t.new_empty(t.shape, dtype=torch.int64), t.new_empty((t.shape[0], degree + 1))
@@ -72,5 +96,7 @@ def register_cpp_fakes() -> None:
         torch.library.register_fake(f"splinet_cuda::spline_{layer}_bwd", layer_bwd_fake)
     torch.library.register_fake("splinet_cuda::spline_dense_fwd_saved", dense_fwd_saved_fake)
     torch.library.register_fake("splinet_cuda::spline_dense_bwd_saved", dense_bwd_saved_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_fwd_models", dense_fwd_models_fake)
+    torch.library.register_fake("splinet_cuda::spline_dense_bwd_models", dense_bwd_models_fake)
     torch.library.register_fake("splinet_cuda::spline_conv_fwd_saved", conv_fwd_saved_fake)
     torch.library.register_fake("splinet_cuda::spline_conv_bwd_saved", conv_bwd_saved_fake)

@@ -71,6 +71,17 @@ def _tensor_arg(name: str, value, dim_desc: str) -> torch.Tensor:
     return value
 
 
+def _is_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.func wrapper (vmap's BatchedTensor, grad's or jvp's wrapper),
+    whose values validation must not read."""
+    return _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(t)
+
+
+# torch._C._functorch.is_functorch_wrapped_tensor (every torch since torch.func's; a torch
+# without it has no torch.func wrappers to spare).
+_IS_FUNCTORCH_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _check_scale(scale, x: torch.Tensor) -> None:
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
@@ -81,8 +92,10 @@ def _check_scale(scale, x: torch.Tensor) -> None:
             raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
         # A data-dependent check, made only where it costs no device-to-host sync (a CPU
         # tensor; not on a GPU, where it would stall every forward and break CUDA-graph
-        # capture, nor on meta tensors) and skipped while torch.compile traces (no graph break).
-        if (scale.device.type == "cpu" and not torch.compiler.is_compiling()
+        # capture, nor on meta tensors), skipped while torch.compile traces (no graph break)
+        # and on a torch.func-wrapped tensor (a vmapped scale holds one value per slice and
+        # cannot be read as one number; grad and jvp wrappers are left alone alike).
+        if (scale.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_wrapped(scale)
                 and not math.isfinite(scale.detach().item())):
             raise ValueError(f"scale must be finite, got {scale.item()}")
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):

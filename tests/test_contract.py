@@ -93,6 +93,32 @@ def _dense_saved_samples():
     return tuple(out)
 
 
+def _models_pair(M, m, bias, shared, cfg, B=2):
+    """The model-dim ops: M models' x (M, B, m), weight (M, n, m, m), bias (M, n, m), scale (M,);
+    ``shared`` names those given once (a leading dim of 1) for every model."""
+    per = [dense_inputs(B, m, 2, 2, bias=bias, requires_grad=False, seed=i, scale=0.8 + 0.1 * i) for i in range(M)]
+    x, w, b, s = (None if per[0][j] is None else torch.stack([p[j] for p in per]) for j in range(4))
+    w, b, s = (t[:1] if t is not None and name in shared else t for t, name in ((w, "w"), (b, "b"), (s, "s")))
+    fwd, bwd = torch.ops.splinet_cuda.spline_dense_fwd_models, torch.ops.splinet_cuda.spline_dense_bwd_models
+    states = fwd(x, w, b, s, *cfg)
+    return {"fwd": (fwd.default, tuple(map(_req, (x, w, b, s))) + cfg),
+            "bwd": (bwd.default, (torch.randn_like(states), states, w, b, s) + cfg),
+            "bwd-last": (bwd.default, (torch.randn_like(states[:, -1]), states, w, b, s) + cfg)}
+
+
+def _dense_models_samples():
+    # an ensemble (every tensor per model), a shared weight, per-sample gradients' shape (one
+    # row a model, everything else shared: the per-row path); bias on and off; the raw loops
+    # and the GEMM path; checkpointing
+    out = []
+    for bias, shared, m, ck, B in ((True, "", 3, 1, 2), (False, "", 3, 2, 2), (True, "w", 3, 1, 2),
+                                   (True, "", 20, 2, 2), (True, "wbs", 3, 2, 1), (False, "ws", 4, 1, 1)):
+        build = lambda fwd, bwd, dev, bias=bias, shared=shared, m=m, ck=ck, B=B: _models_pair(
+            3, m, bias, shared, (3, 2, "tanh", "midpoint", "antisymmetric", 0.1, ck), B=B)
+        out.append(Sample(f"{'b' if bias else 'nob'}-shared{shared or '-none'}-m{m}-ck{ck}-B{B}", ALL, build))
+    return tuple(out)
+
+
 def _conv_samples():
     out = []
     for bias in (True, False):
@@ -188,6 +214,8 @@ OPS = [
       for b in ("cpu", "cuda")),
     OpInfo("dense", "triton", None, _triton("dense"), TRITON_DENSE_SAMPLES),
     OpInfo("dense", "cuda-emulated", None, _emulated("dense"), EMULATED_DENSE_SAMPLES),
+    OpInfo("dense_models", "cpu", "spline_dense_fwd_models", _cpp("spline_dense_fwd_models", "spline_dense_bwd_models"),
+           _dense_models_samples()),
     OpInfo("dense_saved", "cpu", "spline_dense_fwd_saved", _cpp("spline_dense_fwd_saved", "spline_dense_bwd_saved"),
            _dense_saved_samples()),
     *(OpInfo("conv", b, "spline_conv_fwd", _cpp("spline_conv_fwd", "spline_conv_bwd"), _conv_samples())
@@ -329,12 +357,13 @@ DT = torch.float64
 @pytest.mark.parametrize("layer_fn, shape", [
     (lambda backend: sc.SplineODE(4, 2, 2, 3, variant="symmetric", learn_scale=True, backend=backend), (4,)),
     (lambda backend: sc.SplineODEConv2d(2, 3, 2, 1, 2, backend=backend), (2, 4, 4)),
-    # the one-chunk path (threaded GEMMs) through SplineDenseSavedFunction's vmap rule
+    # the one-chunk path (threaded GEMMs)
     (lambda backend: sc.SplineODE(WIDE, 1, 1, 2, backend=backend), (WIDE,)),
 ], ids=["dense", "conv2d", "dense-wide"])
 @pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)
 def test_vmap_per_sample_gradients(backend, device, layer_fn, shape):
-    """Per-sample gradients (vmap of grad) through the Functions' vmap rule equal a loop."""
+    """Per-sample gradients (vmap of grad) through the Functions' vmap rules equal a loop (the
+    dense layer's on the CPU fold the samples into one call: tests/test_vmap.py)."""
     layer = layer_fn(backend).to(device=device, dtype=DT)
     params = {k: v.detach() for k, v in layer.named_parameters()}
     x = torch.randn(5, *shape, dtype=DT, device=device)
@@ -342,7 +371,10 @@ def test_vmap_per_sample_gradients(backend, device, layer_fn, shape):
     def loss(p, xi):
         return functional_call(layer, p, (xi[None],)).square().sum()
 
-    with pytest.warns(UserWarning, match="batching rule"):  # the backward op is looped by torch
+    if len(shape) > 1:  # the conv backward op has no vmap rule: torch loops it, and says so
+        with pytest.warns(UserWarning, match="batching rule"):
+            per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    else:  # the dense ops' vmap rules: one call of the model-dim ops, or a loop of their own
         per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
     for i in range(x.shape[0]):
         layer.zero_grad()

@@ -17,6 +17,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -29,6 +31,7 @@
 #include "../common/layer_config.h"
 #include "matmul.h"
 #include "memory.h"
+#include "models.h"
 #include "parallel.h"
 #include "spline_blend.h"
 #include "sweep.h"
@@ -129,6 +132,18 @@ class DenseChunk {
     blended_ = blended;
     replay_ = replay;
     row0_ = r0;
+  }
+
+  // Per-sample gradients (the model-dim ops with the input alone mapped, one row a model):
+  // every row of the chunk accumulates its own eq. 23 contributions into gW (rows, n, m, m),
+  // gb (rows, n, m; null without bias) and glam (rows), pointing at the chunk's first row,
+  // instead of step_adjoint's arguments (which it then leaves alone). Each row's sums run
+  // in the order of a one-row call of the layer.
+  void set_per_row_grads(T* gW, T* gb, double* glam) {
+    row_gW_ = gW;
+    row_gb_ = gb;
+    row_glam_ = glam;
+    row_sum_.resize(a_.m);
   }
 
   // R rows of a (B, m) tensor to and from the chunk's layout (MatOps::to_chunk etc.).
@@ -263,6 +278,11 @@ class DenseChunk {
         V = tmp_.data();
         act_backward(a_.act, Ap, Y, V, lam, G_.data(), Rm);
       }
+      if (row_gW_) {  // per-row gradients (set_per_row_grads)
+        ops_.nn(G_.data(), W, &Xbar_[s * Rm]);
+        scatter_rows(s, Y, V);
+        continue;
+      }
       glam += dot_double(Y, V, Rm);  // dL/dlam += act(a_s) . V
       // dL/dX_s = G W (G already carries lam).
       ops_.nn(G_.data(), W, &Xbar_[s * Rm]);
@@ -324,8 +344,9 @@ class DenseChunk {
     transpose_square(Wp_[s], a_.m, &WT_[s * a_.m * a_.m]);
   }
 
-  // Eq. 23: the stage's dL/dW and dL/db go to the d + 1 coefficient slots k .. k + d.
-  void scatter(int64_t s, T* gW, T* gb) {
+  // Eq. 23: the stage's dL/dW and dL/db go to the d + 1 coefficient slots k .. k + d
+  // (dL/db = the column sums of G, or `bias_grad` where given).
+  void scatter(int64_t s, T* gW, T* gb, const T* bias_grad = nullptr) {
     const int64_t m = a_.m, mm = m * m, d = a_.d, k = k_[s];
     if (a_.variant == Variant::Symmetric) {  // mscratch_ = act(a)^T kbar
       const T lam = T(a_.lam);
@@ -340,8 +361,39 @@ class DenseChunk {
       scatter_coefficients(gW + k * mm, mm, dW_.data(), w, d, b, end);
     });
     if (a_.has_bias) {
-      ops_.colsum(G_.data(), mscratch_.data());
-      scatter_coefficients(gb + k * m, m, mscratch_.data(), w, d, 0, m);
+      if (!bias_grad) {
+        ops_.colsum(G_.data(), mscratch_.data());
+        bias_grad = mscratch_.data();
+      }
+      scatter_coefficients(gb + k * m, m, bias_grad, w, d, 0, m);
+    }
+  }
+
+  // Element (r, j) of an R x m array in the chunk's layout.
+  T at(const T* A, int64_t r, int64_t j) const { return ops_.soa ? A[j * R_ + r] : A[r * a_.m + j]; }
+
+  // out (m x m) = A(r, :)^T B(r, :), one row's G^T X as MatOps::tn adds it for a one-row chunk.
+  void row_outer(const T* A, const T* Bm, int64_t r, T* out) const {
+    const int64_t m = a_.m;
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < m; ++k) out[j * m + k] = T(0) + at(A, r, j) * at(Bm, r, k);
+  }
+
+  // The stage's eq. 23 contributions of each row to its own gradients (set_per_row_grads):
+  // dL/dlam in dot_double's order, dL/dW = g^T x, dL/db = g.
+  void scatter_rows(int64_t s, const T* Y, const T* V) {
+    const int64_t m = a_.m, n = a_.n;
+    for (int64_t r = 0; r < R_; ++r) {
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t e = 0;
+      for (; e + 4 <= m; e += 4)
+        for (int q = 0; q < 4; ++q) acc[q] += double(at(Y, r, e + q)) * double(at(V, r, e + q));
+      for (; e < m; ++e) acc[0] += double(at(Y, r, e)) * double(at(V, r, e));
+      row_glam_[r] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      row_outer(G_.data(), X_[s], r, dW_.data());
+      if (a_.variant == Variant::Symmetric) row_outer(Y, kbar_.data(), r, mscratch_.data());
+      for (int64_t j = 0; j < m; ++j) row_sum_[j] = T(0) + at(G_.data(), r, j);
+      scatter(s, row_gW_ + r * n * m * m, row_gb_ ? row_gb_ + r * n * m : nullptr, row_sum_.data());
     }
   }
 
@@ -360,6 +412,10 @@ class DenseChunk {
   std::vector<const T*> A_, Y_;
   // Each stage's blended weight: W_, or a matrix of the kept `blended` tensor.
   std::vector<const T*> Wp_;
+  T* row_gW_ = nullptr;  // per-row gradients (set_per_row_grads)
+  T* row_gb_ = nullptr;
+  double* row_glam_ = nullptr;
+  Scratch<T> row_sum_;
   T* preact_ = nullptr;
   T* blended_ = nullptr;
   bool replay_ = false;
@@ -522,6 +578,107 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spline_dense_bwd_save
 }
 
 }  // namespace
+
+// --- Hooks of the model-dim ops (csrc/cpu/dense_models_cpu.cpp; declared in models.h) ------
+// Every model runs the chunks of its own spline_dense_fwd / _bwd call, with its own scale.
+namespace cpu {
+namespace {
+
+std::vector<DenseArgs> models_args(const ModelsCall& c, const at::Tensor& one_state) {
+  const DenseArgs a = make_args(one_state, c.weight[0], c.bias.defined(), at::scalar_tensor(c.lam[0], at::kDouble),
+                                c.steps, c.degree, c.activation, c.scheme, c.variant, c.gamma, c.checkpoint);
+  std::vector<DenseArgs> args(c.M, a);
+  for (int64_t mi = 0; mi < c.M; ++mi) args[mi].lam = c.lam[mi];
+  return args;
+}
+
+// A layer whose one chunk threads its own GEMMs (dense_bounds) runs model after model.
+bool flatten_models(const DenseArgs& a) { return a.m < kThreadedGemmWidth; }
+
+// Per-sample gradients' shape (one row a model, the weights shared) at a width of the raw
+// loops: the rows run as one batch (backward_rows), where one-row chunks would be all
+// overhead (a blend, a scatter and their loops per row and step).
+bool per_row(const ModelsCall& c, int64_t models_of_rows, int64_t B, int64_t m) {
+  return c.shared_params && c.M > 1 && models_of_rows == c.M && B == 1 && m < kGemmMinWidth;
+}
+
+}  // namespace
+
+void dense_models_forward(const ModelsCall& c, const at::Tensor& states) {
+  const auto args = models_args(c, c.x[0]);
+  const DenseArgs& a = args[0];
+  if (a.B == 0) return;
+  if (per_row(c, c.x.size(0), a.B, a.m)) {  // the M rows as one batch of the single-model kernel
+    const at::Tensor x = c.x.view({c.M, a.m});
+    const DenseArgs f = models_args(c, x)[0];
+    at::Tensor folded = at::empty({num_saved_states(f.N, f.K), c.M, a.m}, x.options());
+    dense_forward(f, x, c.weight[0], c.bias.defined() ? c.bias[0] : at::Tensor(), folded, at::Tensor(), at::Tensor());
+    states.copy_(folded.unsqueeze(2).transpose(0, 1));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "spline_dense_fwd_models_cpu", [&] {
+    dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
+      constexpr int M = decltype(width)::value;
+      const scalar_t* W = c.weight.const_data_ptr<scalar_t>();
+      const scalar_t* b = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t ws = ModelsCall::stride(c.weight), bs = b ? ModelsCall::stride(c.bias) : 0;
+      forward_models(dense_bounds(a), c.M, flatten_models(a), a.N, a.K, a.B, a.m, c.x.const_data_ptr<scalar_t>(),
+                     ModelsCall::stride(c.x), states.data_ptr<scalar_t>(), [&](int64_t mi, int64_t, int64_t R) {
+                       return DenseChunk<scalar_t, M>(args[mi], W + mi * ws, b ? b + mi * bs : nullptr, R);
+                     });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<double>> dense_models_backward(
+    const ModelsCall& c, const at::Tensor& grad_states, bool last_only, const at::Tensor& states) {
+  const auto args = models_args(c, states[0][0]);
+  const DenseArgs& a = args[0];
+  at::Tensor grad_x = at::empty({c.M, a.B, a.m}, states.options());
+  at::Tensor grad_w = at::zeros({c.M, a.n, a.m, a.m}, states.options());
+  at::Tensor grad_b =
+      c.bias.defined() ? at::zeros({c.M, a.n, a.m}, states.options()) : at::empty({0}, states.options());
+  std::vector<double> glam(c.M, 0.0);
+  if (a.B == 0) return {grad_x, grad_w, grad_b, glam};
+  if (per_row(c, states.size(0), a.B, a.m)) {  // the M rows as one batch, per-row gradients
+    const int64_t Ns = states.size(1), m = a.m;
+    const at::Tensor st = states.view({c.M, Ns, m}).transpose(0, 1).contiguous();
+    const at::Tensor gs =
+        last_only ? grad_states.expand({c.M, 1, m}).reshape({c.M, m}).contiguous()
+                  : grad_states.expand({c.M, Ns, 1, m}).reshape({c.M, Ns, m}).transpose(0, 1).contiguous();
+    const DenseArgs f = models_args(c, st[0])[0];
+    AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_models_cpu", [&] {
+      dispatch_width(f.m, [&](auto width) {
+        constexpr int M = decltype(width)::value;
+        const scalar_t* W = c.weight.const_data_ptr<scalar_t>();
+        const scalar_t* b = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+        backward_rows(dense_bounds(f), f.N, f.K, c.M, m, last_only, st.const_data_ptr<scalar_t>(),
+                      gs.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
+                      f.n * m * m, b ? grad_b.data_ptr<scalar_t>() : nullptr, f.n * m, glam.data(),
+                      [&](int64_t, int64_t R) { return DenseChunk<scalar_t, M>(f, W, b, R); });
+      });
+    });
+    return {grad_x, grad_w, grad_b, glam};
+  }
+  AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "spline_dense_bwd_models_cpu", [&] {
+    dispatch_width(a.use_gemm ? 0 : a.m, [&](auto width) {
+      constexpr int M = decltype(width)::value;
+      const scalar_t* W = c.weight.const_data_ptr<scalar_t>();
+      const scalar_t* b = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t ws = ModelsCall::stride(c.weight), bs = b ? ModelsCall::stride(c.bias) : 0;
+      glam = backward_models(
+          dense_bounds(a), c.M, flatten_models(a), a.N, a.K, a.B, a.m, last_only, states.const_data_ptr<scalar_t>(),
+          grad_states.const_data_ptr<scalar_t>(), {ModelsCall::stride(states), ModelsCall::stride(grad_states)},
+          grad_x.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), a.n * a.m * a.m,
+          b ? grad_b.data_ptr<scalar_t>() : nullptr, a.n * a.m, [&](int64_t mi, int64_t, int64_t R) {
+            return DenseChunk<scalar_t, M>(args[mi], W + mi * ws, b ? b + mi * bs : nullptr, R);
+          });
+    });
+  });
+  return {grad_x, grad_w, grad_b, glam};
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(splinet_cuda, CPU, m) {
   m.impl("spline_dense_fwd", &spline_dense_fwd_cpu);
