@@ -45,15 +45,20 @@ constexpr int64_t kSumBlock = std::is_same_v<T, float> ? 64 : std::numeric_limit
 template <typename T>
 double lane_sum(const T* __restrict__ x, int64_t n) {
   double total[kLanes] = {};
-  for (int64_t r0 = 0, r1; r0 < n; r0 = r1) {
-    r1 = n - r0 > kSumBlock<T> ? r0 + kSumBlock<T> : n;  // a multiple of kLanes
-    T acc[kLanes] = {};
-    int64_t r = r0;
-    for (; r + kLanes <= r1; r += kLanes)
+  T acc[kLanes] = {};
+  const int64_t whole = n - n % kLanes;
+  int64_t r = 0;
+  while (r < whole) {  // the inner loop as one vector add a step (runs end on a whole vector)
+    const int64_t stop = whole - r > kSumBlock<T> ? r + kSumBlock<T> : whole;
+    for (; r < stop; r += kLanes)
       for (int l = 0; l < kLanes; ++l) acc[l] += x[r + l];
-    for (int l = 0; r < r1; ++r, ++l) acc[l] += x[r];
-    for (int l = 0; l < kLanes; ++l) total[l] += acc[l];
+    for (int l = 0; l < kLanes; ++l) {
+      total[l] += acc[l];
+      acc[l] = T(0);
+    }
   }
+  for (int l = 0; r < n; ++r, ++l) acc[l] += x[r];
+  for (int l = 0; l < kLanes; ++l) total[l] += acc[l];
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) total[l] += total[l + w];
   return total[0];
