@@ -67,8 +67,10 @@ class StackedAdam(torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a float; got {type(value).__name__}")
             if not lo <= value < hi:
                 raise ValueError(f"{name} must be in [0, 1); got {value}")
-        if isinstance(eps, torch.Tensor) or not isinstance(eps, (int, float)) or not eps >= 0.0:
-            raise ValueError(f"eps must be a float >= 0; got {eps!r}")
+        if isinstance(eps, (torch.Tensor, bool)) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps must be a float; got {type(eps).__name__}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0; got {eps}")
         defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps),
                         weight_decay=weight_decay, decoupled_weight_decay=bool(decoupled_weight_decay))
         super().__init__(params, defaults)
@@ -109,8 +111,7 @@ class StackedAdam(torch.optim.Optimizer):
             if value.dim() != 1 or value.numel() != m:
                 raise ValueError(f"{name} must be a float or a 1-D tensor of {m} values (one per model); "
                                  f"got shape {tuple(value.shape)}")
-            if value.is_complex() or not (value.is_floating_point() or value.dtype in (
-                    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            if value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(f"{name} must hold real numbers; got {value.dtype}")
             values = [float(v) for v in value.detach().tolist()]
         elif isinstance(value, (list, tuple)):
@@ -177,6 +178,17 @@ class StackedAdam(torch.optim.Optimizer):
         if not rows:
             return
         everyone = len(rows) == m
+        # the small per-model tensors, made once per step for the parameters that share them
+        made = {}
+
+        def per_model(values: List[float], like: torch.Tensor) -> torch.Tensor:
+            """(len(values), 1, ..., 1) in like's dtype and device: broadcast over each model's slice."""
+            key = (tuple(values), like.dtype, like.device)
+            if key not in made:
+                made[key] = torch.tensor(values, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+            t = made[key]
+            return t.view((len(values),) + (1,) * (like.dim() - 1))
+
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -205,31 +217,28 @@ class StackedAdam(torch.optim.Optimizer):
                 wd.append(wds[i])
                 decay.append(1 - lrs[i] * wds[i])
 
-            def per_model(values: List[float]) -> torch.Tensor:
-                # (rows, 1, ..., 1): broadcast over each model's slice
-                t = torch.tensor(values, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
-                return t.view((len(values),) + (1,) * (p.dim() - 1))
-
             if everyone:
                 param, grad, exp_avg, exp_avg_sq = p, p.grad, state["exp_avg"], state["exp_avg_sq"]
             else:
-                index = torch.tensor(rows, device=p.device)
+                if ("index", p.device) not in made:
+                    made["index", p.device] = torch.tensor(rows, device=p.device)
+                index = made["index", p.device]
                 param, grad = p.index_select(0, index), p.grad.index_select(0, index)
                 exp_avg, exp_avg_sq = state["exp_avg"].index_select(0, index), state["exp_avg_sq"].index_select(0, index)
 
             if any(w != 0 for w in wd):
                 if group["decoupled_weight_decay"]:
-                    param.mul_(per_model(decay))  # torch: param.mul_(1 - lr * weight_decay)
+                    param.mul_(per_model(decay, p))  # torch: param.mul_(1 - lr * weight_decay)
                 else:
                     # torch: grad.add(param, alpha=weight_decay), one fused multiply-add per element
                     # on the CPU; addcmul with the factor as a tensor rounds the same way.
-                    grad = torch.addcmul(grad, param, per_model(wd))
+                    grad = torch.addcmul(grad, param, per_model(wd, p))
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / per_model(bc2_sqrt)).add_(eps)
+            denom = (exp_avg_sq.sqrt() / per_model(bc2_sqrt, p)).add_(eps)
             # torch: param.addcdiv_(exp_avg, denom, value=-step_size), which the CPU kernel
             # evaluates as param + (value * exp_avg) / denom: the factor goes on exp_avg first.
-            param.addcdiv_(exp_avg * per_model(step_size), denom)
+            param.addcdiv_(exp_avg * per_model(step_size, p), denom)
 
             if not everyone:
                 p.index_copy_(0, index, param)

@@ -178,6 +178,10 @@ def test_bad_input():
         sc.StackedAdam([p], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="eps"):
         sc.StackedAdam([p], eps=-1.0)
+    with pytest.raises(TypeError, match="eps"):
+        sc.StackedAdam([p], eps="1e-8")
+    with pytest.raises(TypeError, match="weight_decay"):
+        sc.StackedAdam([p], weight_decay=torch.tensor([True, False, True]))
     opt = sc.StackedAdam([p], lr=0.1)
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="active"):
