@@ -37,6 +37,7 @@ from ._basis import basis_grid, bspline_basis  # noqa: E402
 from ._dispatch import available_backends, spline_ode, spline_ode_conv, spline_ode_hamiltonian  # noqa: E402
 from ._memory import empty_kept_cache, kept_cache_bytes, kept_cache_limit, set_kept_cache_limit  # noqa: E402
 from .continuous import plot_spectra, smoothness_in_time, stability_report, step_spectra, tikhonov  # noqa: E402
+from .ensemble import StackedAdam  # noqa: E402
 from .layers import SplineODE, SplineODEConv1d, SplineODEConv2d, SplineODEConv3d, SplineODEHamiltonian  # noqa: E402
 
 __version__ = "0.1.0"
@@ -114,4 +115,5 @@ __all__ = [
     "kept_cache_limit",
     "set_kept_cache_limit",
     "empty_kept_cache",
+    "StackedAdam",
 ]
