@@ -102,6 +102,29 @@ def test_limit_bounds_and_zero_turns_off(limit_restored):
     torch.testing.assert_close(_dense_step(256, 128, 8), out, rtol=0, atol=0)  # same bits either way
 
 
+def test_newest_shapes_evict_the_oldest(limit_restored):
+    """A freed block that does not fit under the limit evicts the blocks freed longest ago:
+    when two shapes alternate (two layers, or the interleaved benchmark), the shape that just
+    ran finds its blocks, instead of the first shape's blocks holding the cache for good."""
+    sc.set_kept_cache_limit(DEFAULT_LIMIT)
+    held = {}
+    for shape in ((256, 128, 8), (512, 128, 8)):
+        sc.empty_kept_cache()
+        _dense_step(*shape)
+        held[shape] = sc.kept_cache_bytes()
+        assert held[shape] > 2 * MiB
+    a, b = held
+    sc.set_kept_cache_limit(max(held.values()) + MiB // 2)  # either shape's blocks (each >= 1 MiB), not both
+    assert held[a] + held[b] > sc.kept_cache_limit()
+    for shape in (a, b, a, b):
+        _dense_step(*shape)
+        assert sc.kept_cache_bytes() <= sc.kept_cache_limit()
+    sc.empty_kept_cache()
+    _dense_step(*a)
+    _dense_step(*b)
+    assert sc.kept_cache_bytes() == held[b]  # b's blocks, which evicted a's
+
+
 @pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), ("1", TypeError),
                                           (True, TypeError)])
 def test_set_limit_rejects(value, error):

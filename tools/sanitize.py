@@ -58,6 +58,7 @@ SUBSET_KEYWORDS = " or ".join([
     "test_emulated_small_rows_spread_over_multiprocessors", "test_emulated_direct_program_with_thread_teams",
     "test_emulated_float32_and_wide_kernels", "test_emulated_edge_shapes_and_last_only",
     "test_bytes_visible_and_released", "test_limit_bounds_and_zero_turns_off",
+    "test_newest_shapes_evict_the_oldest",
 ])
 # Tests that never reach the extensions' kernels, or only through the Triton interpreter,
 # the benchmark harness or subprocesses that do not inherit the preload usefully.
