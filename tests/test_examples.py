@@ -44,12 +44,12 @@ def test_peaks_together_smoke(tmp_path, capsys):
 
 
 def test_peaks_together_equals_alone():
-    """SpliNet runs sharing L, with their own seed (initialisation, batch order),
-    learning rate, Tikhonov weight, amplitude and stopping tolerance, trained together in float64
-    end where each ends trained alone by the authors' loop: the same epochs run (the second
-    run stops after its first epoch, the fourth diverges at once), the same best accuracy, the parameters to rounding (not
-    bit for bit: train_authors steps with torch's fused Adam, the group with StackedAdam, and
-    the vmapped linear layers sum in another order)."""
+    """Four SpliNet runs sharing L, with their own seed (initialisation, batch order),
+    learning rate, Tikhonov weight, amplitude and stopping tolerance, trained together in
+    float64, end where each ends trained alone by the authors' loop: the same epochs run (the
+    second stops after its first epoch, the fourth diverges at its first step), the same best
+    accuracy, the parameters to rounding (not bit for bit: the vmapped linear layers, loss and
+    norms sum in other orders, and train_authors steps with torch's fused Adam)."""
     common, peaks = _load("common"), _load("peaks")
     from torch import nn
     (xtr, ytr), (xte, yte), _ = peaks.make_data()
