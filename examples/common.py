@@ -131,12 +131,14 @@ def authors_regulariser(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def train_authors(model: torch.nn.Module, loss_fn, metric_fn, train, test, *, epochs: int, batch: int,
-                  lr: float, gamma: float, gnorm_tol: float, shuffle: bool, seed: int, maximise: bool):
+                  lr: float, gamma: float, gnorm_tol: float, shuffle: bool, seed: int, maximise: bool,
+                  max_steps: Optional[int] = None):
     """The authors' training loop (train.jl): Adam on mini-batches of ``loss_fn + gamma *
     authors_regulariser``; after every epoch the test metric is evaluated and the best value
     over the epochs is what the run reports; training stops early once the epoch's mean over
-    batches of the summed gradient 2-norms falls below ``gnorm_tol``. Returns (best metric or
-    nan when no epoch ended finite, epochs run)."""
+    batches of the summed gradient 2-norms falls below ``gnorm_tol``. ``max_steps`` (not the
+    authors'; for timing) ends the run after that many Adam steps, the cut epoch's metric
+    counted. Returns (best metric or nan when no epoch ended finite, epochs run)."""
     xtr, ytr = train
     xte, yte = test
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,10 +149,13 @@ def train_authors(model: torch.nn.Module, loss_fn, metric_fn, train, test, *, ep
     g = torch.Generator().manual_seed(seed)
     n = xtr.shape[0]
     best = math.nan
+    steps = 0
     for epoch in range(epochs):
         order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
         gnorm, batches = 0.0, 0
         for i in range(0, n, batch):
+            if max_steps is not None and steps >= max_steps:
+                break
             idx = order[i:i + batch]
             loss = loss_fn(model(xtr[idx]), ytr[idx]) + gamma * authors_regulariser(params)
             if not torch.isfinite(loss):
@@ -160,13 +165,101 @@ def train_authors(model: torch.nn.Module, loss_fn, metric_fn, train, test, *, ep
             gnorm += float(torch.stack([p.grad.norm() for p in params]).sum())
             opt.step()
             batches += 1
+            steps += 1
         with torch.no_grad():
             metric = float(metric_fn(model(xte), yte))
         if math.isfinite(metric) and (math.isnan(best) or (metric > best if maximise else metric < best)):
             best = metric
-        if gnorm / batches < gnorm_tol:
+        if gnorm / batches < gnorm_tol or (max_steps is not None and steps >= max_steps):
             return best, epoch + 1
     return best, epochs
+
+
+def train_authors_together(models: Sequence[torch.nn.Module], loss_fn, metric_fn, train, test, *, epochs: int,
+                           batch: int, lr: Sequence[float], gamma: Sequence[float], gnorm_tol, shuffle: bool,
+                           seeds: Sequence[int], maximise: bool, max_steps: Optional[int] = None):
+    """``train_authors`` for M models of one shape at once, each with its own learning rate,
+    Tikhonov weight, seed (batch order) and stopping (``gnorm_tol`` a float or M values): the
+    models are stacked (``torch.func.stack_module_state``), every step is one vmapped
+    forward/backward of all of them (one fused kernel call of the SpliNet layer) and one
+    :class:`splinet_cuda.StackedAdam` step whose ``active`` mask leaves the stopped runs as
+    they stopped. Each run sees the batches, loss, stopping rule and best-metric bookkeeping of
+    ``train_authors``, so it ends where it would alone, to rounding, not bit for bit (the
+    vmapped linear layers, loss and norms, and torch's fused Adam against StackedAdam, round
+    differently in the last bits). Returns a list of (best metric or nan, epochs run, final
+    state_dict) per model."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    M = len(models)
+    if not (len(lr) == len(gamma) == len(seeds) == M):
+        raise ValueError("lr, gamma and seeds need one value per model")
+    tols = [float(gnorm_tol)] * M if isinstance(gnorm_tol, (int, float)) else [float(t) for t in gnorm_tol]
+    names = [k for k, p in models[0].named_parameters() if p.requires_grad]  # train_authors' params, in order
+    params, buffers = stack_module_state(list(models))
+    # parameters that do not train (none in the scripts' networks) go with the buffers
+    buffers = {**buffers, **{k: v.detach() for k, v in params.items() if k not in names}}
+    params = {k: v for k, v in params.items() if k in names}
+    base = copy.deepcopy(models[0]).to("meta")
+    xtr, ytr = train
+    xte, yte = test
+    gammas = torch.tensor([float(gm) for gm in gamma], dtype=torch.float64)
+
+    def objective(p, b, gm, x, y):
+        # gamma rounded to the parameters' dtype times the regulariser, as train_authors'
+        # Python float times a tensor computes it
+        reg = authors_regulariser([p[k] for k in names])
+        return loss_fn(functional_call(base, (p, b), (x,)), y) + gm.to(reg.dtype) * reg
+
+    batched = vmap(objective)  # every argument mapped: each run its own batch
+    evaluate = vmap(lambda p, b: metric_fn(functional_call(base, (p, b), (xte,)), yte))
+    opt = sc.StackedAdam(list(params.values()), lr=list(lr))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    n = xtr.shape[0]
+    active = [True] * M
+    best = [math.nan] * M
+    ran = [epochs] * M
+    steps = 0
+    for epoch in range(epochs):
+        if not any(active):
+            break
+        order = torch.stack([torch.randperm(n, generator=g) if shuffle else torch.arange(n) for g in gens])
+        gnorm, batches = [0.0] * M, 0
+        for i in range(0, n, batch):
+            if max_steps is not None and steps >= max_steps:
+                break
+            idx = order[:, i:i + batch]
+            losses = batched(params, buffers, gammas, xtr[idx], ytr[idx])
+            finite = torch.isfinite(losses).tolist()
+            for r in range(M):
+                if active[r] and not finite[r]:  # train_authors: return before this step
+                    active[r], ran[r] = False, epoch
+            if not any(active):
+                break
+            mask = torch.tensor(active)
+            opt.zero_grad(set_to_none=True)
+            torch.where(mask, losses, torch.zeros_like(losses)).sum().backward()
+            norms = torch.stack([params[k].grad.reshape(M, -1).norm(dim=1) for k in names]).sum(0).tolist()
+            for r in range(M):
+                gnorm[r] += norms[r]
+            opt.step(active=mask)
+            batches += 1
+            steps += 1
+        if batches == 0:
+            break
+        with torch.no_grad():
+            metrics = evaluate(params, buffers).tolist()
+        for r in range(M):
+            if not active[r]:
+                continue
+            m = float(metrics[r])
+            if math.isfinite(m) and (math.isnan(best[r]) or (m > best[r] if maximise else m < best[r])):
+                best[r] = m
+            if gnorm[r] / batches < tols[r] or (max_steps is not None and steps >= max_steps):
+                active[r], ran[r] = False, epoch + 1
+    states = [{k: v[r].detach().clone() for k, v in {**params, **buffers}.items()} for r in range(M)]
+    return [(best[r], ran[r], states[r]) for r in range(M)]
 
 
 def run_tasks(fn, tasks: Sequence[tuple], jobs: int, bar) -> List:

@@ -6,6 +6,20 @@ authors' own code; validation accuracy statistics.
     python examples/peaks.py                       # default: 20 runs, ~4.5 min on one core
     python examples/peaks.py --runs 100 --jobs 2   # the paper's run count: 11 min on 2 cores
     python examples/peaks.py --smoke               # seconds (CI)
+    python examples/peaks.py --together            # the runs of a network sharing L trained together
+
+``--together`` groups the runs of each network by their knot count L (every other shape is
+common to a network) and trains each group as one vmapped model: one fused kernel call per
+step for all its runs, ``splinet_cuda.StackedAdam`` with each run's learning rate, and its
+``active`` mask for each run's early stop. Each run keeps its seed (initialisation, batch
+order), Tikhonov weight, amplitude and stopping, and ends where it ends trained alone, to
+rounding (``tests/test_examples.py``). L is sampled from {2, ..., 15}, so 100 runs make 14
+groups of 7-8. ``--max-steps S`` stops every run after S Adam steps and prints the training
+steps per second, e.g. the study of the authors' driver over its first 2000 steps, one run
+at a time against together:
+
+    python examples/peaks.py --runs 100 --batch 5 --epochs 1000 --nets "SpliNet, d = 2" --max-steps 2000
+    python examples/peaks.py --runs 100 --batch 5 --epochs 1000 --nets "SpliNet, d = 2" --max-steps 2000 --together
 
 Writes <out>/peaks.md, <out>/peaks.png (accuracy statistics) and <out>/peaks_data.png
 (the classes and the best SpliNet's prediction).
@@ -126,22 +140,61 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean()
 
 
-def train_one(name: str, hp: dict, epochs: int, batch: int, seed: int):
+def make_model(name: str, hp: dict, seed: int) -> PeaksNet:
+    """A run's network, initialised from its seed and amplitude."""
+    arch = common.architectures(hp["L"], STEPS, T)[name]
+    torch.manual_seed(seed)
+    return PeaksNet(arch["knots"], arch["degree"], arch["steps"], arch["scale"], arch["learn_scale"],
+                    hp["amplitude"])
+
+
+def budget(name: str, epochs: int, batch: int):
+    """(epochs, batch) of a network: ResNet runs hyperopt.jl's own."""
+    return (min(epochs, RESNET_EPOCHS), RESNET_BATCH) if name == "ResNet" else (epochs, batch)
+
+
+def train_one(name: str, hp: dict, epochs: int, batch: int, seed: int, max_steps: Optional[int] = None):
     """One training run; returns (best validation accuracy or nan, epochs run, seconds,
     the model's state for SpliNets)."""
     t0 = time.perf_counter()
-    arch = common.architectures(hp["L"], STEPS, T)[name]
-    resnet = name == "ResNet"
-    torch.manual_seed(seed)
-    model = PeaksNet(arch["knots"], arch["degree"], arch["steps"], arch["scale"], arch["learn_scale"],
-                     hp["amplitude"])
+    model = make_model(name, hp, seed)
     train, test, _ = make_data()
+    epochs, batch = budget(name, epochs, batch)
     acc, ran = common.train_authors(
-        model, nn.functional.cross_entropy, accuracy, train, test,
-        epochs=min(epochs, RESNET_EPOCHS) if resnet else epochs, batch=RESNET_BATCH if resnet else batch,
-        lr=hp["lr"], gamma=hp["gamma"], gnorm_tol=GNORM_TOL, shuffle=True, seed=seed, maximise=True)
+        model, nn.functional.cross_entropy, accuracy, train, test, epochs=epochs, batch=batch,
+        lr=hp["lr"], gamma=hp["gamma"], gnorm_tol=GNORM_TOL, shuffle=True, seed=seed, maximise=True,
+        max_steps=max_steps)
     state = model.state_dict() if name.startswith("SpliNet") else None
     return acc, ran, time.perf_counter() - t0, state
+
+
+def train_group(name: str, hps: Sequence[dict], epochs: int, batch: int, seeds: Sequence[int],
+                max_steps: Optional[int] = None):
+    """The runs of one network that share L (so every shape) trained together, each with its
+    own seed, learning rate, Tikhonov weight, amplitude and stopping
+    (``common.train_authors_together``); returns ``train_one``'s tuple per run, the seconds
+    being the group's wall time shared out evenly."""
+    t0 = time.perf_counter()
+    models = [make_model(name, hp, seed) for hp, seed in zip(hps, seeds)]
+    train, test, _ = make_data()
+    epochs, batch = budget(name, epochs, batch)
+    out = common.train_authors_together(
+        models, nn.functional.cross_entropy, accuracy, train, test, epochs=epochs, batch=batch,
+        lr=[hp["lr"] for hp in hps], gamma=[hp["gamma"] for hp in hps], gnorm_tol=GNORM_TOL, shuffle=True,
+        seeds=list(seeds), maximise=True, max_steps=max_steps)
+    share = (time.perf_counter() - t0) / len(hps)
+    return [(acc, ran, share, state if name.startswith("SpliNet") else None) for acc, ran, state in out]
+
+
+def groups(tasks: Sequence[tuple]):
+    """The tasks of one network and one L (so of one shape): (the task indices of each group,
+    one ``train_group`` task per group)."""
+    by_shape = {}
+    for i, (name, hp, *_rest) in enumerate(tasks):
+        by_shape.setdefault((name, hp["L"]), []).append(i)
+    idx = list(by_shape.values())
+    return idx, [(tasks[g[0]][0], [tasks[i][1] for i in g], tasks[g[0]][2], tasks[g[0]][3],
+                  [tasks[i][4] for i in g], tasks[g[0]][5]) for g in idx]
 
 
 def plot_data(path: str, edges, model: Optional[nn.Module], title: str) -> None:
@@ -172,6 +225,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def extra(p):
         p.add_argument("--batch", type=int, default=BATCH,
                        help=f"SpliNet/ODEnet mini-batch (default {BATCH}, peaks.jl; the authors' study driver: 5)")
+        p.add_argument("--together", action="store_true",
+                       help="train the runs of a network that share L together: one vmapped model per group, "
+                            "one fused kernel call a step for all its runs, StackedAdam with per-run settings "
+                            "and early stopping (each run as it trains alone, to rounding)")
+        p.add_argument("--max-steps", type=int, default=None, metavar="S",
+                       help="stop every run after S Adam steps (for timing; prints training steps per second)")
         p.add_argument("--nets", nargs="+", default=all_names, choices=all_names, metavar="NAME",
                        help="networks to train (default all five: " + ", ".join(repr(n) for n in all_names) + ")")
 
@@ -181,11 +240,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     hps = common.latin_hypercube_hparams(args.runs, np.random.default_rng(args.seed))
     names = [n for n in all_names if n in args.nets]
-    tasks = [(name, hp, args.epochs, args.batch, args.seed * 7919 + r) for r, hp in enumerate(hps) for name in names]
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    tasks = [(name, hp, args.epochs, args.batch, args.seed * 7919 + r, args.max_steps)
+             for r, hp in enumerate(hps) for name in names]
     with common.Timer() as timer:
-        bar = common.progress(len(tasks), "peaks", args)
-        out = common.run_tasks(train_one, tasks, args.jobs, bar)
+        if args.together:
+            idx, group_tasks = groups(tasks)
+            bar = common.progress(len(group_tasks), "peaks (groups of runs sharing L)", args)
+            out = [None] * len(tasks)
+            for g, res in zip(idx, common.run_tasks(train_group, group_tasks, args.jobs, bar)):
+                for i, r in zip(g, res):
+                    out[i] = r
+        else:
+            bar = common.progress(len(tasks), "peaks", args)
+            out = common.run_tasks(train_one, tasks, args.jobs, bar)
         bar.close()
+    # Adam steps taken (a run that diverged mid-epoch is counted to its last full epoch)
+    steps = 0
+    for t, o in zip(tasks, out):
+        e, b = budget(t[0], t[2], t[3])
+        per_epoch = math.ceil(N_TRAIN / b)
+        steps += min(o[1] * per_epoch, t[5] if t[5] is not None else e * per_epoch)
+    rate = f"{steps} training steps in {timer.elapsed:.1f} s: {steps / timer.elapsed:.1f} steps/s " + \
+        ("(runs sharing L trained together)" if args.together else "(one run at a time)")
+    print(rate)
     accs = {name: [o[0] for t, o in zip(tasks, out) if t[0] == name] for name in names}
     ours = {name: common.stats(v) for name, v in accs.items()}
     best_i = max((i for i, (t, o) in enumerate(zip(tasks, out)) if o[3] is not None and math.isfinite(o[0])),
@@ -225,6 +304,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "**Not given by the paper or its code**: the random seeds (and so the exact points drawn).",
         f"**Diverged** runs (non-finite loss before the first epoch ended) are left out and counted ({failed}).",
         f"**Time**: {timer.elapsed:.0f} s wall with {args.jobs} worker process(es) of one thread, "
+        + ("the runs of a network that share L trained together (`--together`; a run's time below is its "
+           "share of its group's), " if args.together else "")
+        + f"{rate}; "
         f"{cpu_s:.0f} s of training in all; a SpliNet run ({args.epochs} epochs at N = {STEPS}) took "
         f"{sum(spline_s) / max(len(spline_s), 1):.1f} s on average.",
         common.machine_line(timer.elapsed),
